@@ -1,0 +1,1 @@
+"""The agentic brain: a READ-ONLY decision pipeline, insights and the chat assistant."""

@@ -1,0 +1,80 @@
+"""The unit of work as the domain sees it: one store, one actor, the events it raises.
+
+The container in ``server/`` opens a transaction, builds a :class:`Scope` over it, and after the
+block commits it appends ``pending`` to the event log in the same transaction, commits, then runs
+``after_commit`` callbacks and publishes the events. Services reach each other through the scope
+(``scope.projects.require(...)``) so one unit of work spans them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import cached_property
+from typing import Any, Protocol
+
+from domain import identity
+from domain.audit import Audit
+from domain.base import SYSTEM, Actor
+from domain.errors import Unauthorized
+from domain.events import PendingEvent
+from domain.ports import Store
+
+
+class PasswordHasher(Protocol):
+    def hash(self, password: str) -> str: ...
+    def verify(self, password_hash: str, password: str) -> bool: ...
+
+
+class TokenIssuer(Protocol):
+    ttl_seconds: int
+
+    def issue(self, user_id: str) -> str: ...
+
+
+class Deps:
+    """What services need beyond the store; filled once by the container, shared by all scopes."""
+
+    def __init__(self, *, passwords: PasswordHasher, tokens: TokenIssuer, **extra: Any) -> None:
+        self.passwords = passwords
+        self.tokens = tokens
+        # Called inside the unit of work that creates a project (e.g. to open its wallet).
+        self.project_created_hooks: list[Callable[[Scope, identity.Project], Awaitable[None]]] = []
+        for name, value in extra.items():
+            setattr(self, name, value)
+
+
+class Scope:
+    def __init__(self, store: Store, deps: Deps, actor: Actor = SYSTEM) -> None:
+        self.store = store
+        self.deps = deps
+        self.actor = actor
+        self.pending: list[PendingEvent] = []
+        self.after_commit: list[Callable[[], Awaitable[None]]] = []
+
+    def emit(self, project_id: str, type_: str, data: dict[str, Any]) -> None:
+        self.pending.append(PendingEvent(project_id=project_id, type=type_, data=data))
+
+    def require_user(self) -> str:
+        if self.actor.kind != "user" or not self.actor.user_id:
+            raise Unauthorized("this needs a user access token, not an API key")
+        return self.actor.user_id
+
+    @cached_property
+    def users(self) -> identity.Users:
+        return identity.Users(self)
+
+    @cached_property
+    def projects(self) -> identity.Projects:
+        return identity.Projects(self)
+
+    @cached_property
+    def agents(self) -> identity.Agents:
+        return identity.Agents(self)
+
+    @cached_property
+    def keys(self) -> identity.Keys:
+        return identity.Keys(self)
+
+    @cached_property
+    def audit(self) -> Audit:
+        return Audit(self)

@@ -1,0 +1,1 @@
+"""Alembic migrations (async env). Run with ``smartspace migrate``."""

@@ -1,0 +1,95 @@
+"""OpenAPI 3.1, generated from the route table and the msgspec schemas — never written by hand."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from server.http import RouteSpec, routes
+
+_STATUS_TEXT = {
+    400: "Malformed request", 401: "Missing or invalid credentials", 402: "Not enough money",
+    403: "Not allowed", 404: "Not found", 409: "Conflict", 422: "Validation failed",
+    429: "Rate limited", 502: "Provider error", 503: "Unavailable", 504: "Provider timeout",
+}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "object"}}}},
+}
+
+
+def _ref_name(t: Any) -> str:
+    return getattr(t, "__name__", str(t)).replace("[", "_").replace("]", "").replace(".", "_")
+
+
+def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, Any]:
+    types = [t for s in specs for t in (s.body, s.response) if t is not None]
+    schemas, components = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}")
+    by_type = dict(zip(types, schemas, strict=True))
+    components["Error"] = _ERROR_SCHEMA
+    paths: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        op: dict[str, Any] = {"summary": spec.summary, "tags": [spec.tag],
+                              "operationId": spec.handler.__name__, "responses": {}}
+        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for n in re.findall(r"{(\w+)}", spec.path)]
+        params += [{"name": n, "in": "query", "required": False, "description": d, "schema": {"type": "string"}}
+                   for n, d in spec.query.items()]
+        if params:
+            op["parameters"] = params
+        if spec.body is not None:
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": by_type[spec.body]}}}
+        ok: dict[str, Any] = {"description": "OK"}
+        if spec.response is not None:
+            ok["content"] = {"application/json": {"schema": by_type[spec.response]}}
+        op["responses"][str(spec.status)] = ok
+        errors = set(spec.errors) | ({401} if spec.auth else set()) | ({422} if spec.body else set())
+        for status in sorted(errors):
+            op["responses"][str(status)] = {
+                "description": _STATUS_TEXT.get(status, "Error"),
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if spec.auth:
+            op["security"] = [{"bearer": []}, {"apiKey": []}]
+        paths.setdefault(spec.path, {})[spec.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "SmartSpace API", "version": version,
+                 "description": "Real-time spend control plane and pay-per-use gateway for AI agents. "
+                                "Money is integer micro-USDC in fields ending _micros."},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "A user access token (JWT) or a project API key (sk-…)"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }
+
+
+_cache: dict[str, bytes] = {}
+
+
+@routes.get("/api/v1/openapi.json", summary="This document", tag="docs", auth=False)
+async def openapi(request: web.Request) -> web.Response:
+    if "doc" not in _cache:
+        _cache["doc"] = msgspec.json.encode(build_openapi(routes.specs))
+    return web.Response(body=_cache["doc"], content_type="application/json")
+
+
+_DOCS = Path(__file__).with_name("docs.html")
+
+
+@routes.get("/api/docs", summary="A page that renders the OpenAPI document", tag="docs", auth=False)
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(body=_DOCS.read_bytes(), content_type="text/html")
+

@@ -1,0 +1,62 @@
+"""The application factory: settings → container → middleware → routes → Socket.IO.
+
+Long-lived clients (engine, Redis, HTTP session, chain) are created in ``cleanup_ctx`` and closed
+there. ``create_app`` does no I/O itself; everything that connects happens at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+import server.api  # noqa: F401 - registers the REST routes
+from channels.hub import attach as attach_hub
+from server.container import Container
+from server.http import CONTAINER, routes
+from server.metrics import METRICS, Metrics
+from server.middleware import access_middleware, auth_middleware, error_middleware, request_id_middleware
+from server.settings import Settings
+from storage.bus import LocalBus, RedisBus
+from storage.db import Database
+
+log = logging.getLogger("smartspace.app")
+SETTINGS = web.AppKey("settings", Settings)
+
+
+def build_container(settings: Settings, metrics: Metrics, *, db: Database | None = None) -> Container:
+    db = db or Database(settings.resolved_database_url, pool_size=settings.database_pool_size)
+    bus = RedisBus(settings.redis_url, metrics) if settings.redis_url else LocalBus(metrics)
+    return Container(settings, db, bus, metrics=metrics)
+
+
+def create_app(settings: Settings, *, container: Container | None = None,
+               migrate: Callable[[Database], Awaitable[None]] | None = None) -> web.Application:
+    metrics = container.deps.metrics if container is not None else Metrics()
+    container = container or build_container(settings, metrics)
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app[SETTINGS] = settings
+    app[CONTAINER] = container
+    app[METRICS] = metrics
+    app.middlewares.extend([
+        request_id_middleware,
+        access_middleware(metrics, settings.access_log),
+        error_middleware,
+        auth_middleware(container),
+    ])
+    routes.install(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        if migrate is not None:
+            await migrate(container.db)
+        await container.bus.start()
+        log.info("smartspace started", extra={"database": container.db.dialect,
+                                              "bus": type(container.bus).__name__})
+        yield
+        await container.bus.close()
+        await container.db.dispose()
+
+    app.cleanup_ctx.append(lifecycle)
+    attach_hub(app, container, metrics)
+    return app

@@ -1,0 +1,76 @@
+"""The ``smartspace`` command: ``serve`` and ``migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from aiohttp import web
+
+from server.settings import Settings, SettingsError, load_settings
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"smartspace: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def serve(args: argparse.Namespace) -> None:
+    settings = _settings_or_exit()
+    from server.app import create_app
+    from server.logs import setup_logging
+    from storage.migrate import upgrade
+
+    setup_logging(settings.log_level)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    migrate = upgrade if settings.migrate_on_start else None
+    app = create_app(settings, migrate=migrate)
+    print(f"smartspace: serving on http://{host}:{port} (database {settings.resolved_database_url.split('://')[0]}, "
+          f"bus {'redis' if settings.redis_url else 'in-process'})", file=sys.stderr, flush=True)
+    web.run_app(app, host=host, port=port, access_log=None, print=None)
+
+
+def migrate(args: argparse.Namespace) -> None:
+    settings = _settings_or_exit()
+    from storage.db import Database
+    from storage.migrate import current, upgrade
+
+    async def run() -> None:
+        db = Database(settings.resolved_database_url)
+        try:
+            print(f"smartspace: migrating {db.url.render_as_string(hide_password=True)} …", file=sys.stderr)
+            await upgrade(db, args.revision)
+            print(f"smartspace: database at revision {await current(db)}", file=sys.stderr)
+        except OSError as exc:
+            print(f"smartspace: cannot reach the database ({exc}); check SMARTSPACE_DATABASE_URL",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            await db.dispose()
+
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="smartspace", description="SmartSpace spend control plane")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the HTTP + Socket.IO server")
+    p_serve.add_argument("--host", default=None, help="bind address (default SMARTSPACE_HOST or 127.0.0.1)")
+    p_serve.add_argument("--port", type=int, default=None, help="port (default SMARTSPACE_PORT or 8080)")
+    p_serve.set_defaults(func=serve)
+    p_migrate = sub.add_parser("migrate", help="apply database migrations")
+    p_migrate.add_argument("revision", nargs="?", default="head")
+    p_migrate.set_defaults(func=migrate)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The container: built once at start-up, wires implementations into the domain (constructor
+injection), and hands out units of work.
+
+``uow(actor)`` is the only place a transaction commits: the block runs, the events it raised are
+appended to the log in the same transaction, it commits, then after-commit callbacks run and the
+events are published on the bus. On an exception everything is rolled back and nothing is published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from domain.base import SYSTEM, Actor
+from domain.errors import Unauthorized
+from domain.events import Event
+from domain.ports import EventBus
+from domain.scope import Deps, Scope
+from server.security import Passwords, Tokens
+from server.settings import Settings
+from storage.db import Database
+from storage.uow import SqlStore
+
+log = logging.getLogger("smartspace.container")
+
+
+class Container:
+    def __init__(self, settings: Settings, db: Database, bus: EventBus, **extra: Any) -> None:
+        self.settings = settings
+        self.db = db
+        self.bus = bus
+        self.tokens = Tokens(settings.resolved_jwt_secret, settings.access_token_ttl_seconds)
+        self.deps = Deps(passwords=Passwords(), tokens=self.tokens, settings=settings, **extra)
+        self.admin_emails = frozenset(e.lower() for e in settings.admin_emails)
+
+    @contextlib.asynccontextmanager
+    async def uow(self, actor: Actor = SYSTEM) -> AsyncIterator[Scope]:
+        async with self.db.write() as conn:
+            scope = Scope(SqlStore(conn), self.deps, actor)
+            yield scope
+            published: list[Event] = []
+            if scope.pending:
+                published = await scope.store.events.append(scope.pending, scope.actor.label)
+        # Committed: now the world may see it.
+        for callback in scope.after_commit:
+            try:
+                await callback()
+            except Exception:
+                log.exception("after-commit callback failed")
+        if published:
+            await self.bus.publish(published)
+
+    @contextlib.asynccontextmanager
+    async def reader(self, actor: Actor = SYSTEM) -> AsyncIterator[Scope]:
+        """A read-only unit of work (GET handlers): no lock, nothing appended."""
+        async with self.db.read() as conn:
+            yield Scope(SqlStore(conn), self.deps, actor)
+
+    def user_actor(self, user_id: str, email: str) -> Actor:
+        return Actor(kind="user", id=user_id, user_id=user_id, email=email,
+                     platform_admin=email.lower() in self.admin_emails)
+
+    async def authenticate(self, token: str) -> Actor:
+        """An access token (JWT) or a project API key → the acting principal."""
+        if token.startswith("sk-"):
+            async with self.uow() as scope:
+                key = await scope.keys.authenticate(token)
+            return Actor(kind="key", id=key.key_id, project_id=key.project_id, agent_id=key.agent_id)
+        user_id = self.tokens.verify(token)
+        async with self.reader() as scope:
+            user = await scope.store.users.get(user_id)
+        if user is None:
+            raise Unauthorized("the user of this token no longer exists")
+        return self.user_actor(user.id, user.email)

@@ -1,0 +1,126 @@
+"""Request id, access log + metrics, error rendering, authentication — in that order."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+import msgspec
+from aiohttp import web
+
+from domain.errors import DomainError, RateLimited
+from server.http import ACTOR, REQUEST_ID, encode, route_spec
+
+access_log = logging.getLogger("smartspace.access")
+log = logging.getLogger("smartspace.http")
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def error_body(request: web.Request, code: str, message: str, details: dict | None = None,
+               type_: str | None = None) -> bytes:
+    if request.path.startswith("/v1/"):
+        # The gateway speaks OpenAI's error shape so the official SDKs parse it.
+        return encode({"error": {"message": message, "type": type_ or code, "code": code,
+                                 "param": None, **({"details": details} if details else {})}})
+    return encode({"error": {"code": code, "message": message, "details": details or {}}})
+
+
+def error_response(request: web.Request, status: int, code: str, message: str,
+                   details: dict | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=error_body(request, code, message, details),
+                        content_type="application/json", headers=headers)
+
+
+def render_domain_error(request: web.Request, exc: DomainError) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+    return error_response(request, exc.status, exc.code, exc.message, exc.details, headers)
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler):
+    incoming = request.headers.get("X-Request-ID", "")
+    rid = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = rid
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers["X-Request-ID"] = rid
+        raise
+    response.headers["X-Request-ID"] = rid
+    return response
+
+
+def access_middleware(metrics, enabled: bool = True):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            route = _route_label(request)
+            metrics.http_requests.labels(request.method, route, str(status)).inc()
+            metrics.http_latency.labels(request.method, route).observe(elapsed)
+            if enabled:
+                who = request.get(ACTOR)
+                access_log.info("request", extra={
+                    "request_id": request.get(REQUEST_ID), "method": request.method, "path": request.path,
+                    "route": route, "status": status, "duration_ms": round(elapsed * 1000, 3),
+                    "actor": who.label if who else None, "remote": request.remote,
+                })
+
+    return middleware
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except DomainError as exc:
+        return render_domain_error(request, exc)
+    except msgspec.ValidationError as exc:
+        return error_response(request, 422, "invalid_request", str(exc), {"reason": str(exc)})
+    except msgspec.DecodeError as exc:
+        return error_response(request, 400, "invalid_request", f"the body is not valid JSON: {exc}")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request"}.get(
+            exc.status, "invalid_request" if exc.status < 500 else "internal_error")
+        return error_response(request, exc.status, code, exc.reason or "error")
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request.get(REQUEST_ID)})
+        return error_response(request, 500, "internal_error",
+                              f"an internal error occurred (request id {request.get(REQUEST_ID)})")
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip() or None
+    return request.headers.get("X-API-Key") or None
+
+
+def auth_middleware(container):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        token = bearer(request)
+        spec = route_spec(request)
+        if token is not None and (spec is None or spec.auth):
+            request[ACTOR] = await container.authenticate(token)
+        return await handler(request)
+
+    return middleware

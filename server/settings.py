@@ -1,0 +1,156 @@
+"""Settings from ``SMARTSPACE_*`` environment variables, validated at start-up.
+
+Every field of :class:`Settings` is read from ``SMARTSPACE_<FIELD NAME UPPER>``; an optional
+``.env`` file in the working directory is read first (real environment variables win).
+A bad value raises :class:`SettingsError` naming the variable and what it expects.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, get_origin, get_type_hints
+
+import msgspec
+
+PREFIX = "SMARTSPACE_"
+
+
+class SettingsError(Exception):
+    """A ``SMARTSPACE_*`` variable has a value the server cannot use."""
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    # --- server ---
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "INFO"
+    access_log: bool = True
+    data_dir: str = ".smartspace"
+    # --- storage and fan-out ---
+    database_url: str = ""  # empty: SQLite file in data_dir
+    database_pool_size: int = 10
+    redis_url: str = ""  # empty: in-process event bus
+    migrate_on_start: bool = True
+    # --- identity ---
+    jwt_secret: str = ""  # empty: a random secret persisted in data_dir
+    access_token_ttl_seconds: int = 3600
+    admin_emails: tuple[str, ...] = ()
+    # --- money controls ---
+    reservation_ttl_seconds: int = 600
+    approval_ttl_seconds: int = 3600
+    sweep_interval_seconds: float = 5.0
+    default_output_tokens: int = 1024
+    # --- provider gateway ---
+    upstreams: str = ""  # JSON list of upstream definitions, see README
+    provider_timeout_seconds: float = 60.0
+    provider_connect_timeout_seconds: float = 5.0
+    # --- chain ---
+    chain: str = "devnet"  # "devnet" (in-process EVM) or "rpc"
+    chain_rpc_url: str = ""
+    chain_id: int = 0  # 0: read from the node
+    usdc_address: str = ""
+    usdc_decimals: int = 6
+    confirmations: int = 1
+    treasury_private_key: str = ""
+    revenue_address: str = ""
+    settlement_batch_seconds: float = 30.0
+    settlement_batch_micros: int = 10_000_000
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("port", 0 < self.port < 65536, "a TCP port between 1 and 65535"),
+            ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+             "one of DEBUG, INFO, WARNING, ERROR"),
+            ("database_url", self.database_url == "" or self.database_url.startswith(
+                ("sqlite+aiosqlite://", "postgresql+asyncpg://")),
+             "a URL starting with sqlite+aiosqlite:// or postgresql+asyncpg://"),
+            ("redis_url", self.redis_url == "" or self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")), "a URL starting with redis:// or rediss://"),
+            ("access_token_ttl_seconds", self.access_token_ttl_seconds > 0, "a positive number"),
+            ("reservation_ttl_seconds", self.reservation_ttl_seconds > 0, "a positive number"),
+            ("approval_ttl_seconds", self.approval_ttl_seconds > 0, "a positive number"),
+            ("database_pool_size", self.database_pool_size > 0, "a positive number"),
+            ("chain", self.chain in {"devnet", "rpc"}, "'devnet' or 'rpc'"),
+            ("chain_rpc_url", self.chain != "rpc" or self.chain_rpc_url.startswith(("http://", "https://")),
+             "an http(s) URL when SMARTSPACE_CHAIN=rpc"),
+            ("confirmations", self.confirmations >= 1, "at least 1"),
+        ]
+        for field, ok, expected in checks:
+            if not ok:
+                raise SettingsError(
+                    f"{PREFIX}{field.upper()}={getattr(self, field)!r} is invalid: expected {expected}"
+                )
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{Path(self.data_dir).resolve() / 'smartspace.db'}"
+
+    @property
+    def resolved_jwt_secret(self) -> str:
+        if self.jwt_secret:
+            return self.jwt_secret
+        # A per-install secret shared by every process on this data dir, so tokens survive restarts.
+        path = Path(self.data_dir) / "jwt-secret"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+        return path.read_text().strip()
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _convert(name: str, raw: str, annotation: Any) -> Any:
+    var = PREFIX + name.upper()
+    origin = get_origin(annotation)
+    try:
+        if annotation is bool:
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError("expected true or false")
+        if annotation is int:
+            return int(raw.replace("_", ""))
+        if annotation is float:
+            return float(raw)
+        if origin is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError as exc:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(annotation, str(exc))
+        raise SettingsError(f"{var}={raw!r} is invalid: expected {expected}") from None
+
+
+def load_settings(environ: dict[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Settings:
+    env = dict(_read_dotenv(dotenv)) if dotenv is not None else {}
+    env.update(os.environ if environ is None else environ)
+    hints = get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    known = {PREFIX + f.upper() for f in Settings.__struct_fields__}
+    for key in env:
+        if key.startswith(PREFIX) and key not in known and not key.startswith(PREFIX + "TEST_"):
+            raise SettingsError(f"{key} is not a SmartSpace setting (known: see the README's table)")
+    for field in Settings.__struct_fields__:
+        raw = env.get(PREFIX + field.upper())
+        if raw is None:
+            continue
+        values[field] = _convert(field, raw, hints[field])
+    return Settings(**values)

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy Core tables, repositories implementing domain ports, the unit of work."""

@@ -1,0 +1,106 @@
+"""The event log: gap-free per-project seq, SHA-256 hash chain, appended in the writer's transaction.
+
+Appending takes the project's head row with ``UPDATE … SET seq = seq + n RETURNING`` — on PostgreSQL
+that row lock serialises writers of one project until commit, so seqs are gap-free and commit in
+order; on SQLite the single writer (BEGIN IMMEDIATE) does the same. Events are appended at the very
+end of a unit of work to keep that lock short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from itertools import groupby
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain.audit import AuditFilter
+from domain.base import Page, PageRequest, new_id, utcnow
+from domain.errors import InvalidRequest, NotFound
+from domain.events import GENESIS_HASH, Event, PendingEvent, chain_hash
+from storage.base import decode_cursor, encode_cursor
+from storage.models import event_heads, events
+
+_COLUMNS = (events.c.id, events.c.project_id, events.c.seq, events.c.type, events.c.ts, events.c.actor,
+            events.c.data, events.c.prev_hash, events.c.hash)
+
+
+def _event(row: sa.Row) -> Event:
+    return Event(*row)
+
+
+def rfc3339(ts: datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class EventLog:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def create_head(self, project_id: str) -> None:
+        await self.conn.execute(sa.insert(event_heads).values(project_id=project_id, seq=0, hash=GENESIS_HASH))
+
+    async def append(self, pending: Sequence[PendingEvent], actor: str) -> list[Event]:
+        ts = rfc3339(utcnow())
+        out: list[Event] = []
+        # Sorted by project so two units of work touching the same projects lock them in one order.
+        ordered = sorted(enumerate(pending), key=lambda p: (p[1].project_id, p[0]))
+        for project_id, group in groupby(ordered, key=lambda p: p[1].project_id):
+            batch = [p for _, p in group]
+            row = (await self.conn.execute(
+                sa.update(event_heads)
+                .where(event_heads.c.project_id == project_id)
+                .values(seq=event_heads.c.seq + len(batch))
+                .returning(event_heads.c.seq, event_heads.c.hash)
+            )).first()
+            if row is None:
+                raise NotFound("project has no event log", {"project_id": project_id})
+            seq, prev = row.seq - len(batch), row.hash
+            rows = []
+            for item in batch:
+                seq += 1
+                digest = chain_hash(prev, project_id, seq, item.type, ts, actor, item.data)
+                event = Event(id=new_id("evt"), project_id=project_id, seq=seq, type=item.type, ts=ts,
+                              actor=actor, data=item.data, prev_hash=prev, hash=digest)
+                rows.append({c.name: getattr(event, c.name) for c in _COLUMNS})
+                out.append(event)
+                prev = digest
+            await self.conn.execute(
+                sa.update(event_heads).where(event_heads.c.project_id == project_id).values(hash=prev))
+            await self.conn.execute(sa.insert(events), rows)
+        out.sort(key=lambda e: (e.project_id, e.seq))
+        return out
+
+    async def since(self, project_id: str, seq: int, limit: int) -> list[Event]:
+        rows = await self.conn.execute(
+            sa.select(*_COLUMNS).where(events.c.project_id == project_id, events.c.seq > seq)
+            .order_by(events.c.seq).limit(limit))
+        return [_event(r) for r in rows]
+
+    async def head(self, project_id: str) -> tuple[int, str] | None:
+        row = (await self.conn.execute(sa.select(event_heads.c.seq, event_heads.c.hash).where(
+            event_heads.c.project_id == project_id))).first()
+        return (row.seq, row.hash) if row else None
+
+    async def list(self, project_id: str, filters: AuditFilter, page: PageRequest) -> Page[Event]:
+        """Newest first; the cursor is the last seq seen."""
+        stmt = sa.select(*_COLUMNS).where(events.c.project_id == project_id)
+        if filters.type:
+            stmt = stmt.where(events.c.type.like(filters.type.replace("*", "%")) if "*" in filters.type
+                              else events.c.type == filters.type)
+        if filters.actor:
+            stmt = stmt.where(events.c.actor == filters.actor)
+        if filters.since:
+            stmt = stmt.where(events.c.ts >= rfc3339(filters.since))
+        if filters.until:
+            stmt = stmt.where(events.c.ts < rfc3339(filters.until))
+        if page.cursor:
+            try:
+                stmt = stmt.where(events.c.seq < int(decode_cursor(page.cursor)))
+            except ValueError:
+                raise InvalidRequest("cursor is not one this API returned") from None
+        rows = (await self.conn.execute(stmt.order_by(events.c.seq.desc()).limit(page.limit + 1))).all()
+        items = [_event(r) for r in rows[: page.limit]]
+        cursor = encode_cursor(str(items[-1].seq)) if len(rows) > page.limit else None
+        return Page(items=items, next_cursor=cursor)

@@ -1,0 +1,148 @@
+"""Repositories for users, projects, memberships, agents and API keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain.base import Page, PageRequest
+from domain.identity import Agent, ApiKey, KeyPrincipal, Member, Project, User
+from storage.base import Repository, decode_cursor, encode_cursor
+from storage.models import agents, api_keys, memberships, projects, users
+
+
+class Users(Repository[User]):
+    table = users
+    entity = User
+
+    async def by_email(self, email: str) -> User | None:
+        row = (await self.conn.execute(sa.select(users).where(users.c.email == email))).first()
+        return self.to_entity(row) if row else None
+
+    async def credentials(self, email: str) -> tuple[User, str] | None:
+        row = (await self.conn.execute(sa.select(users).where(users.c.email == email))).first()
+        return (self.to_entity(row), row.password_hash) if row else None
+
+    async def add(self, user: User, password_hash: str) -> None:
+        await self.conn.execute(sa.insert(users).values(
+            id=user.id, email=user.email, name=user.name, password_hash=password_hash,
+            created_at=user.created_at))
+
+
+class Projects(Repository[Project]):
+    table = projects
+    entity = Project
+
+    async def for_user(self, user_id: str, page: PageRequest) -> Page[Project]:
+        stmt = (
+            sa.select(projects, memberships.c.role)
+            .join(memberships, memberships.c.project_id == projects.c.id)
+            .where(memberships.c.user_id == user_id, projects.c.status != "deleted")
+        )
+        if page.cursor:
+            stmt = stmt.where(projects.c.id < decode_cursor(page.cursor))
+        rows = (await self.conn.execute(stmt.order_by(projects.c.id.desc()).limit(page.limit + 1))).all()
+        result = self.page_of(rows, page.limit)
+        for project, row in zip(result.items, rows, strict=False):
+            project.role = row.role
+        return result
+
+
+class Members:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    _select = sa.select(memberships, users.c.email, users.c.name).join(
+        users, users.c.id == memberships.c.user_id)
+
+    @staticmethod
+    def _member(row: sa.Row) -> Member:
+        m = row._mapping
+        return Member(project_id=m["project_id"], user_id=m["user_id"], role=m["role"],
+                      created_at=m["created_at"], email=m["email"], name=m["name"])
+
+    async def role(self, project_id: str, user_id: str) -> str | None:
+        return (await self.conn.execute(
+            sa.select(memberships.c.role).where(memberships.c.project_id == project_id,
+                                                memberships.c.user_id == user_id))).scalar()
+
+    async def get(self, project_id: str, user_id: str) -> Member | None:
+        row = (await self.conn.execute(self._select.where(
+            memberships.c.project_id == project_id, memberships.c.user_id == user_id))).first()
+        return self._member(row) if row else None
+
+    async def add(self, member: Member) -> None:
+        await self.conn.execute(sa.insert(memberships).values(
+            project_id=member.project_id, user_id=member.user_id, role=member.role,
+            created_at=member.created_at))
+
+    async def set_role(self, project_id: str, user_id: str, role: str) -> Member:
+        await self.conn.execute(sa.update(memberships).where(
+            memberships.c.project_id == project_id, memberships.c.user_id == user_id).values(role=role))
+        member = await self.get(project_id, user_id)
+        assert member is not None
+        return member
+
+    async def remove(self, project_id: str, user_id: str) -> None:
+        await self.conn.execute(sa.delete(memberships).where(
+            memberships.c.project_id == project_id, memberships.c.user_id == user_id))
+
+    async def count_owners(self, project_id: str) -> int:
+        return (await self.conn.execute(sa.select(sa.func.count()).where(
+            memberships.c.project_id == project_id, memberships.c.role == "owner"))).scalar_one()
+
+    async def list(self, project_id: str, page: PageRequest) -> Page[Member]:
+        stmt = self._select.where(memberships.c.project_id == project_id)
+        if page.cursor:
+            stmt = stmt.where(memberships.c.user_id > decode_cursor(page.cursor))
+        rows = (await self.conn.execute(stmt.order_by(memberships.c.user_id).limit(page.limit + 1))).all()
+        items = [self._member(r) for r in rows[: page.limit]]
+        cursor = encode_cursor(items[-1].user_id) if len(rows) > page.limit else None
+        return Page(items=items, next_cursor=cursor)
+
+
+class Agents(Repository[Agent]):
+    table = agents
+    entity = Agent
+
+    async def by_name(self, project_id: str, name: str) -> Agent | None:
+        row = (await self.conn.execute(sa.select(agents).where(
+            agents.c.project_id == project_id, agents.c.name == name))).first()
+        return self.to_entity(row) if row else None
+
+    async def list(self, project_id: str, page: PageRequest) -> Page[Agent]:
+        return await self.paginate(page, agents.c.project_id == project_id)
+
+
+class Keys(Repository[ApiKey]):
+    table = api_keys
+    entity = ApiKey
+
+    async def add(self, key: ApiKey, key_hash: str) -> None:
+        values = {f: getattr(key, f) for f in self._fields()}
+        await self.conn.execute(sa.insert(api_keys).values(**values, key_hash=key_hash))
+
+    async def use(self, key_hash: str, now: datetime) -> KeyPrincipal | None:
+        # One statement authenticates and counts the use; a revoked key matches nothing.
+        stmt = (
+            sa.update(api_keys)
+            .where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
+            .values(last_used_at=now, use_count=api_keys.c.use_count + 1)
+            .returning(api_keys.c.id, api_keys.c.project_id, api_keys.c.agent_id)
+        )
+        row = (await self.conn.execute(stmt)).first()
+        if row is None:
+            return None
+        status = (await self.conn.execute(
+            sa.select(projects.c.status).where(projects.c.id == row.project_id))).scalar_one()
+        return KeyPrincipal(key_id=row.id, project_id=row.project_id, agent_id=row.agent_id,
+                            project_status=status)
+
+    async def revoke_all(self, project_id: str, now: datetime) -> None:
+        await self.conn.execute(sa.update(api_keys).where(
+            api_keys.c.project_id == project_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=now))
+
+    async def list(self, project_id: str, page: PageRequest) -> Page[ApiKey]:
+        return await self.paginate(page, api_keys.c.project_id == project_id)

@@ -1,0 +1,38 @@
+"""The store: one transaction's repositories, created on first use."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from storage import events, identity
+
+
+class SqlStore:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    @cached_property
+    def users(self) -> identity.Users:
+        return identity.Users(self.conn)
+
+    @cached_property
+    def projects(self) -> identity.Projects:
+        return identity.Projects(self.conn)
+
+    @cached_property
+    def members(self) -> identity.Members:
+        return identity.Members(self.conn)
+
+    @cached_property
+    def agents(self) -> identity.Agents:
+        return identity.Agents(self.conn)
+
+    @cached_property
+    def keys(self) -> identity.Keys:
+        return identity.Keys(self.conn)
+
+    @cached_property
+    def events(self) -> events.EventLog:
+        return events.EventLog(self.conn)
