@@ -148,3 +148,118 @@ idempotency_keys = sa.Table(
     sa.Column("body", sa.LargeBinary(), nullable=False),
     _created(),
 )
+
+# ---------------------------------------------------------------- money controls (issue 3)
+# The model catalog: prices in micro-USDC per million tokens.
+catalog_models = sa.Table(
+    "catalog_models",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),  # "provider/model"
+    sa.Column("provider", sa.String(64), nullable=False, index=True),
+    sa.Column("name", sa.String(160), nullable=False),  # the upstream's model id
+    sa.Column("kind", sa.String(20), nullable=False, server_default="chat"),  # chat | embedding
+    sa.Column("input_micros_per_mtok", sa.BigInteger(), nullable=False),
+    sa.Column("output_micros_per_mtok", sa.BigInteger(), nullable=False),
+    sa.Column("context_window", sa.Integer(), nullable=False),
+    sa.Column("max_output_tokens", sa.Integer(), nullable=False),
+    sa.Column("active", sa.Boolean(), nullable=False, server_default=sa.true()),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# One wallet per project. balance = sum(ledger_entries.amount_micros); reserved = open holds.
+wallets = sa.Table(
+    "wallets",
+    metadata,
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), primary_key=True),
+    sa.Column("balance_micros", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("reserved_micros", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("deposit_address", sa.String(42), nullable=True),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.CheckConstraint("reserved_micros >= 0", name="reserved_nonneg"),
+    sa.CheckConstraint("balance_micros - reserved_micros >= 0", name="available_nonneg"),
+)
+
+# Signed entries: credits > 0, debits < 0. Never updated, never deleted.
+ledger_entries = sa.Table(
+    "ledger_entries",
+    metadata,
+    _id("led_"),
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False, index=True),
+    sa.Column("kind", sa.String(32), nullable=False),  # deposit | admin_credit | spend | withdrawal | refund ...
+    sa.Column("amount_micros", sa.BigInteger(), nullable=False),
+    sa.Column("balance_after_micros", sa.BigInteger(), nullable=False),
+    sa.Column("ref", sa.String(120), nullable=True),  # request / payment id
+    sa.Column("memo", sa.String(500), nullable=False, server_default=""),
+    sa.Column("actor", sa.String(100), nullable=False),
+    _created(),
+)
+
+budgets = sa.Table(
+    "budgets",
+    metadata,
+    _id("bud_"),
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False, index=True),
+    sa.Column("agent_id", sa.String(40), sa.ForeignKey("agents.id"), nullable=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("period", sa.String(10), nullable=False),  # day | week | month | total
+    sa.Column("limit_micros", sa.BigInteger(), nullable=False),
+    sa.Column("spent_micros", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("reserved_micros", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("period_start", UTCDateTime(), nullable=False),
+    sa.Column("alert_thresholds", JSON, nullable=False),  # percentages, e.g. [50, 80, 100]
+    sa.Column("alerted", JSON, nullable=False),  # thresholds already alerted in this period
+    sa.Column("active", sa.Boolean(), nullable=False, server_default=sa.true()),
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.CheckConstraint("spent_micros + reserved_micros <= limit_micros", name="within_limit"),
+    sa.CheckConstraint("reserved_micros >= 0 AND spent_micros >= 0", name="nonneg"),
+)
+
+# Versioned policies: project policies keep every version; the system policy is project_id = '*'.
+policies = sa.Table(
+    "policies",
+    metadata,
+    sa.Column("project_id", sa.String(40), primary_key=True),
+    sa.Column("version", sa.Integer(), primary_key=True),
+    sa.Column("rules", JSON, nullable=False),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    _created(),
+)
+
+spend_requests = sa.Table(
+    "spend_requests",
+    metadata,
+    _id("req_"),
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("agent_id", sa.String(40), nullable=True),
+    sa.Column("key_id", sa.String(40), nullable=True),
+    sa.Column("actor", sa.String(100), nullable=False),
+    sa.Column("source", sa.String(20), nullable=False),  # api | gateway
+    sa.Column("operation", sa.String(20), nullable=False),  # chat | embedding | completion
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("provider", sa.String(64), nullable=False),
+    # pending_approval | approved | executing | settled | rejected | failed | expired
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("decision", JSON, nullable=True),
+    sa.Column("params", JSON, nullable=False),  # what is needed to execute later (held requests)
+    sa.Column("metadata", JSON, nullable=False),
+    sa.Column("estimated_cost_micros", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("reserved_micros", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("cost_micros", sa.BigInteger(), nullable=True),
+    sa.Column("input_tokens", sa.Integer(), nullable=True),
+    sa.Column("output_tokens", sa.Integer(), nullable=True),
+    sa.Column("risk_score", sa.Float(), nullable=True),
+    sa.Column("budget_ids", JSON, nullable=False),  # budgets the reservation holds against
+    sa.Column("error", JSON, nullable=True),
+    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    sa.Column("response", JSON, nullable=True),
+    sa.Column("reservation_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("approval_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("resolved_by", sa.String(100), nullable=True),
+    sa.Column("tx_hash", sa.String(66), nullable=True),  # on-chain settlement batch tx
+    sa.Column("settlement_batch_id", sa.String(40), nullable=True),
+    _created(),
+    sa.Column("settled_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_spend_requests_project_created", "project_id", "created_at"),
+    sa.Index("ix_spend_requests_status_expiry", "status", "reservation_expires_at"),
+)
