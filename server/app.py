@@ -54,6 +54,7 @@ def create_app(settings: Settings, *, container: Container | None = None,
         log.info("smartspace started", extra={"database": container.db.dialect,
                                               "bus": type(container.bus).__name__})
         yield
+        await container.providers.close()
         await container.bus.close()
         await container.db.dispose()
 

@@ -18,6 +18,7 @@ from domain.errors import Unauthorized
 from domain.events import Event
 from domain.ports import EventBus
 from domain.scope import Deps, Scope
+from server.providers import Providers
 from server.security import Passwords, Tokens
 from server.settings import Settings
 from storage.db import Database
@@ -32,7 +33,9 @@ class Container:
         self.db = db
         self.bus = bus
         self.tokens = Tokens(settings.resolved_jwt_secret, settings.access_token_ttl_seconds)
-        self.deps = Deps(passwords=Passwords(), tokens=self.tokens, settings=settings, **extra)
+        self.providers = extra.pop("providers", None) or Providers(settings)
+        self.deps = Deps(passwords=Passwords(), tokens=self.tokens, settings=settings, providers=self.providers,
+                         **extra)
         self.admin_emails = frozenset(e.lower() for e in settings.admin_emails)
 
     @contextlib.asynccontextmanager
