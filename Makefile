@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export SMARTSPACE_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export SMARTSPACE_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run test lint fmt bench lock clean
+.PHONY: install run test lint fmt bench lock clean contracts
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ fmt: install
 bench: install
 	$(BIN)/python bench/reserve.py
 	$(BIN)/python bench/gateway.py
+
+# Recompile the devnet USDC token (contracts/USDC.vy → contracts/USDC.json, committed; offline).
+contracts: install
+	$(BIN)/python contracts/build.py
 
 # Re-pin every dependency (after changing pyproject.toml).
 lock:

@@ -263,3 +263,97 @@ spend_requests = sa.Table(
     sa.Index("ix_spend_requests_project_created", "project_id", "created_at"),
     sa.Index("ix_spend_requests_status_expiry", "status", "reservation_expires_at"),
 )
+
+# ---------------------------------------------------------------- payments (issue 5)
+# Outgoing USDC transfers from the treasury: project payouts and settlement batches. The signed raw
+# transaction and its hash are stored BEFORE broadcast, so a retry re-sends the very same bytes.
+payments = sa.Table(
+    "payments",
+    metadata,
+    _id("pay_"),
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=True),  # null: settlement
+    sa.Column("kind", sa.String(20), nullable=False),  # payout | settlement
+    sa.Column("status", sa.String(20), nullable=False),  # pending | submitted | confirmed | failed
+    sa.Column("chain_id", sa.BigInteger(), nullable=False),
+    sa.Column("token_address", sa.String(42), nullable=False),
+    sa.Column("from_address", sa.String(42), nullable=False),
+    sa.Column("to_address", sa.String(42), nullable=False),
+    sa.Column("amount_micros", sa.BigInteger(), nullable=False),
+    sa.Column("nonce", sa.BigInteger(), nullable=False),
+    sa.Column("tx_hash", sa.String(66), nullable=False),
+    sa.Column("raw_tx", sa.LargeBinary(), nullable=False),
+    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    sa.Column("request_hash", sa.String(64), nullable=True),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    sa.Column("block_number", sa.BigInteger(), nullable=True),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("error", sa.String(500), nullable=True),
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("submitted_at", UTCDateTime(), nullable=True),
+    sa.Column("finalized_at", UTCDateTime(), nullable=True),
+    sa.UniqueConstraint("chain_id", "tx_hash", name="uq_payments_chain_tx"),
+    sa.UniqueConstraint("chain_id", "from_address", "nonce", name="uq_payments_sender_nonce"),
+    sa.UniqueConstraint("project_id", "idempotency_key", name="uq_payments_project_idempotency"),
+    sa.Index("ix_payments_project_created", "project_id", "created_at"),
+    sa.Index("ix_payments_status", "status"),
+)
+
+# Incoming USDC: one row per claimed Transfer log. log_index is -1 while the transaction is not yet mined.
+deposits = sa.Table(
+    "deposits",
+    metadata,
+    _id("dep_"),
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # pending | confirmed | failed
+    sa.Column("chain_id", sa.BigInteger(), nullable=False),
+    sa.Column("tx_hash", sa.String(66), nullable=False),
+    sa.Column("log_index", sa.Integer(), nullable=False),
+    sa.Column("token_address", sa.String(42), nullable=False),
+    sa.Column("from_address", sa.String(42), nullable=True),
+    sa.Column("to_address", sa.String(42), nullable=True),
+    sa.Column("amount_micros", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("block_number", sa.BigInteger(), nullable=True),
+    sa.Column("error", sa.String(500), nullable=True),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("credited_at", UTCDateTime(), nullable=True),
+    sa.UniqueConstraint("chain_id", "tx_hash", "log_index", name="uq_deposits_chain_tx_log"),
+    sa.Index("ix_deposits_project_created", "project_id", "created_at"),
+    sa.Index("ix_deposits_status", "status"),
+)
+
+# Sender addresses a project registered, for deposits into the shared treasury address.
+deposit_senders = sa.Table(
+    "deposit_senders",
+    metadata,
+    sa.Column("chain_id", sa.BigInteger(), primary_key=True),
+    sa.Column("address", sa.String(42), primary_key=True),
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False, index=True),
+    _created(),
+)
+
+# One nonce allocator per sending address: UPDATE … SET next_nonce = next_nonce + 1 … RETURNING.
+chain_nonces = sa.Table(
+    "chain_nonces",
+    metadata,
+    sa.Column("chain_id", sa.BigInteger(), primary_key=True),
+    sa.Column("address", sa.String(42), primary_key=True),
+    sa.Column("next_nonce", sa.BigInteger(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# Settled request costs of on-chain projects, paid to the revenue address in one transaction per batch.
+settlement_batches = sa.Table(
+    "settlement_batches",
+    metadata,
+    _id("stb_"),
+    sa.Column("payment_id", sa.String(40), sa.ForeignKey("payments.id"), nullable=False, unique=True),
+    sa.Column("status", sa.String(20), nullable=False),  # pending | submitted | confirmed | failed
+    sa.Column("total_micros", sa.BigInteger(), nullable=False),
+    sa.Column("request_count", sa.Integer(), nullable=False),
+    sa.Column("tx_hash", sa.String(66), nullable=False),
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
