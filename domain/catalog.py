@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from domain.errors import InvalidRequest, NotFound
+from domain.base import utcnow
+from domain.errors import Forbidden, InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from domain.scope import Scope
 
 MTOK = 1_000_000
 PLATFORM_PROJECT = "platform"  # the reserved event-log id for platform-wide changes (catalog, system policy)
@@ -143,3 +147,47 @@ SEED: tuple[CatalogModel, ...] = (
     _m("local", "echo-1", 0.10, 0.20, 32_768, 4_096),
     _m("local", "embed-1", 0.01, 0, 8_192, 1, "embedding"),
 )
+
+
+# ---------------------------------------------------------------- the service
+class CatalogRepo(Protocol):
+    async def list(self, f: ModelFilter) -> list[CatalogModel]: ...
+    async def get(self, id_: str) -> CatalogModel | None: ...
+    async def candidates(self, model_id: str) -> list[CatalogModel]: ...
+    async def update(self, id_: str, **values: object) -> CatalogModel | None: ...
+    async def ensure_platform_log(self) -> None: ...
+
+
+class ModelList(msgspec.Struct):
+    items: list[CatalogModel]
+    total: int
+
+
+class Catalog:
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        self.repo: CatalogRepo = scope.store.catalog
+
+    async def list(self, f: ModelFilter) -> ModelList:
+        if f.include_inactive and not self.scope.actor.platform_admin:
+            f = msgspec.structs.replace(f, include_inactive=False)
+        items = await self.repo.list(f)
+        return ModelList(items=items, total=len(items))
+
+    async def resolve(self, model_id: str) -> CatalogModel:
+        return resolve(model_id, await self.repo.candidates(model_id))
+
+    async def update(self, model_id: str, cmd: ModelUpdate) -> CatalogModel:
+        if not self.scope.actor.platform_admin:
+            raise Forbidden("this needs a platform admin (SMARTSPACE_ADMIN_EMAILS)")
+        changes = cmd.changes()
+        if not changes:
+            raise InvalidRequest("nothing to change: send at least one field")
+        before = await self.repo.get(model_id)
+        if before is None:
+            raise ModelNotFound(f"the model {model_id!r} is not in the catalog", {"model": model_id})
+        after = await self.repo.update(model_id, **changes, updated_at=utcnow())
+        await self.repo.ensure_platform_log()
+        self.scope.emit(PLATFORM_PROJECT, "catalog.updated", {
+            "model": model_id, "changes": {k: {"from": getattr(before, k), "to": v} for k, v in changes.items()}})
+        return after

@@ -156,3 +156,9 @@ class BrainView(Protocol):
         """How many requests each window already holds (a peek: never counts this one)."""
         ...
     async def activity(self, project_id: str, now: datetime) -> Activity: ...
+
+
+class Brain(Protocol):
+    """What the spend service calls: run the brain on a read-only view (``storage.brain.SqlBrain``)."""
+
+    async def decide(self, req: SpendInput, now: datetime) -> Decision: ...

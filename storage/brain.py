@@ -1,0 +1,155 @@
+"""The brain's read-only view of a project, over ``Database.read_only()``.
+
+The session is opened read-only in the database itself (PostgreSQL ``SET TRANSACTION READ ONLY``,
+SQLite ``PRAGMA query_only``), so even a bug in ``agentic/`` cannot write: the database refuses.
+``decide_for`` is what the spend service calls: open the view, run the pipeline, close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain import policies as pol
+from domain.catalog import CatalogModel
+from domain.decisions import (
+    Activity,
+    AgentState,
+    BrainView,
+    BudgetState,
+    Decision,
+    KeyState,
+    ProjectState,
+    SpendInput,
+    WalletState,
+)
+from domain.ratelimit import RateLimit, RateLimiter
+from storage.catalog import CatalogModels
+from storage.db import Database
+from storage.models import agents, api_keys, budgets, projects, spend_requests, wallets
+from storage.policies import Policies
+
+BASELINE_DAYS = 30
+OPEN_STATUSES = ("pending_approval", "approved", "executing")
+DecideFn = Callable[[BrainView, SpendInput, datetime], Awaitable[Decision]]
+
+
+class SqlBrainView:
+    def __init__(self, conn: AsyncConnection, limiter: RateLimiter, default_output_tokens: int = 1024) -> None:
+        self.conn = conn
+        self.limiter = limiter
+        self.default_output_tokens = default_output_tokens
+        self._policies = Policies(conn)
+        self._catalog = CatalogModels(conn)
+
+    async def project(self, project_id: str) -> ProjectState | None:
+        row = (await self.conn.execute(
+            sa.select(projects.c.id, projects.c.status).where(projects.c.id == project_id))).first()
+        return ProjectState(id=row.id, status=row.status) if row else None
+
+    async def key(self, key_id: str) -> KeyState | None:
+        row = (await self.conn.execute(
+            sa.select(api_keys.c.id, api_keys.c.project_id, api_keys.c.agent_id, api_keys.c.revoked_at)
+            .where(api_keys.c.id == key_id))).first()
+        return KeyState(id=row.id, project_id=row.project_id, agent_id=row.agent_id,
+                        revoked=row.revoked_at is not None) if row else None
+
+    async def agent(self, agent_id: str) -> AgentState | None:
+        row = (await self.conn.execute(
+            sa.select(agents.c.id, agents.c.project_id, agents.c.status).where(agents.c.id == agent_id))).first()
+        return AgentState(id=row.id, project_id=row.project_id, status=row.status) if row else None
+
+    async def models(self, model: str) -> list[CatalogModel]:
+        return await self._catalog.candidates(model)
+
+    async def system_policy(self) -> pol.SystemPolicy:
+        found = await self._policies.current(pol.SYSTEM_POLICY_ID)
+        return pol.load(found[0], pol.SystemPolicy) if found else pol.SystemPolicy()
+
+    async def project_policy(self, project_id: str) -> tuple[pol.ProjectPolicy, int]:
+        found = await self._policies.current(project_id)
+        return (pol.load(found[0]), found[1]) if found else (pol.ProjectPolicy(), 0)
+
+    async def wallet(self, project_id: str) -> WalletState | None:
+        row = (await self.conn.execute(
+            sa.select(wallets.c.balance_micros, wallets.c.reserved_micros)
+            .where(wallets.c.project_id == project_id))).first()
+        return WalletState(balance_micros=row.balance_micros, reserved_micros=row.reserved_micros) if row else None
+
+    async def budgets(self, project_id: str) -> list[BudgetState]:
+        c = budgets.c
+        rows = (await self.conn.execute(
+            sa.select(c.id, c.name, c.agent_id, c.period, c.limit_micros, c.spent_micros, c.reserved_micros,
+                      c.period_start)
+            .where(c.project_id == project_id, c.active.is_(True)).order_by(c.id))).all()
+        return [BudgetState(**r._mapping) for r in rows]
+
+    async def rate_counts(self, limits: list[RateLimit], now: datetime) -> list[int]:
+        return await self.limiter.peek(limits, now)
+
+    async def activity(self, project_id: str, now: datetime) -> Activity:
+        c = spend_requests.c
+        since = now - timedelta(days=BASELINE_DAYS)
+        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        settled = c.status == "settled"
+        in_baseline = sa.and_(settled, c.created_at >= since, c.created_at < now)
+        today = c.created_at >= day_start
+        totals = (await self.conn.execute(
+            sa.select(
+                sa.func.count().filter(in_baseline).label("samples"),
+                sa.func.coalesce(sa.func.sum(c.cost_micros).filter(in_baseline), 0).label("cost"),
+                sa.func.count().filter(today).label("today"),
+                sa.func.coalesce(sa.func.sum(sa.case(
+                    (settled, sa.func.coalesce(c.cost_micros, 0)),
+                    (c.status.in_(OPEN_STATUSES), c.reserved_micros), else_=0)).filter(today), 0).label("spent"),
+                sa.func.count().filter(sa.and_(c.status == "rejected",
+                                               c.created_at >= now - timedelta(days=1))).label("rejections"),
+            ).where(c.project_id == project_id, c.created_at >= since))).one()
+        samples = int(totals.samples)
+        activity = Activity(samples=samples, avg_cost_micros=int(totals.cost) // samples if samples else 0,
+                            avg_requests_per_day=samples / BASELINE_DAYS, requests_today=int(totals.today),
+                            spent_today_micros=int(totals.spent), recent_rejections=int(totals.rejections))
+        if samples:
+            hour = sa.extract("hour", c.created_at)
+            groups = (await self.conn.execute(
+                sa.select(c.provider, c.model, c.agent_id, hour.label("hour"))
+                .where(c.project_id == project_id, in_baseline)
+                .group_by(c.provider, c.model, c.agent_id, hour))).all()
+            activity.providers = sorted({g.provider for g in groups})
+            activity.models = sorted({g.model for g in groups})
+            activity.agents = sorted({g.agent_id for g in groups if g.agent_id})
+            activity.hours = sorted({int(g.hour) for g in groups})
+        return activity
+
+
+@contextlib.asynccontextmanager
+async def brain_view(db: Database, limiter: RateLimiter, default_output_tokens: int = 1024
+                     ) -> AsyncIterator[SqlBrainView]:
+    async with db.read_only() as conn:
+        yield SqlBrainView(conn, limiter, default_output_tokens)
+
+
+async def decide_for(db: Database, limiter: RateLimiter, req: SpendInput, now: datetime, *, decide: DecideFn,
+                     default_output_tokens: int = 1024) -> Decision:
+    """Open a read-only view and run the brain (``agentic.pipeline.decide``) on one spend request."""
+    async with brain_view(db, limiter, default_output_tokens) as view:
+        return await decide(view, req, now)
+
+
+class SqlBrain:
+    """The ``domain.decisions.Brain`` port: the container builds one (``container.brain``,
+    ``deps.brain``) with ``agentic.pipeline.decide`` injected — storage does not import agentic."""
+
+    def __init__(self, db: Database, limiter: RateLimiter, decide: DecideFn, default_output_tokens: int = 1024):
+        self.db = db
+        self.limiter = limiter
+        self._decide = decide
+        self.default_output_tokens = default_output_tokens
+
+    async def decide(self, req: SpendInput, now: datetime) -> Decision:
+        return await decide_for(self.db, self.limiter, req, now, decide=self._decide,
+                                default_output_tokens=self.default_output_tokens)
