@@ -43,6 +43,7 @@ class ProviderCall(msgspec.Struct, kw_only=True):
 class Completion(msgspec.Struct, kw_only=True):
     body: dict  # OpenAI-shaped chat.completion or embeddings response
     usage: Usage | None = None
+    raw: bytes | None = None  # the exact JSON bytes of ``body`` when the adapter has them (forwarded as is)
 
 
 class Provider(Protocol):
