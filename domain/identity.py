@@ -15,7 +15,7 @@ from domain.base import ROLE_RANK, Actor, Page, PageRequest, Role, new_id, utcno
 from domain.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
 
 if TYPE_CHECKING:
-    from domain.scope import Scope
+    from domain.scope import Deps, Scope
 
 Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=320)]
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
@@ -145,17 +145,26 @@ def normalise_email(email: str) -> str:
     return email.strip().lower()
 
 
+async def hash_password(deps: Deps, password: str) -> str:
+    """Hash a password off the event loop. Call it before opening the unit of work that stores it."""
+    return await asyncio.to_thread(deps.passwords.hash, password)
+
+
 # ---------------------------------------------------------------- services
 class Users:
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
         self.store = scope.store
 
-    async def register(self, cmd: Register) -> AuthResult:
+    async def register(self, cmd: Register, password_hash: str | None = None) -> AuthResult:
+        """Create the user and their default project. Pass ``password_hash`` from
+        :func:`hash_password`, computed before the unit of work opens: argon2 takes ~100 ms and must
+        not run while the write transaction (SQLite's single write lock) is held."""
         email = normalise_email(cmd.email)
         if await self.store.users.by_email(email) is not None:
             raise Conflict("a user with this email already exists", {"email": email})
-        password_hash = await asyncio.to_thread(self.scope.deps.passwords.hash, cmd.password)
+        if password_hash is None:
+            password_hash = await hash_password(self.scope.deps, cmd.password)
         user = User(id=new_id("usr"), email=email, name=cmd.name, created_at=utcnow())
         await self.store.users.add(user, password_hash)
         self.scope.actor = Actor(kind="user", id=user.id, user_id=user.id, email=email)

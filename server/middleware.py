@@ -10,7 +10,7 @@ import uuid
 import msgspec
 from aiohttp import web
 
-from domain.errors import DomainError, RateLimited
+from domain.errors import DomainError, RateLimited, Unauthorized
 from server.http import ACTOR, REQUEST_ID, encode, route_spec
 
 access_log = logging.getLogger("smartspace.access")
@@ -85,6 +85,16 @@ def access_middleware(metrics, enabled: bool = True):
     return middleware
 
 
+async def _is_json(request: web.Request) -> bool:
+    try:
+        msgspec.json.decode(await request.read())  # already read by the handler: cached
+    except msgspec.DecodeError:
+        return False
+    except Exception:  # the body could not be read at all: let the 422 stand
+        return True
+    return True
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
     try:
@@ -92,6 +102,10 @@ async def error_middleware(request: web.Request, handler):
     except DomainError as exc:
         return render_domain_error(request, exc)
     except msgspec.ValidationError as exc:
+        # msgspec validates while it parses: a truncated body can fail on a field before the
+        # syntax error is reached. Malformed JSON is a 400 whatever the decoder met first.
+        if not await _is_json(request):
+            return error_response(request, 400, "invalid_request", "the body is not valid JSON")
         return error_response(request, 422, "invalid_request", str(exc), {"reason": str(exc)})
     except msgspec.DecodeError as exc:
         return error_response(request, 400, "invalid_request", f"the body is not valid JSON: {exc}")
@@ -121,6 +135,9 @@ def auth_middleware(container):
         spec = route_spec(request)
         if token is not None and (spec is None or spec.auth):
             request[ACTOR] = await container.authenticate(token)
+        elif token is None and spec is not None and spec.auth:
+            # Before the handler reads the body: an anonymous caller learns nothing about validation.
+            raise Unauthorized("authentication required: send Authorization: Bearer <token or sk- key>")
         return await handler(request)
 
     return middleware

@@ -64,9 +64,12 @@ class Members:
                       created_at=m["created_at"], email=m["email"], name=m["name"])
 
     async def role(self, project_id: str, user_id: str) -> str | None:
+        """The user's role in a live project; None if not a member or the project is deleted."""
         return (await self.conn.execute(
-            sa.select(memberships.c.role).where(memberships.c.project_id == project_id,
-                                                memberships.c.user_id == user_id))).scalar()
+            sa.select(memberships.c.role)
+            .join(projects, projects.c.id == memberships.c.project_id)
+            .where(memberships.c.project_id == project_id, memberships.c.user_id == user_id,
+                   projects.c.status != "deleted"))).scalar()
 
     async def get(self, project_id: str, user_id: str) -> Member | None:
         row = (await self.conn.execute(self._select.where(

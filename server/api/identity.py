@@ -22,6 +22,7 @@ from domain.identity import (
     Register,
     Token,
     User,
+    hash_password,
 )
 from server.http import PAGE_QUERY, actor, decode, json_response, page_request, routes
 from server.http import container as _c
@@ -33,8 +34,9 @@ P = "/api/v1/projects/{project_id}"
              tag="auth", body=Register, response=AuthResult, status=201, auth=False, errors=(409, 422))
 async def register(request: web.Request) -> web.Response:
     cmd = await decode(request, Register)
+    password_hash = await hash_password(_c(request).deps, cmd.password)  # before the write lock
     async with _c(request).uow() as uow:
-        result = await uow.users.register(cmd)
+        result = await uow.users.register(cmd, password_hash)
     return json_response(result, status=201)
 
 
