@@ -1,0 +1,108 @@
+"""Wallet rows and ledger entries. Every change is one conditional UPDATE … RETURNING (no read-then-write)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain.base import Page, PageRequest
+from domain.wallet import LedgerEntry, Wallet
+from storage.base import Repository
+from storage.models import ledger_entries, wallets
+
+w = wallets.c
+
+
+def insert_ignore(conn: AsyncConnection, table: sa.Table, index: list[str]) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING on either dialect."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=index)
+
+
+def _wallet(row: sa.Row[Any]) -> Wallet:
+    m = row._mapping
+    return Wallet(project_id=m["project_id"], balance_micros=m["balance_micros"],
+                  reserved_micros=m["reserved_micros"],
+                  available_micros=m["balance_micros"] - m["reserved_micros"],
+                  deposit_address=m["deposit_address"], updated_at=m["updated_at"])
+
+
+class Ledger(Repository[LedgerEntry]):
+    table = ledger_entries
+    entity = LedgerEntry
+
+
+class Wallets:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.ledger = Ledger(conn)
+
+    async def _one(self, stmt: Any) -> Wallet | None:
+        row = (await self.conn.execute(stmt.returning(wallets))).first()
+        return _wallet(row) if row else None
+
+    async def ensure(self, project_id: str, now: datetime) -> None:
+        await self.conn.execute(insert_ignore(self.conn, wallets, ["project_id"]).values(
+            project_id=project_id, balance_micros=0, reserved_micros=0, updated_at=now))
+
+    async def get(self, project_id: str, *, for_update: bool = False) -> Wallet | None:
+        stmt = sa.select(wallets).where(w.project_id == project_id)
+        if for_update and self.conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        row = (await self.conn.execute(stmt)).first()
+        return _wallet(row) if row else None
+
+    async def add_balance(self, project_id: str, delta: int, now: datetime) -> Wallet | None:
+        """balance += delta; a negative delta only if it leaves available >= 0."""
+        stmt = sa.update(wallets).where(w.project_id == project_id)
+        if delta < 0:
+            stmt = stmt.where(w.balance_micros - w.reserved_micros + delta >= 0)
+        return await self._one(stmt.values(balance_micros=w.balance_micros + delta, updated_at=now))
+
+    async def hold(self, project_id: str, amount: int, now: datetime) -> Wallet | None:
+        return await self._one(
+            sa.update(wallets)
+            .where(w.project_id == project_id, w.balance_micros - w.reserved_micros >= amount)
+            .values(reserved_micros=w.reserved_micros + amount, updated_at=now))
+
+    async def release(self, project_id: str, amount: int, now: datetime) -> Wallet | None:
+        return await self._one(
+            sa.update(wallets)
+            .where(w.project_id == project_id, w.reserved_micros >= amount)
+            .values(reserved_micros=w.reserved_micros - amount, updated_at=now))
+
+    async def capture(self, project_id: str, held: int, charge: int, now: datetime) -> Wallet | None:
+        """reserved -= held, balance -= charge (charge <= held, so available never goes negative)."""
+        assert 0 <= charge <= held
+        return await self._one(
+            sa.update(wallets)
+            .where(w.project_id == project_id, w.reserved_micros >= held)
+            .values(reserved_micros=w.reserved_micros - held, balance_micros=w.balance_micros - charge,
+                    updated_at=now))
+
+    async def set_deposit_address(self, project_id: str, address: str, now: datetime) -> Wallet | None:
+        return await self._one(sa.update(wallets).where(w.project_id == project_id)
+                               .values(deposit_address=address, updated_at=now))
+
+    async def append(self, entry: LedgerEntry) -> None:
+        await self.ledger.insert(entry)
+
+    async def entries(self, project_id: str, page: PageRequest) -> Page[LedgerEntry]:
+        return await self.ledger.paginate(page, ledger_entries.c.project_id == project_id)
+
+    async def ledger_sum(self, project_id: str) -> int:
+        total = (await self.conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(ledger_entries.c.amount_micros), 0))
+            .where(ledger_entries.c.project_id == project_id))).scalar_one()
+        return int(total)
+
+    async def ledger_totals(self, project_id: str, since: datetime, until: datetime) -> dict[str, int]:
+        c = ledger_entries.c
+        rows = await self.conn.execute(
+            sa.select(c.kind, sa.func.sum(c.amount_micros)).where(
+                c.project_id == project_id, c.created_at >= since, c.created_at < until).group_by(c.kind))
+        return {r[0]: int(r[1]) for r in rows}
