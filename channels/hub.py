@@ -1,21 +1,27 @@
 """The Socket.IO hub: one ``AsyncServer`` on the aiohttp app, auth on connect, subscribe with replay,
 and delivery of bus events to the room ``project:<id>`` of the namespace that owns each type.
 
-Replay-then-live without loss or duplicates (DESIGN.md §9): a subscriber joins the room first and is
-marked *holding*; live events for it are buffered while the log is replayed to it; then the buffer is
-released (only seqs above the last replayed) and the hold removed — all on one event loop, so no event
-slips between. Clients also drop any seq they have already seen.
+In order, once (per process, per project): a :class:`_Stream` records ``upto``, the seq up to which
+every event has been emitted to the project's rooms, in seq order. An event that arrives ahead of a
+gap (concurrent writers publish out of order; Redis may drop a message) waits in ``ahead`` until the
+gap fills from the bus, or — after ``GAP_GRACE_SECONDS`` — from the log. An event at or below ``upto``
+is a duplicate and is dropped. When the bus reconnects after an outage it asks for a resync: every
+stream reads what it has not emitted from the log. The log, not pub/sub, makes delivery reliable.
 
-Gaps: each process tracks, per project, the highest seq below which it has delivered everything.
-Events that arrive ahead of a gap are delivered at once; if the gap is still open shortly after (Redis
-dropped a message) or the bus reconnects after an outage, the missing events are read from the log and
-delivered. The log, not pub/sub, is what makes delivery reliable.
+Replay-then-live without loss or duplicates (DESIGN.md §9): a subscriber is marked *holding* and
+joins the room before anything is read; live events for it are buffered while the log is replayed to
+it; then the buffer is released (only seqs above the last replayed) and the hold removed — all on
+one event loop, so no event slips between. Clients also drop any seq they have already seen.
+
+Per-client state lives in the socket session and room membership; the hub itself keeps only the
+streams (one per subscribed project) and the hold buffers of subscribes in progress.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -45,30 +51,18 @@ def ack_error(exc: DomainError) -> dict[str, Any]:
     return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
 
 
-class _Watermark:
-    """Highest seq with everything at or below delivered, plus seqs delivered ahead of a gap."""
+class _Stream:
+    """One project's live delivery on this process."""
 
     __slots__ = ("ahead", "gap_since", "upto")
 
-    def __init__(self, upto: int) -> None:
-        self.upto = upto
-        self.ahead: set[int] = set()
+    def __init__(self) -> None:
+        self.upto: int | None = None  # None until the first subscriber has read the log's head
+        self.ahead: dict[int, Event] = {}
         self.gap_since = 0.0
 
     def seen(self, seq: int) -> bool:
-        return seq <= self.upto or seq in self.ahead
-
-    def mark(self, seq: int) -> None:
-        if seq <= self.upto:
-            return
-        self.ahead.add(seq)
-        while self.upto + 1 in self.ahead:
-            self.upto += 1
-            self.ahead.discard(self.upto)
-        if self.ahead and not self.gap_since:
-            self.gap_since = time.monotonic()
-        elif not self.ahead:
-            self.gap_since = 0.0
+        return (self.upto is not None and seq <= self.upto) or seq in self.ahead
 
 
 class Hub:
@@ -77,11 +71,11 @@ class Hub:
         self.metrics = metrics
         self.sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*", logger=False,
                                         engineio_logger=False, ping_interval=20, ping_timeout=20)
-        # (namespace, sid, project_id) -> live events buffered while that subscriber is replayed
-        self.holding: dict[tuple[str, str, str], list[Event]] = {}
-        self.subscribers: dict[str, int] = {}  # project_id -> subscriptions on this process
-        self.marks: dict[str, _Watermark] = {}
-        self._lock = asyncio.Lock()  # one log catch-up at a time
+        # (namespace, sid, project_id, n) -> live events buffered while that subscriber is replayed
+        self.holding: dict[tuple[str, str, str, int], list[Event]] = {}
+        self.streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._emit_lock = asyncio.Lock()  # one emitter at a time keeps every room in seq order
         for namespace in NAMESPACES:
             self.sio.register_namespace(ProjectNamespace(namespace, self))
         container.bus.listen(self.deliver)
@@ -91,21 +85,34 @@ class Hub:
 
     # ------------------------------------------------------------------ delivery
     async def deliver(self, event: Event) -> None:
-        mark = self.marks.get(event.project_id)
-        if mark is None:
-            return  # nobody here subscribes to this project
-        if mark.seen(event.seq):
-            return
-        mark.mark(event.seq)
-        await self._emit_live(event)
-        if mark.ahead:
-            asyncio.get_running_loop().call_later(
-                GAP_GRACE_SECONDS * 1.5, lambda: asyncio.ensure_future(self.catch_up(event.project_id)))
+        stream = self.streams.get(event.project_id)
+        if stream is None or stream.seen(event.seq):
+            return  # nobody here subscribes to this project, or already delivered
+        stream.ahead[event.seq] = event
+        await self._drain(event.project_id, stream)
+
+    async def _drain(self, project_id: str, stream: _Stream) -> None:
+        """Emit what is next in seq order; note (and schedule a look at) a gap that remains."""
+        async with self._emit_lock:
+            if stream.upto is None:
+                return
+            while stream.upto + 1 in stream.ahead:
+                stream.upto += 1
+                await self._emit_live(stream.ahead.pop(stream.upto))
+        if stream.ahead and not stream.gap_since:
+            stream.gap_since = time.monotonic()
+            asyncio.get_running_loop().call_later(GAP_GRACE_SECONDS, self._spawn_catch_up, project_id)
+        elif not stream.ahead:
+            stream.gap_since = 0.0
+
+    def _spawn_catch_up(self, project_id: str) -> None:
+        task = asyncio.ensure_future(self.catch_up(project_id))
+        task.add_done_callback(_log_failure)
 
     async def _emit_live(self, event: Event) -> None:
         namespace = namespace_for(event.type)
         held = []
-        for (ns, sid, project_id), buffer in self.holding.items():
+        for (ns, sid, project_id, _), buffer in self.holding.items():
             if ns == namespace and project_id == event.project_id:
                 buffer.append(event)
                 held.append(sid)
@@ -114,21 +121,34 @@ class Hub:
         self.metrics.events_delivered.labels(namespace).inc()
 
     async def catch_up(self, project_id: str, *, force: bool = False) -> None:
-        """Deliver from the log what this process has not delivered (a dropped or missed message)."""
-        mark = self.marks.get(project_id)
-        if mark is None or not (force or (mark.ahead and time.monotonic() - mark.gap_since >= GAP_GRACE_SECONDS)):
+        """Emit from the log what this process has not emitted (a message dropped, late or missed)."""
+        stream = self.streams.get(project_id)
+        if stream is None or stream.upto is None:
             return
-        async with self._lock:
+        if not force and not (stream.ahead and time.monotonic() - stream.gap_since >= GAP_GRACE_SECONDS * 0.9):
+            if stream.ahead:  # the gap opened again since: look later
+                asyncio.get_running_loop().call_later(GAP_GRACE_SECONDS, self._spawn_catch_up, project_id)
+            return
+        while True:
             async with self.container.reader() as scope:
-                missing = await scope.store.events.since(project_id, mark.upto, REPLAY_PAGE)
-            for event in missing:
-                if not mark.seen(event.seq):
-                    mark.mark(event.seq)
-                    await self._emit_live(event)
+                missing = await scope.store.events.since(project_id, stream.upto, REPLAY_PAGE)
+            if self.streams.get(project_id) is not stream:
+                return  # everyone left meanwhile
+            recovered = [e for e in missing if not stream.seen(e.seq)]
+            for event in recovered:
+                stream.ahead[event.seq] = event
+            if recovered:
+                log.info("recovered events from the log", extra={"project_id": project_id,
+                                                                 "events": len(recovered)})
+                for event in recovered:
                     self.metrics.events_replayed.labels(namespace_for(event.type)).inc()
+            stream.gap_since = 0.0
+            await self._drain(project_id, stream)
+            if len(missing) < REPLAY_PAGE:
+                return
 
     async def catch_up_all(self) -> None:
-        for project_id in list(self.marks):
+        for project_id in list(self.streams):
             try:
                 await self.catch_up(project_id, force=True)
             except Exception:
@@ -141,21 +161,31 @@ class Hub:
                 await scope.projects.require(project_id, "viewer")
             except DomainError:
                 raise Forbidden("you are not a member of this project", {"project_id": project_id}) from None
-            head = await scope.store.events.head(project_id)
-        latest = head[0] if head else 0
-        key = (namespace, sid, project_id)
+        # Hold first, then join, then read: nothing committed from here on can slip past this subscriber.
+        key = (namespace, sid, project_id, next(self._ids))
         self.holding[key] = []
-        if project_id not in self.marks:
-            self.marks[project_id] = _Watermark(latest)
-        self.subscribers[project_id] = self.subscribers.get(project_id, 0) + 1
-        await self.sio.enter_room(sid, room(project_id), namespace=namespace)
-        last = since
+        stream = self.streams.setdefault(project_id, _Stream())
         try:
+            await self.sio.enter_room(sid, room(project_id), namespace=namespace)
+            if not self.sio.manager.is_connected(sid, namespace):
+                await self.sio.leave_room(sid, room(project_id), namespace=namespace)
+                raise Forbidden("the connection is closing")
+            async with self.container.reader() as scope:
+                head = await scope.store.events.head(project_id)
+            latest = top = head[0] if head else 0
+            if stream.upto is None:
+                # Everything up to the head is in the log, and every member of the room is still holding.
+                stream.upto = latest
+                for seq in [s for s in stream.ahead if s <= latest]:
+                    del stream.ahead[seq]
+                await self._drain(project_id, stream)
+            last = since
             while True:
                 async with self.container.reader() as scope:
                     page = await scope.store.events.since(project_id, last, REPLAY_PAGE)
                 for event in page:
                     last = event.seq
+                    top = max(top, last)
                     if namespace_for(event.type) == namespace:
                         await self.sio.emit(event.type, event.envelope(), to=sid, namespace=namespace)
                         self.metrics.events_replayed.labels(namespace).inc()
@@ -167,28 +197,40 @@ class Hub:
                 if event.seq > last:
                     await self.sio.emit(event.type, event.envelope(), to=sid, namespace=namespace)
                     last = event.seq
+                    top = max(top, last)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.sio.leave_room(sid, room(project_id), namespace=namespace)
+            raise
         finally:
-            self.holding.pop(key, None)
-        return max(last, latest)
+            del self.holding[key]
+            self._drop_if_unused(project_id)
+        return top
 
     async def unsubscribe(self, namespace: str, sid: str, project_id: str) -> None:
-        rooms = self.sio.rooms(sid, namespace=namespace)
-        if room(project_id) in rooms:
-            await self.sio.leave_room(sid, room(project_id), namespace=namespace)
-            self._forget(project_id)
+        await self.sio.leave_room(sid, room(project_id), namespace=namespace)
+        self._drop_if_unused(project_id)
 
     def disconnected(self, namespace: str, sid: str, rooms: list[str]) -> None:
         for name in rooms:
             if name.startswith("project:"):
-                self._forget(name.removeprefix("project:"))
+                self._drop_if_unused(name.removeprefix("project:"), leaving=(namespace, sid))
 
-    def _forget(self, project_id: str) -> None:
-        left = self.subscribers.get(project_id, 0) - 1
-        if left <= 0:
-            self.subscribers.pop(project_id, None)
-            self.marks.pop(project_id, None)
-        else:
-            self.subscribers[project_id] = left
+    def _drop_if_unused(self, project_id: str, leaving: tuple[str, str] | None = None) -> None:
+        """A stream lives while a connected client is in one of the project's rooms or subscribing."""
+        if project_id not in self.streams or any(k[2] == project_id for k in self.holding):
+            return
+        manager = self.sio.manager
+        for namespace in NAMESPACES:
+            for sid, _ in manager.get_participants(namespace, room(project_id)):
+                if (namespace, sid) != leaving and manager.is_connected(sid, namespace):
+                    return
+        del self.streams[project_id]
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("catch-up from the log failed", exc_info=task.exception())
 
 
 class ProjectNamespace(socketio.AsyncNamespace):
@@ -206,6 +248,9 @@ class ProjectNamespace(socketio.AsyncNamespace):
             actor = await self.hub.container.authenticate(str(token))
         except DomainError:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized") from None
+        except Exception:
+            log.exception("socket authentication failed")
+            raise socketio.exceptions.ConnectionRefusedError("unavailable") from None
         await self.save_session(sid, {"actor": actor})
         self.hub.metrics.sockets.labels(self.namespace).inc()
 
@@ -221,6 +266,9 @@ class ProjectNamespace(socketio.AsyncNamespace):
             seq = await self.hub.subscribe(self.namespace, sid, session["actor"], project_id, since)
         except DomainError as exc:
             return ack_error(exc)
+        except Exception:
+            log.exception("subscribe failed", extra={"sid": sid})
+            return {"ok": False, "error": {"code": "unavailable", "message": "try again"}}
         return {"ok": True, "project_id": project_id, "seq": seq}
 
     async def on_unsubscribe(self, sid: str, data: Any = None) -> dict[str, Any]:

@@ -2,22 +2,34 @@
 
 Both deliver every committed event to the listeners of the publishing process directly. The Redis
 bus also publishes to a channel that every other process subscribes to, and skips its own messages
-when they come back. Redis is best-effort fan-out only: the event log is the source of truth, so a
-publish that fails is counted and logged, never raised, and a listener that lost Redis reconnects
-with backoff and tells its listeners (``on_resync``) so they can replay what they missed from the log.
+when they come back. Redis is best-effort fan-out only — the event log is the source of truth:
+
+- ``publish`` never raises and never waits for Redis: the message goes to a bounded outbox that one
+  task sends in order, retrying with backoff while Redis is away (the oldest are dropped, and counted,
+  if the outbox overflows). Requests are never slowed down by a Redis outage.
+- The listener subscribes on its own connection with redis-py's silent retries turned off, so every
+  lost connection is seen here. It pings through that connection every ``heartbeat_seconds``; hearing
+  nothing at all (no message, not even its own pong) for ``3 × heartbeat_seconds`` counts as a lost
+  connection too (a deaf listener: a half-open TCP connection or a stuck proxy).
+- After any lost connection the listener re-subscribes with backoff and then calls its ``on_resync``
+  callbacks, so listeners read what they may have missed from the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from domain.events import Event
 
@@ -25,6 +37,8 @@ log = logging.getLogger("smartspace.bus")
 Listener = Callable[[Event], Awaitable[None]]
 Resync = Callable[[], Awaitable[None]]
 CHANNEL = "smartspace:events"
+OUTBOX_LIMIT = 10_000  # messages (one per committed unit of work) kept while Redis is away
+HEARTBEAT = b"smartspace-heartbeat"
 
 
 class _Message(msgspec.Struct, array_like=True):
@@ -34,6 +48,10 @@ class _Message(msgspec.Struct, array_like=True):
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(_Message).decode
+
+
+class _Deaf(Exception):
+    """The listener heard nothing, not even its own heartbeat, for too long."""
 
 
 class LocalBus:
@@ -69,72 +87,141 @@ class LocalBus:
 
 
 class RedisBus(LocalBus):
-    def __init__(self, url: str, metrics=None, channel: str = CHANNEL) -> None:
+    def __init__(self, url: str, metrics=None, channel: str = CHANNEL, *, heartbeat_seconds: float = 1.0,
+                 max_backoff_seconds: float = 2.0) -> None:
         super().__init__(metrics)
         self.url = url
         self.channel = channel
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2,
-                                             health_check_interval=5)
-        self._task: asyncio.Task[None] | None = None
-        self.connected = asyncio.Event()
+        self.heartbeat_seconds = heartbeat_seconds
+        self.max_backoff_seconds = max_backoff_seconds
+        # No library retries: a failure must surface here, where it is counted and recovered from the log.
+        options = {"socket_connect_timeout": 2, "socket_timeout": 2, "retry": Retry(NoBackoff(), 0)}
+        self.redis = aioredis.Redis.from_url(url, **options)  # publishing, /ready
+        self._listen_redis = aioredis.Redis.from_url(url, **options)  # the subscription
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.connected = asyncio.Event()  # the listener is subscribed
+        self.resyncs = 0  # completed resyncs after a lost connection (for tests and logs)
 
     async def ping(self) -> None:
         await self.redis.ping()
 
+    def _count(self, op: str, n: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.bus_errors.labels(op).inc(n)
+
+    # ------------------------------------------------------------------ publishing
     async def publish(self, events: Sequence[Event]) -> None:
         await super().publish(events)
-        try:
-            await self.redis.publish(self.channel, _encode(_Message(self.origin, list(events))))
-        except (aioredis.RedisError, OSError) as exc:
-            # The events are in the log; remote subscribers recover them when they re-subscribe.
-            if self.metrics is not None:
-                self.metrics.bus_errors.labels("publish").inc()
-            log.warning("redis publish failed; events stay in the log", extra={"error": repr(exc),
-                                                                               "events": len(events)})
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            self._outbox.popleft()  # the log still has them; far subscribers recover on resync
+            self._count("overflow")
+        self._outbox.append(_encode(_Message(self.origin, list(events))))
+        self._outbox_ready.set()
 
+    async def _publish_forever(self) -> None:
+        delay = 0.05
+        while True:
+            await self._outbox_ready.wait()
+            while self._outbox:
+                payload = self._outbox.popleft()
+                try:
+                    await self.redis.publish(self.channel, payload)
+                except (aioredis.RedisError, OSError) as exc:
+                    self._outbox.appendleft(payload)  # in order: nothing overtakes it
+                    self._count("publish")
+                    log.warning("redis publish failed; retrying (events are in the log)",
+                                extra={"error": repr(exc), "queued": len(self._outbox), "retry_in_s": delay})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_backoff_seconds)
+                    continue
+                delay = 0.05
+            self._outbox_ready.clear()
+
+    # ------------------------------------------------------------------ listening
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen_forever(), name="redis-bus-listener")
+        self._tasks = [asyncio.create_task(self._listen_forever(), name="redis-bus-listener"),
+                       asyncio.create_task(self._publish_forever(), name="redis-bus-publisher")]
 
     async def _listen_forever(self) -> None:
-        delay, lost = 0.1, False
+        delay, lost = 0.05, False
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._listen_redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
-                self.connected.set()
-                if lost:
-                    # We may have missed events while deaf: let listeners catch up from the log.
-                    log.info("redis bus reconnected; resyncing subscribers")
-                    for callback in self._resync:
-                        await callback()
-                    lost = False
-                delay = 0.1
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    decoded = _decode(message["data"])
-                    if decoded.origin != self.origin:
-                        await self._deliver(decoded.events)
+                await asyncio.wait_for(pubsub.subscribe(self.channel), self.heartbeat_seconds * 3 + 2)
+                await self._receive(pubsub, resync=lost)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self.connected.is_set() or not lost:
+                    log.warning("redis bus listener lost its connection; reconnecting", extra={"error": repr(exc)})
                 self.connected.clear()
                 lost = True
-                if self.metrics is not None:
-                    self.metrics.bus_errors.labels("listen").inc()
-                log.warning("redis bus listener lost its connection; retrying",
-                            extra={"error": repr(exc), "retry_in_s": delay})
+                self._count("listen")
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, self.max_backoff_seconds)
+            else:
+                delay = 0.05
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), 1)
+
+    async def _receive(self, pubsub, *, resync: bool) -> None:
+        heard = next_ping = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_ping:
+                await pubsub.ping(HEARTBEAT)
+                next_ping = now + self.heartbeat_seconds
+            message = await pubsub.get_message(timeout=min(self.heartbeat_seconds, 1.0))
+            now = time.monotonic()
+            if message is None:
+                if now - heard > self.heartbeat_seconds * 3:
+                    raise _Deaf(f"nothing heard from redis for {now - heard:.1f}s")
+                continue
+            heard = now
+            kind = message.get("type")
+            if kind == "message":
+                await self._handle(message["data"])
+            elif kind == "subscribe":
+                # Subscribed for sure: from here on nothing is missed, so the log read below covers the gap.
+                self.connected.set()
+                if resync:
+                    resync = False
+                    log.info("redis bus reconnected; resyncing subscribers from the log")
+                    for callback in self._resync:
+                        try:
+                            await callback()
+                        except Exception:
+                            log.exception("resync callback failed")
+                    self.resyncs += 1
+                    heard = next_ping = time.monotonic()
+
+    async def _handle(self, data: bytes) -> None:
+        try:
+            decoded = _decode(data)
+        except (msgspec.DecodeError, TypeError, ValueError):
+            self._count("decode")
+            log.warning("ignored an undecodable message on the event channel")
+            return
+        if decoded.origin != self.origin:
+            await self._deliver(decoded.events)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.redis.aclose()
+                await task
+        self._tasks = []
+        # Best effort, briefly: what is still queued goes out (it is in the log either way).
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                while self._outbox:
+                    await self.redis.publish(self.channel, self._outbox[0])
+                    self._outbox.popleft()
+        for client in (self.redis, self._listen_redis):
+            with contextlib.suppress(Exception):
+                await client.aclose()
