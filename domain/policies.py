@@ -20,6 +20,7 @@ from msgspec import Meta
 from domain.base import Page, PageRequest, utcnow
 from domain.catalog import PLATFORM_PROJECT
 from domain.errors import Forbidden, InvalidRequest
+from domain.ratelimit import WINDOWS, RateLimit
 
 if TYPE_CHECKING:
     from domain.scope import Scope
@@ -264,3 +265,22 @@ class Policies:
                                                              "policy": rules})
         return SystemPolicyRecord(**msgspec.structs.asdict(policy), version=version, created_at=now,
                                   created_by=self.scope.actor.label)
+
+
+def rate_limits_for(policy: ProjectPolicy, system: SystemPolicy, project_id: str, key_id: str | None,
+                    agent_id: str | None) -> list[RateLimit]:
+    """Every window a request of this key/agent/project counts in."""
+    out: list[RateLimit] = []
+    scopes = (("key", key_id), ("agent", agent_id), ("project", project_id))
+    for scope, ident in scopes:
+        if not ident:
+            continue
+        window: Window = getattr(policy.rate_limits, scope)
+        for field, seconds in WINDOWS.items():
+            limit = getattr(window, field)
+            if limit is not None:
+                out.append(RateLimit(key=f"{scope}:{ident}", window_seconds=seconds, limit=limit))
+    if system.max_rate_per_minute is not None:
+        out.append(RateLimit(key=f"system:project:{project_id}", window_seconds=60, limit=system.max_rate_per_minute,
+                             source="system_policy"))
+    return out

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from functools import cached_property
 from typing import Any, Protocol
 
-from domain import identity
+from domain import budgets, catalog, identity, policies, usage, wallet
 from domain.audit import Audit
 from domain.base import SYSTEM, Actor
 from domain.errors import Unauthorized
@@ -78,3 +78,23 @@ class Scope:
     @cached_property
     def audit(self) -> Audit:
         return Audit(self)
+
+    @cached_property
+    def catalog(self) -> catalog.Catalog:
+        return catalog.Catalog(self)
+
+    @cached_property
+    def policies(self) -> policies.Policies:
+        return policies.Policies(self)
+
+    @cached_property
+    def wallets(self) -> wallet.Wallets:
+        return wallet.Wallets(self)
+
+    @cached_property
+    def budgets(self) -> budgets.Budgets:
+        return budgets.Budgets(self)
+
+    @cached_property
+    def usage(self) -> usage.Usage:
+        return usage.Usage(self)

@@ -19,6 +19,7 @@ from server.metrics import METRICS, Metrics
 from server.middleware import access_middleware, auth_middleware, error_middleware, request_id_middleware
 from server.settings import Settings
 from storage.bus import LocalBus, RedisBus
+from storage.catalog import seed_catalog
 from storage.db import Database
 
 log = logging.getLogger("smartspace.app")
@@ -51,13 +52,21 @@ def create_app(settings: Settings, *, container: Container | None = None,
         if migrate is not None:
             await migrate(container.db)
         await container.bus.start()
+        await seed_catalog(container.db)  # missing catalog ids only; admin edits win
         log.info("smartspace started", extra={"database": container.db.dialect,
                                               "bus": type(container.bus).__name__})
         yield
         await container.providers.close()
+        await container.limiter.close()
         await container.bus.close()
         await container.db.dispose()
 
     app.cleanup_ctx.append(lifecycle)
+
+    async def sweeper(app: web.Application) -> AsyncIterator[None]:
+        async with container.spending.sweeper(settings.sweep_interval_seconds):  # stale reservations
+            yield
+
+    app.cleanup_ctx.append(sweeper)
     attach_hub(app, container, metrics)
     return app

@@ -13,15 +13,20 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from agentic.pipeline import decide
 from domain.base import SYSTEM, Actor
 from domain.errors import Unauthorized
 from domain.events import Event
 from domain.ports import EventBus
 from domain.scope import Deps, Scope
+from domain.spend import Spending
+from domain.wallet import open_wallet
 from server.providers import Providers
 from server.security import Passwords, Tokens
 from server.settings import Settings
+from storage.brain import SqlBrain
 from storage.db import Database
+from storage.ratelimit import build_limiter
 from storage.uow import SqlStore
 
 log = logging.getLogger("smartspace.container")
@@ -34,9 +39,23 @@ class Container:
         self.bus = bus
         self.tokens = Tokens(settings.resolved_jwt_secret, settings.access_token_ttl_seconds)
         self.providers = extra.pop("providers", None) or Providers(settings)
+        # Rate limits: per process, or shared through Redis when configured. The brain peeks, spending acquires.
+        self.limiter = extra.pop("limiter", None) or build_limiter(settings.redis_url)
+        self.brain = SqlBrain(db, self.limiter, decide, settings.default_output_tokens)
+        extra.setdefault("limiter", self.limiter)
+        extra.setdefault("brain", self.brain)
         self.deps = Deps(passwords=Passwords(), tokens=self.tokens, settings=settings, providers=self.providers,
                          **extra)
         self.admin_emails = frozenset(e.lower() for e in settings.admin_emails)
+        # Spend control: every new project gets a wallet; the spend service (decide → reserve → settle).
+        self.deps.project_created_hooks.append(open_wallet)
+        self.spending = Spending(
+            uow=self.uow, reader=self.reader, brain=self.brain, providers=self.providers, limiter=self.limiter,
+            reservation_ttl_seconds=settings.reservation_ttl_seconds,
+            approval_ttl_seconds=settings.approval_ttl_seconds,
+            provider_timeout_seconds=settings.provider_timeout_seconds,
+            default_output_tokens=settings.default_output_tokens)
+        self.deps.spending = self.spending
 
     @contextlib.asynccontextmanager
     async def uow(self, actor: Actor = SYSTEM) -> AsyncIterator[Scope]:

@@ -6,7 +6,7 @@ from functools import cached_property
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from storage import events, identity
+from storage import budgets, catalog, events, identity, policies, spend, wallet
 
 
 class SqlStore:
@@ -36,3 +36,23 @@ class SqlStore:
     @cached_property
     def events(self) -> events.EventLog:
         return events.EventLog(self.conn)
+
+    @cached_property
+    def catalog(self) -> catalog.CatalogModels:
+        return catalog.CatalogModels(self.conn)
+
+    @cached_property
+    def policies(self) -> policies.Policies:
+        return policies.Policies(self.conn)
+
+    @cached_property
+    def wallets(self) -> wallet.Wallets:
+        return wallet.Wallets(self.conn)
+
+    @cached_property
+    def budgets(self) -> budgets.Budgets:
+        return budgets.Budgets(self.conn)
+
+    @cached_property
+    def spend_requests(self) -> spend.SpendRequests:
+        return spend.SpendRequests(self.conn)

@@ -1,0 +1,45 @@
+"""The model catalog (API.md "Money controls": GET /api/v1/models) and platform admins' price edits."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from domain.catalog import CatalogModel, ModelFilter, ModelList, ModelUpdate
+from server.http import actor, decode, json_response, query_value, routes
+from server.http import container as _c
+
+MODEL_QUERY = {
+    "provider": "only this provider's models, e.g. openai",
+    "search": "case-insensitive substring of the model id",
+    "kind": "chat | embedding",
+    "include_inactive": "platform admins: also list deactivated models",
+}
+
+
+@routes.get("/api/v1/models", summary="The model catalog with prices (micro-USDC per million tokens)",
+            tag="catalog", response=ModelList, query=MODEL_QUERY, errors=(401, 422))
+async def list_models(request: web.Request) -> web.Response:
+    f = ModelFilter(provider=query_value(request, "provider", str), search=query_value(request, "search", str),
+                    kind=query_value(request, "kind", str),
+                    include_inactive=bool(query_value(request, "include_inactive", bool, False)))
+    async with _c(request).reader(actor(request)) as uow:
+        return json_response(await uow.catalog.list(f))
+
+
+@routes.get("/api/v1/models/{provider}/{model:.+}", summary="One catalog model", tag="catalog",
+            response=CatalogModel, errors=(401, 404))
+async def get_model(request: web.Request) -> web.Response:
+    model_id = f"{request.match_info['provider']}/{request.match_info['model']}"
+    async with _c(request).reader(actor(request)) as uow:
+        return json_response(await uow.catalog.resolve(model_id))
+
+
+@routes.patch("/api/v1/admin/models/{provider}/{model:.+}",
+              summary="Edit a model's prices, limits or availability (platform admins; audited)", tag="catalog",
+              body=ModelUpdate, response=CatalogModel, errors=(401, 403, 404, 422))
+async def update_model(request: web.Request) -> web.Response:
+    cmd = await decode(request, ModelUpdate)
+    model_id = f"{request.match_info['provider']}/{request.match_info['model']}"
+    async with _c(request).uow(actor(request)) as uow:
+        model = await uow.catalog.update(model_id, cmd)
+    return json_response(model)
