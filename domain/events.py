@@ -90,7 +90,9 @@ def first_bad_seq(events: list[Event], prev_hash: str = GENESIS_HASH, expected_s
     for event in events:
         recomputed = chain_hash(prev_hash, event.project_id, event.seq, event.type, event.ts,
                                 event.actor, event.data)
-        if event.seq != expected_seq or event.prev_hash != prev_hash or event.hash != recomputed:
+        if event.seq != expected_seq:
+            return expected_seq  # a missing row: the gap is the first bad seq
+        if event.prev_hash != prev_hash or event.hash != recomputed:
             return event.seq
         prev_hash = event.hash
         expected_seq += 1

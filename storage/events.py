@@ -9,7 +9,7 @@ end of a unit of work to keep that lock short.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import groupby
 
 import sqlalchemy as sa
@@ -31,6 +31,8 @@ def _event(row: sa.Row) -> Event:
 
 
 def rfc3339(ts: datetime) -> str:
+    """The stored form; a naive time is taken as UTC, an aware one is converted to UTC first."""
+    ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
     return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -42,7 +44,6 @@ class EventLog:
         await self.conn.execute(sa.insert(event_heads).values(project_id=project_id, seq=0, hash=GENESIS_HASH))
 
     async def append(self, pending: Sequence[PendingEvent], actor: str) -> list[Event]:
-        ts = rfc3339(utcnow())
         out: list[Event] = []
         # Sorted by project so two units of work touching the same projects lock them in one order.
         ordered = sorted(enumerate(pending), key=lambda p: (p[1].project_id, p[0]))
@@ -57,6 +58,8 @@ class EventLog:
             if row is None:
                 raise NotFound("project has no event log", {"project_id": project_id})
             seq, prev = row.seq - len(batch), row.hash
+            # Stamped after taking the head lock, so ts never goes backwards as seq goes forwards.
+            ts = rfc3339(utcnow())
             rows = []
             for item in batch:
                 seq += 1
@@ -87,8 +90,10 @@ class EventLog:
         """Newest first; the cursor is the last seq seen."""
         stmt = sa.select(*_COLUMNS).where(events.c.project_id == project_id)
         if filters.type:
-            stmt = stmt.where(events.c.type.like(filters.type.replace("*", "%")) if "*" in filters.type
-                              else events.c.type == filters.type)
+            if filters.type.endswith("*"):
+                stmt = stmt.where(events.c.type.startswith(filters.type[:-1], autoescape=True))
+            else:
+                stmt = stmt.where(events.c.type == filters.type)
         if filters.actor:
             stmt = stmt.where(events.c.actor == filters.actor)
         if filters.since:
