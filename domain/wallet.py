@@ -197,3 +197,8 @@ class Wallets:
             "reserved_micros": wallet.reserved_micros, "available_micros": wallet.available_micros,
             "change": {"kind": change, "amount_micros": amount, "ref": ref, **extra},
         })
+
+
+async def open_wallet(scope: Scope, project: Any) -> None:
+    """The project-created hook: every new project gets its wallet in the same unit of work."""
+    await scope.wallets.open(project.id)
