@@ -24,8 +24,20 @@ _ERROR_SCHEMA = {
 }
 
 
-def _ref_name(t: Any) -> str:
-    return getattr(t, "__name__", str(t)).replace("[", "_").replace("]", "").replace(".", "_")
+_PATH_PARAM = re.compile(r"{(\w+)(?::[^{}]*(?:{[^{}]*}[^{}]*)*)?}")
+
+
+def _operation_id(spec: RouteSpec, taken: set[str]) -> str:
+    """The handler's name; qualified by its module when two route modules reuse a name."""
+    candidates = (spec.handler.__name__, f"{spec.handler.__module__.rsplit('.', 1)[-1]}_{spec.handler.__name__}",
+                  f"{spec.method.lower()}_{spec.handler.__name__}")
+    for name in candidates:
+        if name not in taken:
+            break
+    else:
+        name = f"{candidates[1]}_{len(taken)}"
+    taken.add(name)
+    return name
 
 
 def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, Any]:
@@ -35,11 +47,13 @@ def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, A
     by_type = dict(zip(types, schemas, strict=True))
     components["Error"] = _ERROR_SCHEMA
     paths: dict[str, dict[str, Any]] = {}
+    operation_ids: set[str] = set()
     for spec in specs:
         op: dict[str, Any] = {"summary": spec.summary, "tags": [spec.tag],
-                              "operationId": spec.handler.__name__, "responses": {}}
+                              "operationId": _operation_id(spec, operation_ids), "responses": {}}
+        path = _PATH_PARAM.sub(r"{\1}", spec.path)  # aiohttp's {name:regex} -> OpenAPI's {name}
         params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for n in re.findall(r"{(\w+)}", spec.path)]
+                  for n in _PATH_PARAM.findall(spec.path)]
         params += [{"name": n, "in": "query", "required": False, "description": d, "schema": {"type": "string"}}
                    for n, d in spec.query.items()]
         if params:
@@ -58,7 +72,7 @@ def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, A
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         if spec.auth:
             op["security"] = [{"bearer": []}, {"apiKey": []}]
-        paths.setdefault(spec.path, {})[spec.method.lower()] = op
+        paths.setdefault(path, {})[spec.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "SmartSpace API", "version": version,
