@@ -106,7 +106,8 @@ class _Pass:
         if model.kind != req.operation:
             self.fail("structure", "invalid_request", [(
                 "operation_mismatch", f"{model.id} is a {model.kind} model; it cannot serve {req.operation!r}")])
-        if req.input_tokens > model.context_window:
+        # (embedding inputs are batches: each item has its own window, so the total may be larger)
+        if req.operation == "chat" and req.input_tokens > model.context_window:
             self.fail("structure", "invalid_request", [(
                 "context_window_exceeded",
                 f"{req.input_tokens} input tokens exceed {model.id}'s context window of {model.context_window}")])
@@ -189,7 +190,7 @@ class _Pass:
         self.fail("project_policy", "policy_violation", bad)
 
     # 5 ------------------------------------------------------------------------------------------
-    async def rate_limits(self, policy: pol.ProjectPolicy, system: pol.SystemPolicy) -> None:
+    async def check_rate_limits(self, policy: pol.ProjectPolicy, system: pol.SystemPolicy) -> None:
         self.rate_limits = pol.rate_limits_for(policy, system, self.req.project_id, self.req.key_id, self.agent_id)
         counts = await self.view.rate_counts(self.rate_limits, self.now)
         full = [(limit, n) for limit, n in zip(self.rate_limits, counts, strict=True) if n >= limit.limit]
@@ -255,7 +256,7 @@ async def decide(view: BrainView, req: SpendInput, now: datetime) -> Decision:
         await run.system_policy(system)
         policy, run.policy_version = await view.project_policy(req.project_id)
         run.project_policy(policy)
-        await run.rate_limits(policy, system)
+        await run.check_rate_limits(policy, system)
         run.time_windows(policy)
         cost_reason = Reason(code="cost_estimated", step="cost", message=(
             f"{req.input_tokens} input + up to {run.output_tokens} output tokens on {run.model.id}: "
