@@ -8,6 +8,7 @@ A bad value raises :class:`SettingsError` naming the variable and what it expect
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
@@ -80,7 +81,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         for field, ok, expected in checks:
             if not ok:
                 raise SettingsError(
-                    f"{PREFIX}{field.upper()}={getattr(self, field)!r} is invalid: expected {expected}"
+                    f"{PREFIX}{field.upper()}={_shown(field, getattr(self, field))} is invalid: expected {expected}"
                 )
 
     @property
@@ -101,6 +102,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(48))
         return path.read_text().strip()
+
+
+def _shown(field: str, value: Any) -> str:
+    """A value as it may appear in an error message: secrets and URL passwords are masked."""
+    if any(word in field for word in ("secret", "private_key", "password")) and value:
+        return "'***'"
+    if isinstance(value, str):
+        value = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value)
+    return repr(value)
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:

@@ -1,0 +1,164 @@
+"""Settings come from SMARTSPACE_* variables and are validated at start-up; a bad value names its variable."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import get_type_hints
+
+import pytest
+
+from server.settings import PREFIX, Settings, SettingsError, load_settings
+
+HINTS = get_type_hints(Settings)
+
+
+def fields_of(type_: type) -> list[str]:
+    return [f for f in Settings.__struct_fields__ if HINTS[f] is type_]
+
+
+def test_no_configuration_gives_the_documented_defaults(tmp_path):
+    settings = load_settings({}, dotenv=None)
+    assert (settings.host, settings.port, settings.database_url, settings.redis_url) == ("127.0.0.1", 8080, "", "")
+    assert settings.migrate_on_start is True
+    s = Settings(data_dir=str(tmp_path / "d"))
+    assert s.resolved_database_url == f"sqlite+aiosqlite:///{(tmp_path / 'd').resolve() / 'smartspace.db'}"
+
+
+def test_values_are_converted_by_type():
+    settings = load_settings({
+        "SMARTSPACE_PORT": "9001", "SMARTSPACE_ACCESS_LOG": "off", "SMARTSPACE_MIGRATE_ON_START": "No",
+        "SMARTSPACE_SWEEP_INTERVAL_SECONDS": "0.5", "SMARTSPACE_SETTLEMENT_BATCH_MICROS": "5_000_000",
+        "SMARTSPACE_ADMIN_EMAILS": " a@x.io, b@y.io ,", "SMARTSPACE_DATABASE_URL": "postgresql+asyncpg://h/db",
+        "SMARTSPACE_REDIS_URL": "redis://127.0.0.1:6379/0", "SMARTSPACE_LOG_LEVEL": "debug",
+    }, dotenv=None)
+    assert settings.port == 9001
+    assert settings.access_log is False and settings.migrate_on_start is False
+    assert settings.sweep_interval_seconds == 0.5
+    assert settings.settlement_batch_micros == 5_000_000
+    assert settings.admin_emails == ("a@x.io", "b@y.io")
+    assert settings.resolved_database_url == "postgresql+asyncpg://h/db"
+
+
+@pytest.mark.parametrize("raw", ["1", "true", "YES", "on"])
+def test_true_spellings(raw):
+    assert load_settings({"SMARTSPACE_ACCESS_LOG": raw}, dotenv=None).access_log is True
+
+
+def _fails(env: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env, dotenv=None)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("field", fields_of(int))
+def test_every_integer_setting_rejects_a_non_integer_by_name(field):
+    var = PREFIX + field.upper()
+    message = _fails({var: "abc"})
+    assert var in message and "integer" in message
+
+
+@pytest.mark.parametrize("field", fields_of(float))
+def test_every_number_setting_rejects_a_non_number_by_name(field):
+    var = PREFIX + field.upper()
+    assert var in _fails({var: "fast"})
+
+
+@pytest.mark.parametrize("field", fields_of(bool))
+def test_every_boolean_setting_rejects_other_words_by_name(field):
+    var = PREFIX + field.upper()
+    assert var in _fails({var: "maybe"})
+
+
+@pytest.mark.parametrize(("var", "raw"), [
+    ("SMARTSPACE_PORT", "0"), ("SMARTSPACE_PORT", "65536"), ("SMARTSPACE_PORT", "-1"),
+    ("SMARTSPACE_LOG_LEVEL", "LOUD"),
+    ("SMARTSPACE_DATABASE_URL", "mysql://localhost/db"),
+    ("SMARTSPACE_DATABASE_URL", "postgresql://no-async-driver/db"),
+    ("SMARTSPACE_REDIS_URL", "http://localhost:6379"),
+    ("SMARTSPACE_ACCESS_TOKEN_TTL_SECONDS", "0"),
+    ("SMARTSPACE_DATABASE_POOL_SIZE", "0"),
+    ("SMARTSPACE_RESERVATION_TTL_SECONDS", "-5"),
+    ("SMARTSPACE_CHAIN", "mainnet"),
+    ("SMARTSPACE_CONFIRMATIONS", "0"),
+])
+def test_out_of_range_values_name_their_variable(var, raw):
+    message = _fails({var: raw})
+    assert var in message and raw in message
+
+
+def test_rpc_chain_needs_an_rpc_url():
+    assert "SMARTSPACE_CHAIN_RPC_URL" in _fails({"SMARTSPACE_CHAIN": "rpc"})
+    ok = load_settings({"SMARTSPACE_CHAIN": "rpc", "SMARTSPACE_CHAIN_RPC_URL": "http://127.0.0.1:8545"},
+                       dotenv=None)
+    assert ok.chain == "rpc"
+
+
+def test_a_misspelt_variable_is_named_not_ignored():
+    assert "SMARTSPACE_PROT" in _fails({"SMARTSPACE_PROT": "8080"})
+
+
+def test_test_variables_and_other_programs_variables_are_ignored():
+    settings = load_settings({"SMARTSPACE_TEST_DATABASE_URL": "x", "PORT": "abc", "HOME": "/root"}, dotenv=None)
+    assert settings.port == 8080
+
+
+def test_a_dotenv_file_is_read_and_the_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("# comment\nSMARTSPACE_PORT=9100\nSMARTSPACE_HOST='0.0.0.0'\n\nnot a pair\n")
+    settings = load_settings({"SMARTSPACE_HOST": "10.0.0.1"}, dotenv=env_file)
+    assert (settings.port, settings.host) == (9100, "10.0.0.1")
+    env_file.write_text("SMARTSPACE_PORT=abc\n")
+    assert "SMARTSPACE_PORT" in _fails_dotenv(env_file)
+
+
+def _fails_dotenv(path: Path) -> str:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({}, dotenv=path)
+    return str(caught.value)
+
+
+def test_the_generated_jwt_secret_is_private_and_stable(tmp_path):
+    s = Settings(data_dir=str(tmp_path / "data"))
+    first = s.resolved_jwt_secret
+    assert len(first) >= 32
+    assert Settings(data_dir=str(tmp_path / "data")).resolved_jwt_secret == first
+    mode = stat.S_IMODE((tmp_path / "data" / "jwt-secret").stat().st_mode)
+    assert mode == 0o600
+    assert Settings(data_dir=str(tmp_path / "data"), jwt_secret="explicit").resolved_jwt_secret == "explicit"
+
+
+# ---------------------------------------------------------------- the command line
+def _smartspace(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).with_name("smartspace")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
+    return subprocess.run(command + args, env={**clean, **env}, cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["migrate"]])
+def test_the_cli_refuses_to_start_with_a_bad_setting_and_names_it(tmp_path, command):
+    result = _smartspace(command, {"SMARTSPACE_PORT": "abc", "SMARTSPACE_DATA_DIR": str(tmp_path / "d")}, tmp_path)
+    assert result.returncode != 0
+    assert "SMARTSPACE_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "d" / "smartspace.db").exists()  # it stopped before touching anything
+
+
+def test_the_cli_reads_a_bad_value_from_dotenv_too(tmp_path):
+    (tmp_path / ".env").write_text("SMARTSPACE_ACCESS_LOG=sometimes\n")
+    result = _smartspace(["serve"], {"SMARTSPACE_DATA_DIR": str(tmp_path / "d")}, tmp_path)
+    assert result.returncode != 0
+    assert "SMARTSPACE_ACCESS_LOG" in result.stderr
+
+
+def test_error_messages_do_not_echo_passwords():
+    message = _fails({"SMARTSPACE_DATABASE_URL": "mysql://app:hunter2@db.internal/prod"})
+    assert "SMARTSPACE_DATABASE_URL" in message and "hunter2" not in message
+    assert "app:***@db.internal" in message
+    message = _fails({"SMARTSPACE_REDIS_URL": "http://:s3cret@cache:6379"})
+    assert "s3cret" not in message
