@@ -17,6 +17,7 @@ from domain.audit import Audit
 from domain.base import SYSTEM, Actor
 from domain.errors import Unauthorized
 from domain.events import PendingEvent
+from domain.payments import Payments
 from domain.ports import Store
 
 
@@ -94,6 +95,10 @@ class Scope:
     @cached_property
     def budgets(self) -> budgets.Budgets:
         return budgets.Budgets(self)
+
+    @cached_property
+    def payments(self) -> Payments:
+        return Payments(self)
 
     @cached_property
     def usage(self) -> usage.Usage:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 import server.api  # noqa: F401 - registers the REST routes
 from channels.hub import attach as attach_hub
+from server.chain.workers import chain_context
 from server.container import Container
 from server.http import CONTAINER, routes
 from server.metrics import METRICS, Metrics
@@ -68,5 +69,6 @@ def create_app(settings: Settings, *, container: Container | None = None,
             yield
 
     app.cleanup_ctx.append(sweeper)
+    app.cleanup_ctx.append(chain_context(container, start_worker=settings.chain_worker))  # payments (issue 5)
     attach_hub(app, container, metrics)
     return app

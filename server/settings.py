@@ -58,6 +58,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     revenue_address: str = ""
     settlement_batch_seconds: float = 30.0
     settlement_batch_micros: int = 10_000_000
+    chain_poll_seconds: float = 1.0  # how often the payments worker looks at the chain
+    chain_worker: bool = True  # run the payouts / deposit watcher / settlement loop in this process
 
     def __post_init__(self) -> None:
         checks = [
@@ -77,6 +79,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("chain_rpc_url", self.chain != "rpc" or self.chain_rpc_url.startswith(("http://", "https://")),
              "an http(s) URL when SMARTSPACE_CHAIN=rpc"),
             ("confirmations", self.confirmations >= 1, "at least 1"),
+            ("chain_poll_seconds", self.chain_poll_seconds > 0, "a positive number"),
+            ("usdc_decimals", 0 <= self.usdc_decimals <= 36, "a number of decimals between 0 and 36"),
         ]
         for field, ok, expected in checks:
             if not ok:

@@ -7,6 +7,7 @@ from functools import cached_property
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import budgets, catalog, events, identity, policies, spend, wallet
+from storage.payments import PaymentStore
 
 
 class SqlStore:
@@ -52,6 +53,10 @@ class SqlStore:
     @cached_property
     def budgets(self) -> budgets.Budgets:
         return budgets.Budgets(self.conn)
+
+    @cached_property
+    def payments(self) -> PaymentStore:
+        return PaymentStore(self.conn)
 
     @cached_property
     def spend_requests(self) -> spend.SpendRequests:

@@ -1,0 +1,42 @@
+"""The chain implementation (web3.py 8) behind ``domain.chain.Chain``: devnet or an RPC node."""
+
+from __future__ import annotations
+
+import logging
+
+from web3 import AsyncWeb3
+from web3.providers.rpc import AsyncHTTPProvider
+
+from server.chain.devnet import Devnet
+from server.chain.web3chain import Web3Chain
+from server.settings import Settings, SettingsError
+
+log = logging.getLogger("smartspace.chain")
+
+
+async def open_chain(settings: Settings) -> tuple[Web3Chain, Devnet | None]:
+    """Connect as configured. The treasury key comes only from the environment and is never logged."""
+    if settings.chain == "devnet":
+        devnet = await Devnet.start(treasury_key=settings.treasury_private_key,
+                                    revenue_address=settings.revenue_address)
+        log.info("devnet chain ready", extra={"chain_id": devnet.chain.chain_id,
+                                              "token": devnet.chain.token_address,
+                                              "treasury": devnet.chain.treasury_address})
+        return devnet.chain, devnet
+    if not settings.treasury_private_key:
+        raise SettingsError("SMARTSPACE_TREASURY_PRIVATE_KEY is required when SMARTSPACE_CHAIN=rpc")
+    if not settings.usdc_address:
+        raise SettingsError("SMARTSPACE_USDC_ADDRESS is required when SMARTSPACE_CHAIN=rpc "
+                            "(Arc: 0x3600000000000000000000000000000000000000)")
+    w3 = AsyncWeb3(AsyncHTTPProvider(settings.chain_rpc_url))
+    chain_id = await w3.eth.chain_id
+    if settings.chain_id and settings.chain_id != chain_id:
+        raise SettingsError(f"SMARTSPACE_CHAIN_ID={settings.chain_id} but the node at SMARTSPACE_CHAIN_RPC_URL "
+                            f"reports chain id {chain_id}")
+    chain = Web3Chain(w3, chain_id=chain_id, token_address=settings.usdc_address, decimals=settings.usdc_decimals,
+                      treasury_key=settings.treasury_private_key, revenue_address=settings.revenue_address or None)
+    if chain.revenue_address is None:
+        log.warning("SMARTSPACE_REVENUE_ADDRESS is not set: on-chain settlement batches are disabled")
+    log.info("rpc chain ready", extra={"chain_id": chain_id, "token": chain.token_address,
+                                       "treasury": chain.treasury_address})
+    return chain, None

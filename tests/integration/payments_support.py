@@ -1,0 +1,80 @@
+"""Helpers for the payments tests: the app's devnet, deposits through the real API, and driving the
+payments worker tick by tick (the background loop is off in these tests, so nothing races them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+import sqlalchemy as sa
+
+from server.chain.workers import CHAIN, ChainRuntime
+from server.settings import Settings
+from storage.models import events as events_table
+from tests.factories import UserHandle
+
+
+def payment_settings(settings: Settings, **changes: Any) -> Settings:
+    return msgspec.structs.replace(settings, chain_worker=False, **changes)
+
+
+async def runtime(client) -> ChainRuntime:
+    rt: ChainRuntime = client.app[CHAIN]
+    await rt.get()
+    assert rt.devnet is not None and rt.worker is not None
+    return rt
+
+
+async def deposit_address(client, user: UserHandle, project_id: str | None = None) -> dict[str, Any]:
+    resp = await client.get(f"/api/v1/projects/{project_id or user.project_id}/deposit-address", headers=user.headers)
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def claim(client, user: UserHandle, tx_hash: str, project_id: str | None = None):
+    resp = await client.post(f"/api/v1/projects/{project_id or user.project_id}/deposits", json={"tx_hash": tx_hash},
+                             headers=user.headers)
+    return resp.status, await resp.json()
+
+
+async def deposit(client, user: UserHandle, amount: int, project_id: str | None = None) -> dict[str, Any]:
+    """A real on-chain USDC transfer to the project's deposit address, claimed and credited."""
+    rt = await runtime(client)
+    info = await deposit_address(client, user, project_id)
+    tx_hash = await rt.devnet.pay(info["deposit_address"], amount)
+    status, body = await claim(client, user, tx_hash, project_id)
+    assert status == 201, body
+    assert body["status"] == "confirmed" and body["amount_micros"] == amount
+    return body
+
+
+async def withdraw(client, user: UserHandle, to_address: str, amount: int, key: str | None,
+                   project_id: str | None = None):
+    headers = {**user.headers, **({"Idempotency-Key": key} if key is not None else {})}
+    resp = await client.post(f"/api/v1/projects/{project_id or user.project_id}/withdrawals",
+                             json={"to_address": to_address, "amount_micros": amount}, headers=headers)
+    return resp.status, await resp.json(), resp.headers
+
+
+async def run_worker(rt: ChainRuntime, *, rounds: int = 50) -> None:
+    """Tick until a pass changes nothing (bounded, never timed)."""
+    for _ in range(rounds):
+        changed = await rt.worker.tick_payments() + await rt.worker.tick_deposits()
+        if not changed:
+            return
+    pytest.fail("the payments worker kept changing things")
+
+
+async def event_types(db, project_id: str) -> list[str]:
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(events_table.c.type).where(events_table.c.project_id == project_id)
+                                   .order_by(events_table.c.seq))).all()
+    return [r.type for r in rows]
+
+
+async def event_data(db, project_id: str, type_: str) -> list[dict[str, Any]]:
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(events_table.c.data).where(
+            events_table.c.project_id == project_id, events_table.c.type == type_).order_by(events_table.c.seq))).all()
+    return [r.data for r in rows]

@@ -1,0 +1,206 @@
+"""Deposits: a real USDC transfer on the in-process EVM (the compiled token), verified from its receipt and
+credited exactly once; replayed, foreign, reverted, wrong-token and wrong-recipient transfers are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.factories import register
+from tests.integration.payments_support import (
+    claim,
+    deposit,
+    deposit_address,
+    event_data,
+    event_types,
+    payment_settings,
+    run_worker,
+    runtime,
+)
+from tests.integration.spend_helpers import assert_books_balance, wallet
+
+USDC = 1_000_000
+
+
+@pytest.fixture
+def settings(settings):
+    return payment_settings(settings)
+
+
+async def test_each_project_has_its_own_deposit_address_stored_in_its_wallet(client, db):
+    alice, bob = await register(client), await register(client)
+    a, b = await deposit_address(client, alice), await deposit_address(client, bob)
+    assert a["deposit_address"] != b["deposit_address"]
+    assert a["deposit_address"] == (await deposit_address(client, alice))["deposit_address"]
+    assert a["decimals"] == 6 and a["token_address"].startswith("0x") and a["confirmations_required"] == 1
+    assert (await wallet(client, alice))["deposit_address"] == a["deposit_address"]
+
+
+async def test_a_deposit_is_credited_once(client, db):
+    alice = await register(client)
+    rt = await runtime(client)
+    info = await deposit_address(client, alice)
+    tx_hash = await rt.devnet.pay(info["deposit_address"], 5 * USDC)
+
+    status, body = await claim(client, alice, tx_hash)
+    assert status == 201, body
+    assert body["status"] == "confirmed" and body["amount_micros"] == 5 * USDC and body["log_index"] == 0
+    assert body["tx_hash"] == tx_hash and body["confirmations"] >= 1
+    assert (await wallet(client, alice))["balance_micros"] == 5 * USDC
+
+    status, again = await claim(client, alice, tx_hash)  # replayed
+    assert status == 409 and again["error"]["code"] == "conflict"
+    assert again["error"]["details"]["deposit_id"] == body["id"]
+    status, _ = await claim(client, alice, tx_hash.upper().replace("0X", ""))  # same hash, other spelling
+    assert status == 409
+    assert (await wallet(client, alice))["balance_micros"] == 5 * USDC
+    await assert_books_balance(db, alice.project_id)
+
+    types = await event_types(db, alice.project_id)
+    assert types.count("deposit.credited") == 1
+    credited = (await event_data(db, alice.project_id, "deposit.credited"))[0]
+    assert credited["amount_micros"] == 5 * USDC and credited["tx_hash"] == tx_hash
+    updates = await event_data(db, alice.project_id, "wallet.updated")
+    assert updates[-1]["balance_micros"] == 5 * USDC
+
+    listed = await (await client.get(f"/api/v1/projects/{alice.project_id}/deposits", headers=alice.headers)).json()
+    assert [d["id"] for d in listed["items"]] == [body["id"]]
+    one = await client.get(f"/api/v1/deposits/{body['id']}", headers=alice.headers)
+    assert one.status == 200 and (await one.json())["status"] == "confirmed"
+
+
+async def test_another_project_cannot_claim_a_transfer(client, db):
+    alice, mallory = await register(client), await register(client)
+    rt = await runtime(client)
+    info = await deposit_address(client, alice)
+    tx_hash = await rt.devnet.pay(info["deposit_address"], 2 * USDC)
+
+    status, body = await claim(client, mallory, tx_hash)  # foreign: pays alice's address, not mallory's
+    assert status == 422 and body["error"]["code"] == "deposit_rejected"
+    assert body["error"]["details"]["reason"] == "wrong_recipient"
+
+    assert (await claim(client, alice, tx_hash))[0] == 201
+    status, body = await claim(client, mallory, tx_hash)  # and once claimed it is nobody else's
+    assert status == 409 and "deposit_id" not in body["error"]["details"]
+    assert (await wallet(client, mallory))["balance_micros"] == 0
+    assert (await wallet(client, alice))["balance_micros"] == 2 * USDC
+    resp = await client.get(f"/api/v1/deposits/{(await claim(client, alice, tx_hash))[1]['error']['details']['deposit_id']}",
+                            headers=mallory.headers)
+    assert resp.status == 404
+
+
+async def test_a_reverted_transfer_is_refused(client, db):
+    alice = await register(client)
+    rt = await runtime(client)
+    info = await deposit_address(client, alice)
+    payer = await rt.devnet.fund_new_account()  # holds no USDC: the transfer reverts, and is mined anyway
+    tx_hash = await rt.devnet.pay(info["deposit_address"], 3 * USDC, payer=payer, mint=False, gas=100_000)
+    lookup = await rt.chain.lookup(tx_hash)
+    assert lookup.receipt is not None and lookup.receipt.status == 0
+
+    status, body = await claim(client, alice, tx_hash)
+    assert status == 422 and body["error"]["details"]["reason"] == "reverted"
+    assert (await wallet(client, alice))["balance_micros"] == 0
+    assert "deposit.credited" not in await event_types(db, alice.project_id)
+
+
+async def test_a_transfer_of_another_token_is_refused(client, db):
+    alice = await register(client)
+    rt = await runtime(client)
+    info = await deposit_address(client, alice)
+    fake = await rt.devnet.deploy_other_token()  # same code, same 6 decimals, different contract
+    tx_hash = await rt.devnet.pay(info["deposit_address"], 4 * USDC, token=fake)
+
+    status, body = await claim(client, alice, tx_hash)
+    assert status == 422 and body["error"]["details"]["reason"] == "wrong_token"
+    assert (await wallet(client, alice))["balance_micros"] == 0
+
+
+async def test_a_transfer_to_another_address_is_refused(client, db):
+    alice = await register(client)
+    rt = await runtime(client)
+    stranger = rt.devnet.new_account()
+    tx_hash = await rt.devnet.pay(stranger, USDC)
+
+    status, body = await claim(client, alice, tx_hash)
+    assert status == 422 and body["error"]["details"]["reason"] == "wrong_recipient"
+    # A plain native-value transfer has no token log at all.
+    native = await rt.devnet.send_native((await deposit_address(client, alice))["deposit_address"], 10**18)
+    assert (await claim(client, alice, native))[0] == 422
+    assert (await wallet(client, alice))["balance_micros"] == 0
+
+
+async def test_unknown_and_malformed_hashes_are_refused(client, db):
+    alice = await register(client)
+    await runtime(client)
+    status, body = await claim(client, alice, "0x" + "ab" * 32)
+    assert status == 422 and body["error"]["details"]["reason"] == "not_found"
+    status, body = await claim(client, alice, "0x1234")
+    assert status == 422 and body["error"]["code"] == "invalid_request"
+
+
+async def test_deposits_to_the_treasury_count_only_from_registered_senders(client, db):
+    alice, bob = await register(client), await register(client)
+    rt = await runtime(client)
+    info = await deposit_address(client, alice)
+    sender = await rt.devnet.fund_new_account()
+    resp = await client.post(f"/api/v1/projects/{alice.project_id}/deposit-senders", json={"address": sender},
+                             headers=alice.headers)
+    assert resp.status == 201, await resp.text()
+    resp = await client.post(f"/api/v1/projects/{bob.project_id}/deposit-senders", json={"address": sender},
+                             headers=bob.headers)
+    assert resp.status == 409  # one sender, one project
+    assert (await deposit_address(client, alice))["registered_senders"] == [sender]
+
+    registered = await rt.devnet.pay(info["treasury_address"], 7 * USDC, payer=sender)
+    assert (await claim(client, bob, registered))[0] == 422  # not bob's sender
+    status, body = await claim(client, alice, registered)
+    assert status == 201 and body["amount_micros"] == 7 * USDC and body["from_address"] == sender
+
+    unregistered = await rt.devnet.pay(info["treasury_address"], USDC, payer=await rt.devnet.fund_new_account())
+    status, body = await claim(client, alice, unregistered)
+    assert status == 422 and body["error"]["details"]["reason"] == "wrong_recipient"
+    assert (await wallet(client, alice))["balance_micros"] == 7 * USDC
+
+
+async def test_viewers_cannot_claim_and_strangers_cannot_see(client, db):
+    alice, eve = await register(client), await register(client)
+    await runtime(client)
+    resp = await client.get(f"/api/v1/projects/{alice.project_id}/deposit-address", headers=eve.headers)
+    assert resp.status == 404
+    status, _ = await claim(client, eve, "0x" + "cd" * 32, project_id=alice.project_id)
+    assert status == 404
+
+
+class TestPendingDeposits:
+    @pytest.fixture
+    def settings(self, settings):
+        return payment_settings(settings, confirmations=3)
+
+    async def test_a_deposit_waits_for_confirmations_then_the_watcher_credits_it(self, client, db):
+        alice = await register(client)
+        rt = await runtime(client)
+        info = await deposit_address(client, alice)
+        tx_hash = await rt.devnet.pay(info["deposit_address"], 6 * USDC)
+
+        status, body = await claim(client, alice, tx_hash)
+        assert status == 202 and body["status"] == "pending" and body["amount_micros"] == 6 * USDC
+        assert (await wallet(client, alice))["balance_micros"] == 0
+        assert (await claim(client, alice, tx_hash))[0] == 409  # pending claims count too
+
+        await run_worker(rt)
+        assert (await wallet(client, alice))["balance_micros"] == 0  # still 1 of 3 confirmations
+        rt.devnet.mine(2)
+        await run_worker(rt)
+        got = await (await client.get(f"/api/v1/deposits/{body['id']}", headers=alice.headers)).json()
+        assert got["status"] == "confirmed" and got["confirmations"] >= 3
+        assert (await wallet(client, alice))["balance_micros"] == 6 * USDC
+        await run_worker(rt)  # nothing more to do: credited once
+        assert (await wallet(client, alice))["balance_micros"] == 6 * USDC
+        assert (await event_types(db, alice.project_id)).count("deposit.credited") == 1
+        await assert_books_balance(db, alice.project_id)
+
+
+async def test_deposit_helper_works(client, db):
+    alice = await register(client)
+    await deposit(client, alice, 9 * USDC)
+    assert (await wallet(client, alice))["balance_micros"] == 9 * USDC
