@@ -60,7 +60,8 @@ class ProjectPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_hours: list[Annotated[int, Meta(ge=0, le=23)]] | None = None  # UTC hours; null: any
     allowed_days: list[Annotated[int, Meta(ge=0, le=6)]] | None = None  # 0 = Monday; null: any
     max_risk_score: Annotated[float, Meta(ge=0, le=10)] = 7.0  # risk above this is rejected
-    review_risk_above: Annotated[float, Meta(ge=0, le=10)] = 6.0  # the "high" band: held for review
+    # the "high" band: risk above this (and not above max_risk_score) is held for review
+    review_risk_above: Annotated[float, Meta(ge=0, le=10)] = 6.0
     fallback_models: list[Name] = []  # tried in order by the gateway on 429/timeouts
     allowed_recipients: list[Name] = []  # payout addresses (empty: any)
 
@@ -174,8 +175,6 @@ def validate(policy: ProjectPolicy | SystemPolicy) -> list[FieldError]:
             if a > b:
                 errors.append(FieldError(f"rate_limits.{scope}.{small}",
                                          f"{small} ({a}) cannot exceed {big} ({b})"))
-    if policy.review_risk_above > policy.max_risk_score:
-        errors.append(FieldError("review_risk_above", "cannot be above max_risk_score"))
     if (policy.max_per_request_micros is not None and policy.require_approval_above_micros is not None
             and policy.require_approval_above_micros > policy.max_per_request_micros):
         errors.append(FieldError("require_approval_above_micros",
