@@ -78,6 +78,18 @@ class UpstreamError(ProviderError):
         return self.upstream_status is None or self.upstream_status == 429 or self.upstream_status >= 500
 
 
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the request itself (400/413/422: e.g. a parameter out of range) — the client's
+    to fix, so it is answered as ``invalid_request`` rather than a gateway failure; never retried."""
+
+    code = "invalid_request"
+    status = 400
+
+    @property
+    def retryable(self) -> bool:
+        return False
+
+
 # --- helpers shared by the adapters and the gateway ---------------------------------------------------
 
 def usage_from_openai(raw: Mapping[str, Any] | None) -> Usage | None:

@@ -16,7 +16,7 @@ import aiohttp
 import msgspec
 
 from domain.errors import ProviderTimeout
-from domain.providers import UpstreamError
+from domain.providers import UpstreamError, UpstreamRejected
 
 if TYPE_CHECKING:
     from server.providers import Providers, Upstream
@@ -72,7 +72,8 @@ async def raise_for_status(upstream: Upstream, resp: aiohttp.ClientResponse, sec
     if resp.status < 400:
         return
     body = await resp.read()
-    raise UpstreamError(
+    cls = UpstreamRejected if resp.status in (400, 413, 422) else UpstreamError
+    raise cls(
         f"upstream {upstream.provider!r} answered {resp.status}: {_error_message(resp.status, body, secret)}",
         upstream_status=resp.status, retry_after=_retry_after(resp.headers),
         details={"provider": upstream.provider, "upstream_status": resp.status})
