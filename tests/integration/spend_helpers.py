@@ -67,3 +67,39 @@ async def assert_books_balance(db, project_id: str) -> dict[str, int]:
         assert 0 <= b.spent_micros and 0 <= b.reserved_micros
         assert b.spent_micros + b.reserved_micros <= b.limit_micros
     return {"balance": w.balance_micros, "reserved": w.reserved_micros}
+
+
+# With these prices a request of MESSAGES (8 input tokens) and max_tokens=1 (the local model then
+# answers exactly 1 token) costs exactly COST, estimate and actual alike.
+IN_PRICE = 1_000_000_000  # micro-USDC per million tokens = 1000 per token
+OUT_PRICE = 2_000_000_000
+COST = 8 * 1000 + 1 * 2000
+
+
+async def fix_prices(client, admin: UserHandle, model: str = "local/echo-1", input_price: int = IN_PRICE,
+                     output_price: int = OUT_PRICE) -> None:
+    resp = await client.patch(f"/api/v1/admin/models/{model}", headers=admin.headers,
+                              json={"input_micros_per_mtok": input_price, "output_micros_per_mtok": output_price})
+    assert resp.status == 200, await resp.text()
+
+
+async def funded_project(client, balance: int = 1_000_000) -> tuple[UserHandle, UserHandle]:
+    """(platform admin, owner of a project funded with ``balance``), local/echo-1 priced at COST a call."""
+    admin = await platform_admin(client)
+    owner = await register(client)
+    await fix_prices(client, admin)
+    if balance:
+        await fund(client, admin, owner.project_id, balance)
+    return admin, owner
+
+
+async def events(client, user: UserHandle, type_: str, project_id: str | None = None) -> list[dict[str, Any]]:
+    """The project's events of one type, oldest first."""
+    resp = await client.get(f"/api/v1/projects/{project_id or user.project_id}/audit?type={type_}&limit=200",
+                            headers=user.headers)
+    assert resp.status == 200, await resp.text()
+    return list(reversed((await resp.json())["items"]))
+
+
+async def own_spend(client, user: UserHandle, **extra: Any):
+    return await spend(client, user.headers, project_id=user.project_id, **extra)
