@@ -1,0 +1,222 @@
+"""The brain through its real read-only view (storage/brain.py) on SQLite and PostgreSQL.
+
+The view cannot write — the database itself refuses — and decisions read the real tables:
+catalog, policies, wallet, budgets, the spend-request history (risk baseline) and the rate limiter.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from agentic.pipeline import decide
+from domain.base import new_id
+from domain.decisions import SpendInput
+from domain.ratelimit import RateLimit
+from server.container import Container
+from server.settings import Settings
+from storage.brain import SqlBrain, SqlBrainView, brain_view, decide_for
+from storage.bus import LocalBus
+from storage.catalog import seed_catalog
+from storage.db import Database
+from storage.models import budgets, catalog_models, policies, spend_requests
+from storage.ratelimit import MemoryLimiter, RedisLimiter
+from tests.factories import create_agent, create_key, register
+
+USDC = 1_000_000
+
+
+def spend(project_id: str, **kw) -> SpendInput:
+    values = dict(project_id=project_id, key_id=None, agent_id=None, actor="user:x", model="openai/gpt-4o-mini",
+                  operation="chat", input_tokens=1000, max_output_tokens=1000, metadata={})
+    values.update(kw)
+    return SpendInput(**values)
+
+
+async def fund(container: Container, project_id: str, amount: int) -> None:
+    async with container.uow() as scope:
+        await scope.wallets.credit(project_id, amount, kind="admin_credit", ref=new_id("test"), memo="test")
+
+
+async def add_history(db: Database, project_id: str, n: int, at: datetime, *, status: str = "settled",
+                      model: str = "openai/gpt-4o-mini", cost: int = 1000, agent_id: str | None = None) -> None:
+    rows = [dict(id=new_id("req"), project_id=project_id, agent_id=agent_id, actor="user:x", source="api",
+                 operation="chat", model=model, provider=model.split("/")[0], status=status, params={},
+                 metadata={}, estimated_cost_micros=cost, reserved_micros=0, cost_micros=cost, budget_ids=[],
+                 created_at=at - timedelta(seconds=i)) for i in range(n)]
+    async with db.write() as conn:
+        await conn.execute(sa.insert(spend_requests), rows)
+
+
+# ---------------------------------------------------------------- read-only, proved in the database
+async def test_a_write_through_the_brains_view_fails_in_the_database(db):
+    await seed_catalog(db)
+    async with brain_view(db, MemoryLimiter()) as view:
+        assert len(await view.models("openai/gpt-4o-mini")) == 1  # reading works
+        with pytest.raises(sa.exc.DBAPIError) as exc:
+            await view.conn.execute(sa.update(catalog_models).values(input_micros_per_mtok=0))
+    message = str(exc.value).lower()
+    assert "readonly" in message or "read-only" in message or "read only" in message
+    async with db.read() as conn:
+        prices = (await conn.execute(sa.select(catalog_models.c.input_micros_per_mtok))).scalars().all()
+    assert prices and 0 not in prices
+
+
+async def test_inserts_are_refused_too_and_normal_writes_still_work_afterwards(db):
+    async with db.read_only() as conn:
+        view = SqlBrainView(conn, MemoryLimiter())
+        with pytest.raises(sa.exc.DBAPIError):
+            await view.conn.execute(sa.insert(policies).values(
+                project_id="prj_x", version=1, rules={}, created_by="brain", created_at=datetime.now(UTC)))
+    # the pooled connection is writable again for the next unit of work
+    async with db.write() as conn:
+        await conn.execute(sa.insert(policies).values(
+            project_id="prj_x", version=1, rules={}, created_by="test", created_at=datetime.now(UTC)))
+    async with db.read() as conn:
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(policies))).scalar_one() == 1
+
+
+# ---------------------------------------------------------------- decisions from the real tables
+async def test_a_funded_project_is_approved_and_an_empty_wallet_is_not(client, container):
+    owner = await register(client)
+    now = datetime.now(UTC)
+    decision = await container.brain.decide(spend(owner.project_id), now)
+    assert decision.outcome == "REJECTED" and decision.error_code == "insufficient_funds"
+    await fund(container, owner.project_id, 10 * USDC)
+    decision = await container.brain.decide(spend(owner.project_id), now)
+    assert decision.outcome == "APPROVED", decision.reasons
+    assert decision.estimated_cost_micros == 750 and decision.model == "openai/gpt-4o-mini"
+
+
+async def test_bare_ids_resolve_through_the_catalog_table(client, container):
+    owner = await register(client)
+    await fund(container, owner.project_id, USDC)
+    decision = await container.brain.decide(spend(owner.project_id, model="claude-3-haiku"), datetime.now(UTC))
+    assert decision.outcome == "APPROVED" and decision.model == "anthropic/claude-3-haiku"
+    decision = await container.brain.decide(spend(owner.project_id, model="anthropic/gpt-4o"), datetime.now(UTC))
+    assert decision.error_code == "not_found"
+
+
+async def test_the_saved_policy_is_enforced_with_its_version(client, container):
+    owner = await register(client)
+    await fund(container, owner.project_id, USDC)
+    resp = await client.put(f"/api/v1/projects/{owner.project_id}/policy", headers=owner.headers,
+                            json={"blocked_providers": ["openai"]})
+    assert resp.status == 200
+    decision = await container.brain.decide(spend(owner.project_id), datetime.now(UTC))
+    assert decision.outcome == "REJECTED" and decision.reasons[0].code == "provider_blocked"
+    assert decision.policy_version == 1
+    decision = await container.brain.decide(spend(owner.project_id, model="local/echo-1"), datetime.now(UTC))
+    assert decision.outcome == "APPROVED" and decision.policy_version == 1
+
+
+async def test_the_system_policy_is_read_from_the_table(client, container):
+    admin = await register(client, email="admin@smartspace.test")
+    await fund(container, admin.project_id, USDC)
+    resp = await client.put("/api/v1/admin/policy", headers=admin.headers, json={"blocked_models": ["local/echo-1"]})
+    assert resp.status == 200
+    decision = await container.brain.decide(spend(admin.project_id, model="local/echo-1"), datetime.now(UTC))
+    assert decision.reasons[0].code == "system_model_blocked"
+
+
+async def test_budgets_for_the_project_and_its_agents(client, container):
+    owner = await register(client)
+    agent = await create_agent(client, owner)
+    other = await create_agent(client, owner)
+    await fund(container, owner.project_id, USDC)
+    now = datetime.now(UTC)
+    rows = [dict(id=bid, project_id=owner.project_id, agent_id=aid, name=bid, period="total", limit_micros=limit,
+                 spent_micros=spent, reserved_micros=0, period_start=now, alert_thresholds=[], alerted=[],
+                 created_at=now, updated_at=now)
+            for bid, aid, limit, spent in (("bud_project", None, 10_000, 9_250), ("bud_agent", agent["id"], 750, 0),
+                                           ("bud_other", other["id"], 1, 1))]
+    async with container.db.write() as conn:
+        await conn.execute(sa.insert(budgets), rows)
+    decision = await container.brain.decide(spend(owner.project_id, agent_id=agent["id"]), now)
+    assert decision.outcome == "APPROVED", decision.reasons
+    assert decision.budget_ids == ["bud_agent", "bud_project"]
+    decision = await container.brain.decide(spend(owner.project_id, agent_id=agent["id"], input_tokens=1001), now)
+    assert decision.error_code == "budget_exceeded"
+    assert {r.message.split("'")[1] for r in decision.reasons} == {"bud_agent", "bud_project"}
+
+
+async def test_revoked_keys_and_agent_keys(client, container):
+    owner = await register(client)
+    agent = await create_agent(client, owner)
+    key = await create_key(client, owner, agent_id=agent["id"])
+    await fund(container, owner.project_id, USDC)
+    decision = await container.brain.decide(spend(owner.project_id, key_id=key["id"]), datetime.now(UTC))
+    assert decision.outcome == "APPROVED"
+    resp = await client.delete(f"/api/v1/projects/{owner.project_id}/keys/{key['id']}", headers=owner.headers)
+    assert resp.status == 200
+    decision = await container.brain.decide(spend(owner.project_id, key_id=key["id"]), datetime.now(UTC))
+    assert decision.reasons[0].code == "key_revoked"
+
+
+@pytest.mark.parametrize("samples,fires", [(10, True), (9, False)])
+async def test_the_risk_baseline_counts_from_ten_settled_requests(client, container, samples, fires):
+    owner = await register(client)
+    await fund(container, owner.project_id, USDC)
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    await add_history(container.db, owner.project_id, samples, now - timedelta(days=1))
+    await add_history(container.db, owner.project_id, 5, now - timedelta(days=31))  # outside the window
+    await add_history(container.db, owner.project_id, 3, now - timedelta(hours=1), status="rejected")
+    decision = await container.brain.decide(spend(owner.project_id, model="anthropic/claude-3-haiku"), now)
+    factors = {f.type for f in decision.risk_factors}
+    assert ("provider" in factors) is fires and ("model" in factors) is fires
+    assert "rejections" in factors  # 3 in the last 24 h: +1
+    expected = 1.0 + 1.0 + (1.0 + 0.5 if fires else 0)
+    assert decision.risk_score == expected
+
+
+async def test_activity_figures_come_from_the_history(client, container):
+    owner = await register(client)
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    await add_history(container.db, owner.project_id, 12, now - timedelta(days=2), cost=2000, agent_id=None)
+    await add_history(container.db, owner.project_id, 4, now - timedelta(minutes=5), cost=500)
+    await add_history(container.db, owner.project_id, 2, now - timedelta(minutes=5), status="rejected")
+    async with brain_view(container.db, MemoryLimiter()) as view:
+        activity = await view.activity(owner.project_id, now)
+    assert activity.samples == 16
+    assert activity.avg_cost_micros == (12 * 2000 + 4 * 500) // 16
+    assert activity.requests_today == 6 and activity.spent_today_micros == 2000
+    assert activity.recent_rejections == 2
+    assert activity.providers == ["openai"] and activity.models == ["openai/gpt-4o-mini"]
+    assert activity.hours == [11, 12]
+
+
+async def test_rate_limits_are_peeked_from_the_limiter(client, container):
+    owner = await register(client)
+    await fund(container, owner.project_id, USDC)
+    await client.put(f"/api/v1/projects/{owner.project_id}/policy", headers=owner.headers,
+                     json={"rate_limits": {"project": {"per_minute": 2}}})
+    now = datetime.now(UTC)
+    decision = await container.brain.decide(spend(owner.project_id), now)
+    assert decision.outcome == "APPROVED"
+    window = RateLimit(key=f"project:{owner.project_id}", window_seconds=60, limit=2)
+    assert window in decision.rate_limits
+    await container.limiter.acquire(decision.rate_limits, now)
+    await container.limiter.acquire(decision.rate_limits, now)
+    decision = await container.brain.decide(spend(owner.project_id), now)
+    assert decision.outcome == "REJECTED" and decision.error_code == "rate_limited"
+    assert decision.retry_after_seconds == 60
+
+
+async def test_decide_for_opens_a_view_and_runs_the_pipeline(client, container):
+    await register(client)
+    decision = await decide_for(container.db, MemoryLimiter(), spend("prj_nope"),
+                                datetime.now(UTC), decide=decide)
+    assert decision.reasons[0].code == "project_not_found"
+
+
+async def test_the_container_uses_redis_for_rate_limits_when_configured(db, tmp_path, redis_url):
+    settings = Settings(data_dir=str(tmp_path), jwt_secret="x" * 40, redis_url=redis_url)
+    container = Container(settings, db, LocalBus(None))
+    try:
+        assert isinstance(container.limiter, RedisLimiter)
+        assert container.deps.limiter is container.limiter
+        assert isinstance(container.brain, SqlBrain) and container.deps.brain is container.brain
+    finally:
+        await container.limiter.close()
