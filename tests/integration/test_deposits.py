@@ -78,13 +78,13 @@ async def test_another_project_cannot_claim_a_transfer(client, db):
     assert status == 422 and body["error"]["code"] == "deposit_rejected"
     assert body["error"]["details"]["reason"] == "wrong_recipient"
 
-    assert (await claim(client, alice, tx_hash))[0] == 201
+    status, credited = await claim(client, alice, tx_hash)
+    assert status == 201
     status, body = await claim(client, mallory, tx_hash)  # and once claimed it is nobody else's
     assert status == 409 and "deposit_id" not in body["error"]["details"]
     assert (await wallet(client, mallory))["balance_micros"] == 0
     assert (await wallet(client, alice))["balance_micros"] == 2 * USDC
-    resp = await client.get(f"/api/v1/deposits/{(await claim(client, alice, tx_hash))[1]['error']['details']['deposit_id']}",
-                            headers=mallory.headers)
+    resp = await client.get(f"/api/v1/deposits/{credited['id']}", headers=mallory.headers)
     assert resp.status == 404
 
 
@@ -200,7 +200,12 @@ class TestPendingDeposits:
         await assert_books_balance(db, alice.project_id)
 
 
-async def test_deposit_helper_works(client, db):
+async def test_deposits_add_up_in_the_ledger(client, db):
     alice = await register(client)
     await deposit(client, alice, 9 * USDC)
-    assert (await wallet(client, alice))["balance_micros"] == 9 * USDC
+    await deposit(client, alice, 1)
+    assert (await wallet(client, alice))["balance_micros"] == 9 * USDC + 1
+    resp = await client.get(f"/api/v1/projects/{alice.project_id}/wallet/ledger", headers=alice.headers)
+    ledger = await resp.json()
+    assert sorted(e["amount_micros"] for e in ledger["items"] if e["kind"] == "deposit") == [1, 9 * USDC]
+    await assert_books_balance(db, alice.project_id)
