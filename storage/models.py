@@ -262,6 +262,7 @@ spend_requests = sa.Table(
     sa.Column("settled_at", UTCDateTime(), nullable=True),
     sa.Index("ix_spend_requests_project_created", "project_id", "created_at"),
     sa.Index("ix_spend_requests_status_expiry", "status", "reservation_expires_at"),
+    sa.Index("ix_spend_requests_project_idempotency", "project_id", "idempotency_key"),
 )
 
 # ---------------------------------------------------------------- payments (issue 5)

@@ -92,6 +92,7 @@ def upgrade() -> None:
     )
     op.create_index('ix_spend_requests_project_created', 'spend_requests', ['project_id', 'created_at'], unique=False)
     op.create_index('ix_spend_requests_status_expiry', 'spend_requests', ['status', 'reservation_expires_at'], unique=False)
+    op.create_index('ix_spend_requests_project_idempotency', 'spend_requests', ['project_id', 'idempotency_key'], unique=False)
     op.create_table('wallets',
     sa.Column('project_id', sa.String(length=40), nullable=False),
     sa.Column('balance_micros', sa.BigInteger(), server_default='0', nullable=False),
@@ -132,6 +133,7 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_budgets_project_id'), table_name='budgets')
     op.drop_table('budgets')
     op.drop_table('wallets')
+    op.drop_index('ix_spend_requests_project_idempotency', table_name='spend_requests')
     op.drop_index('ix_spend_requests_status_expiry', table_name='spend_requests')
     op.drop_index('ix_spend_requests_project_created', table_name='spend_requests')
     op.drop_table('spend_requests')
