@@ -249,14 +249,26 @@ class GatewayCall:
         self.cmd = cmd
         self.wait = wait_seconds(request)
         self.base64 = False
+        self.timing: dict[str, float] = {}  # stage → seconds, sent as Server-Timing
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timing[stage] = self.timing.get(stage, 0.0) + now - self._t
+        self._t = now
+
+    def server_timing(self) -> str:
+        return ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in self.timing.items())
 
     async def prepare(self, cmd: SpendCommand) -> Prepared:
         try:
-            return await self.spending.prepare(self.actor, cmd, source="gateway")
+            prepared = await self.spending.prepare(self.actor, cmd, source="gateway")
         except ApprovalRequired as held:
             if self.wait <= 0:
                 raise
-            return await self.spending.wait_for_approval(held.details["request_id"], self.wait)
+            prepared = await self.spending.wait_for_approval(held.details["request_id"], self.wait)
+        self.lap("prepare")
+        return prepared
 
     async def fallbacks(self, prepared: Prepared) -> list[str]:
         try:
@@ -318,6 +330,7 @@ class GatewayCall:
                                   {"request_id": prepared.request_id})
             await self.fail(prepared, error, None)
             raise error from None
+        self.lap("upstream")
         body = completion.body
         if call.operation == "embedding":
             usage = completion.usage or conservative_usage(call, "")
@@ -329,7 +342,9 @@ class GatewayCall:
             await self.fail(prepared, ProviderError(f"settlement failed: {type(exc).__name__}",
                                                     {"request_id": prepared.request_id}), usage)
             raise
+        self.lap("settle")
         headers = _receipt_headers(prepared.request_id, receipt.cost_micros)
+        headers["Server-Timing"] = self.server_timing()
         raw = completion.raw
         if self.base64:
             _base64_embeddings(body)
@@ -413,6 +428,7 @@ class GatewayCall:
             await self._stream_error(resp, error)
             return resp
         usage = conservative_usage(call, "".join(text), reported)
+        self.lap("upstream")
         try:
             receipt = await asyncio.shield(self.spending.settle(prepared, usage, None))
         except Exception as exc:
@@ -422,6 +438,7 @@ class GatewayCall:
                 await self.fail(prepared, error, usage)
             await self._stream_error(resp, error)
             return resp
+        self.lap("settle")
         tail = b""
         if want_usage:
             final = dict(usage_chunk) if usage_chunk is not None else {
@@ -432,8 +449,8 @@ class GatewayCall:
                               "total_tokens": usage.input_tokens + usage.output_tokens,
                               "cost_micros": receipt.cost_micros, "request_id": prepared.request_id}
             tail = b"data: " + _encode(final) + b"\n\n"
-        tail += (f": smartspace cost_micros={receipt.cost_micros} request_id={prepared.request_id}\n\n"
-                 .encode() + b"data: [DONE]\n\n")
+        tail += (f": smartspace cost_micros={receipt.cost_micros} request_id={prepared.request_id} "
+                 f"timing={self.server_timing().replace(' ', '')}\n\n".encode() + b"data: [DONE]\n\n")
         with contextlib.suppress(ConnectionError):
             await resp.write(tail)
             await resp.write_eof()
@@ -461,9 +478,11 @@ def _render(request: web.Request, exc: DomainError) -> web.Response:
              tag="gateway", auth=False, errors=_ERRORS)
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
+        start = time.perf_counter()
         actor = await key_actor(request)
         cmd = chat_command(await _body(request), actor)
         call = GatewayCall(request, actor, cmd)
+        call.timing["auth"] = call._t - start
         return await call.run(call.open_stream if cmd.stream else call.complete)
     except DomainError as exc:
         return _render(request, exc)

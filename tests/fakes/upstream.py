@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -311,7 +312,8 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_serve(args.port))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args.port))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,356 @@
+"""Gateway overhead: the same load sent to the fake upstream directly and through the gateway, in one run.
+
+    .venv/bin/python bench/gateway.py [--requests 2000] [--serial 300] [--database-url postgresql+asyncpg://…]
+
+Starts the fake upstream (``tests/fakes/upstream.py``) and a real ``smartspace serve`` subprocess on
+PostgreSQL (a fresh database, dropped afterwards; ``SMARTSPACE_ACCESS_LOG=false``), funds a project,
+then for concurrency 1 and 50, non-streaming and streaming, sends the load directly and through the
+gateway and prints p50/p99 latency, the p50/p99 added by the gateway, requests/s for both, their
+ratio, and the server's CPU time per request (from /proc). At the end it checks that every gateway
+request was fully accounted (settled, nothing left reserved, ledger == usage == sum of receipts).
+``--profile`` runs py-spy on the server during the concurrency-50 non-streaming phase and prints the
+hottest functions. Bounded: each phase stops at its request count or ``--phase-seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+UPSTREAM_KEY = "sk-bench-upstream-key-0000000000000000"
+ADMIN = "bench-admin@smartspace.test"
+BODY = {"model": "gpt-4o-mini", "messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Summarise the plot of a short story about a lighthouse keeper in two lines."}],
+    "max_tokens": 64}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def wait_http(url: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {url} did not come up")
+            await asyncio.sleep(0.2)
+
+
+async def create_database(admin_url: str, name: str, drop: bool = False) -> None:
+    import asyncpg
+
+    dsn = admin_url.replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(dsn)
+    try:
+        if drop:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        else:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+class Phase(msgspec.Struct):
+    latencies: list[float]
+    seconds: float
+    errors: int
+    cpu: float = 0.0
+    stages: dict[str, list[float]] = {}  # the gateway's Server-Timing, ms per stage
+
+    def stage_line(self) -> str:
+        if not self.stages:
+            return ""
+        parts = [f"{k} {sorted(v)[len(v) // 2]:.2f}" for k, v in self.stages.items()]
+        return "    server-side p50 ms per stage: " + ", ".join(parts)
+
+    @property
+    def done(self) -> int:
+        return len(self.latencies)
+
+    def pct(self, p: float) -> float:
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1000 if xs else float("nan")
+
+    @property
+    def rps(self) -> float:
+        return self.done / self.seconds if self.seconds else 0.0
+
+
+async def load(url: str, headers: dict, body: dict, *, concurrency: int, total: int, stream: bool,
+               max_seconds: float, costs: list[int] | None = None) -> Phase:
+    payload = msgspec.json.encode({**body, "stream": stream})
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    deadline = time.perf_counter() + max_seconds
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
+    cost_re = re.compile(rb"cost_micros=(\d+)")
+    timing_re = re.compile(rb"timing=(\S+)")
+    stages: dict[str, list[float]] = collections.defaultdict(list)
+
+    def add_timing(raw: str) -> None:
+        for part in raw.split(","):
+            name, _, dur = part.strip().partition(";dur=")
+            if dur:
+                stages[name].append(float(dur))
+
+    hdrs = {**headers, "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < total and time.perf_counter() < deadline:
+                issued += 1
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url, data=payload, headers=hdrs) as resp:
+                        data = await resp.read()
+                        if resp.status != 200:
+                            errors += 1
+                            if errors <= 3:
+                                print(f"  error {resp.status}: {data[:200]!r}", file=sys.stderr)
+                            continue
+                        if costs is not None:
+                            if stream:
+                                m = cost_re.search(data)
+                                costs.append(int(m.group(1)) if m else -1)
+                                t = timing_re.search(data)
+                                if t:
+                                    add_timing(t.group(1).decode())
+                            else:
+                                costs.append(int(resp.headers.get("x-smartspace-cost-micros", "-1")))
+                                add_timing(resp.headers.get("Server-Timing", ""))
+                except aiohttp.ClientError as exc:
+                    errors += 1
+                    if errors <= 3:
+                        print(f"  error {exc!r}", file=sys.stderr)
+                    continue
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - t0
+    return Phase(latencies=latencies, seconds=seconds, errors=errors, stages=dict(stages))
+
+
+async def setup_project(base: str) -> tuple[str, str, dict]:
+    async with aiohttp.ClientSession() as s:
+        async def call(method: str, path: str, token: str | None = None, **kw):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with s.request(method, base + path, headers=headers, **kw) as r:
+                body = await r.json()
+                if r.status >= 300:
+                    raise SystemExit(f"bench setup: {method} {path} → {r.status} {body}")
+                return body
+
+        reg = await call("POST", "/api/v1/auth/register",
+                         json={"email": ADMIN, "password": "bench password 1", "name": "Bench"})
+        token = reg["access_token"]
+        project = (await call("GET", "/api/v1/projects", token))["items"][0]["id"]
+        key = (await call("POST", f"/api/v1/projects/{project}/keys", token, json={"name": "bench"}))["key"]
+        await call("POST", f"/api/v1/admin/projects/{project}/credits", token,
+                   json={"amount_micros": 10**12, "reason": "bench funds"})
+        system = await call("GET", "/api/v1/admin/policy", token)
+        system = {k: v for k, v in system.items() if k not in ("version", "created_at", "created_by")}
+        system.update(max_rate_per_minute=None, max_per_day_micros=10**15)
+        await call("PUT", "/api/v1/admin/policy", token, json=system)
+        await call("PUT", f"/api/v1/projects/{project}/policy", token,
+                   json={"max_risk_score": 10, "review_risk_above": 10, "require_approval_above_micros": None})
+        return token, project, {"Authorization": f"Bearer {key}"}
+
+
+async def accounting(base: str, token: str, project: str, costs: list[int]) -> str:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
+        async with s.get(f"{base}/api/v1/projects/{project}/usage") as r:
+            usage = await r.json()
+        async with s.get(f"{base}/api/v1/projects/{project}/wallet") as r:
+            wallet = await r.json()
+    totals = usage["totals"]
+    spent = -usage["ledger"].get("spend", 0)
+    ok = (totals["requests"] == len(costs) and totals["cost_micros"] == sum(costs) == spent
+          and wallet["reserved_micros"] == 0 and usage["requests_by_status"].get("settled") == len(costs)
+          and min(costs, default=1) > 0)
+    return (f"{'OK' if ok else 'MISMATCH'}: {len(costs)} gateway requests, settled "
+            f"{usage['requests_by_status'].get('settled')}, receipts {sum(costs)} µUSDC, /usage "
+            f"{totals['cost_micros']} µUSDC over {totals['requests']} requests, ledger spend {spent} µUSDC, "
+            f"wallet reserved {wallet['reserved_micros']}")
+
+
+def _frame(f: str) -> str:
+    """``func (/path/to/file.py:12)`` → ``func (file.py)``."""
+    name, _, where = f.partition(" (")
+    return f"{name} ({where.rstrip(')').split(':')[0].rsplit('/', 1)[-1]})" if where else name
+
+
+def profile_top(raw: str, n: int = 25) -> str:
+    """Aggregate py-spy's collapsed stacks: self time and inclusive time per function."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = [_frame(f) for f in stack.split(";")]
+        own[frames[-1]] += samples
+        for f in set(frames):
+            incl[f] += samples
+    if not total:
+        return "  (no samples)"
+    out = [f"  {total} samples; self time:"]
+    out += [f"    {c * 100 / total:5.1f}%  {f}" for f, c in own.most_common(n)]
+    out.append("  inclusive (functions of ours):")
+    ours = [(f, c) for f, c in incl.most_common(400)
+            if any(f"({m}" in f for m in ("spend.py", "gateway.py", "wallet.py", "budgets.py", "brain.py",
+                                           "pipeline.py", "container.py", "uow.py", "events.py", "identity.py",
+                                           "openai_compat.py", "wire.py", "db.py", "base.py", "catalog.py",
+                                           "policies.py", "ratelimit.py", "middleware.py", "risk.py"))]
+    out += [f"    {c * 100 / total:5.1f}%  {f}" for f, c in ours[:n]]
+    return "\n".join(out)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency-50 phase")
+    ap.add_argument("--serial", type=int, default=300, help="requests per concurrency-1 phase")
+    ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--phase-seconds", type=float, default=40.0)
+    ap.add_argument("--database-url", default=os.environ.get(
+        "SMARTSPACE_BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument("--profile", action="store_true", help="py-spy the server in the c=50 JSON phase")
+    args = ap.parse_args()
+
+    dbname = f"bench_gateway_{uuid.uuid4().hex[:8]}"
+    admin_url = args.database_url
+    base_url = admin_url.rsplit("/", 1)[0]
+    await create_database(admin_url, dbname)
+    tmp = Path(tempfile.mkdtemp(prefix="smartspace-bench-"))
+    up_port, gw_port = free_port(), free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        upstream = subprocess.Popen([PY, "-m", "tests.fakes.upstream", "--port", str(up_port)],  # noqa: ASYNC220
+                                    cwd=ROOT, stdout=subprocess.DEVNULL)
+        procs.append(upstream)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SMARTSPACE_")}
+        env.update({
+            "SMARTSPACE_DATABASE_URL": f"{base_url}/{dbname}", "SMARTSPACE_PORT": str(gw_port),
+            "SMARTSPACE_ACCESS_LOG": "false", "SMARTSPACE_LOG_LEVEL": "WARNING", "SMARTSPACE_DATA_DIR": str(tmp),
+            "SMARTSPACE_JWT_SECRET": "bench-" + "x" * 40, "SMARTSPACE_ADMIN_EMAILS": ADMIN,
+            "SMARTSPACE_DATABASE_POOL_SIZE": "20",
+            "SMARTSPACE_UPSTREAMS": msgspec.json.encode([{
+                "provider": "openai", "kind": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1",
+                "api_key": UPSTREAM_KEY}]).decode(),
+        })
+        smartspace = shutil.which("smartspace", path=str(Path(PY).parent)) or "smartspace"
+        server = subprocess.Popen([smartspace, "serve"], cwd=tmp, env=env,  # noqa: ASYNC220
+                                  stdout=subprocess.DEVNULL)
+        procs.append(server)
+        gw = f"http://127.0.0.1:{gw_port}"
+        await wait_http(f"http://127.0.0.1:{up_port}/v1/chat/completions")
+        await wait_http(f"{gw}/health")
+        token, project, key_headers = await setup_project(gw)
+        direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+        gateway_url = f"{gw}/v1/chat/completions"
+        gw_body = {**BODY, "model": "openai/gpt-4o-mini"}
+        direct_headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+        costs: list[int] = []
+
+        # warm-up (connections, caches, JIT-free but import-lazy paths)
+        await load(direct_url, direct_headers, BODY, concurrency=4, total=100, stream=False, max_seconds=10)
+        await load(gateway_url, key_headers, gw_body, concurrency=4, total=100, stream=False, max_seconds=20,
+                   costs=costs)
+        await load(gateway_url, key_headers, gw_body, concurrency=4, total=50, stream=True, max_seconds=20,
+                   costs=costs)
+
+        print(f"gateway bench: python {sys.version.split()[0]}, {os.cpu_count()} cores, PostgreSQL, "
+              f"fake upstream on loopback, 1 server process\n")
+        header = (f"{'phase':<22}{'n':>6}{'err':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
+                  f"{'+p50 ms':>9}{'+p99 ms':>9}{'ratio':>7}{'cpu ms/req':>12}")
+        print(header)
+        print("-" * len(header))
+        for concurrency, total in ((1, args.serial), (args.concurrency, args.requests)):
+            for stream in (False, True):
+                label = f"c={concurrency} {'stream' if stream else 'json'}"
+                direct = await load(direct_url, direct_headers, BODY, concurrency=concurrency, total=total,
+                                    stream=stream, max_seconds=args.phase_seconds)
+                spy = None
+                if args.profile and concurrency > 1 and not stream:
+                    spy_out = tmp / "pyspy.txt"
+                    spy = subprocess.Popen(  # noqa: ASYNC220
+                        [str(Path(PY).parent / "py-spy"), "record", "--pid", str(server.pid), "--format", "raw",
+                         "--output", str(spy_out), "--rate", "250", "--nonblocking", "--nolineno"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    await asyncio.sleep(1.0)
+                cpu0 = cpu_seconds(server.pid)
+                through = await load(gateway_url, key_headers, gw_body, concurrency=concurrency, total=total,
+                                     stream=stream, max_seconds=args.phase_seconds, costs=costs)
+                through.cpu = cpu_seconds(server.pid) - cpu0
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=30)
+                for name, ph in (("direct", direct), ("gateway", through)):
+                    added = ""
+                    if name == "gateway":
+                        cpu = ph.cpu * 1000 / ph.done if ph.done else float("nan")
+                        added = (f"{ph.pct(50) - direct.pct(50):>9.2f}{ph.pct(99) - direct.pct(99):>9.2f}"
+                                 f"{ph.rps / direct.rps if direct.rps else 0:>7.2f}{cpu:>12.2f}")
+                    print(f"{label + ' ' + name:<22}{ph.done:>6}{ph.errors:>5}{ph.pct(50):>9.2f}{ph.pct(99):>9.2f}"
+                          f"{ph.rps:>9.1f}{added}", flush=True)
+                print(through.stage_line())
+                if spy is not None and (tmp / "pyspy.txt").exists():
+                    print("\nprofile of the server, c=50 JSON through the gateway (py-spy):")
+                    print(profile_top((tmp / "pyspy.txt").read_text()))
+                    shutil.copy(tmp / "pyspy.txt", "/tmp/smartspace-gateway-pyspy.txt")
+                    print("  (collapsed stacks kept in /tmp/smartspace-gateway-pyspy.txt)")
+                    print()
+        await asyncio.sleep(0.5)
+        print("\naccounting:", await accounting(gw, token, project, costs))
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        await asyncio.sleep(0.5)
+        await create_database(admin_url, dbname, drop=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
