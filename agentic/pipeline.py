@@ -7,8 +7,9 @@ every violation of that step listed as a reason):
   → time windows → cost estimate → funds (wallet, every budget that applies) → risk → outcome
 
 Outcome (the original's "recommended rule"): hard failures → REJECTED; risk > max_risk_score →
-REJECTED; cost >= require_approval_above_micros or risk in the high band (> review_risk_above) →
-REQUIRES_REVIEW; else APPROVED. Tier: FLASH if cost < $1 and risk < 5, else PRO.
+REJECTED; cost >= require_approval_above_micros, risk in the high band (> review_risk_above), or an
+escalation (an agent new to the baseline asking for more than $50) → REQUIRES_REVIEW; else APPROVED.
+Tier: FLASH if cost < $1 and risk < 5, else PRO.
 
 The estimate is worst case: the input tokens given, plus output = the request's max tokens, or the
 configured default (``SMARTSPACE_DEFAULT_OUTPUT_TOKENS``), capped by the model's own maximum.
@@ -27,6 +28,7 @@ from domain.errors import DomainError
 OPERATIONS = ("chat", "embedding")
 FLASH_MAX_COST_MICROS = 1_000_000  # $1
 FLASH_MAX_RISK = 5.0
+ESCALATE_UNKNOWN_AGENT_MICROS = 50_000_000  # the original plan: an unknown agent spending > $50 goes to a person
 
 
 class _Rejected(Exception):
@@ -279,6 +281,9 @@ async def decide(view: BrainView, req: SpendInput, now: datetime) -> Decision:
     if threshold is not None and run.estimate >= threshold:
         review.append(Reason(code="approval_threshold", step="outcome", message=(
             f"estimated cost {run.estimate} µUSDC is at or above the approval threshold {threshold}")))
+    if run.estimate > ESCALATE_UNKNOWN_AGENT_MICROS and any(f.type == "agent" for f in factors):
+        review.append(Reason(code="escalation", step="outcome", message=(
+            f"an agent new to this project asks for {run.estimate} µUSDC (above $50): a person must review it")))
     if score > policy.review_risk_above:
         review.append(Reason(code="high_risk", step="outcome", message=(
             f"risk {score:g} is in the high band (above {policy.review_risk_above:g}): a person must review it")))

@@ -161,6 +161,7 @@ class CatalogRepo(Protocol):
 class ModelList(msgspec.Struct):
     items: list[CatalogModel]
     total: int
+    next_cursor: str | None = None  # the catalog is one page; kept for the list convention
 
 
 class Catalog:

@@ -126,3 +126,19 @@ async def test_the_system_policy_is_for_platform_admins_and_audited(client, cont
         types = (await conn.execute(sa.select(events.c.type).where(
             events.c.project_id == PLATFORM_PROJECT))).scalars().all()
     assert types == ["policy.updated"]
+
+
+async def test_concurrent_puts_never_share_a_version(client):
+    import asyncio
+
+    owner = await register(client)
+
+    async def put(risk: int) -> int:
+        resp = await client.put(path(owner.project_id), json={"max_risk_score": risk}, headers=owner.headers)
+        assert resp.status in (200, 409), await resp.text()
+        return (await resp.json())["version"] if resp.status == 200 else 0
+
+    versions = [v for v in await asyncio.gather(*(put(r) for r in range(1, 9))) if v]
+    assert versions and len(set(versions)) == len(versions)
+    history = await (await client.get(path(owner.project_id) + "/versions", headers=owner.headers)).json()
+    assert sorted(p["version"] for p in history["items"]) == sorted(versions) == list(range(1, len(versions) + 1))

@@ -443,3 +443,17 @@ async def test_the_decision_names_the_policy_version():
     assert (await assert_approved(view)).policy_version == 7
 
 
+
+
+async def test_an_unknown_agent_spending_over_fifty_dollars_is_escalated():
+    view = FakeView(recent=Activity(samples=10, avg_cost_micros=20 * USDC, avg_requests_per_day=1,
+                                    providers=["test"], models=["test/big"], hours=[NOW.hour], agents=["agt_1"]))
+    view.set_policy(max_per_request_micros=None, require_approval_above_micros=None)
+    big = msgspec.structs.replace(view.catalog[0], id="test/big", provider="test", name="big",
+                                  input_micros_per_mtok=100 * USDC, output_micros_per_mtok=0, context_window=10**6)
+    view.catalog.append(big)
+    over = dict(model="test/big", input_tokens=500_001, max_output_tokens=1)  # 50.0001 USDC
+    decision = await run(view, agent_id="agt_2", **over)
+    assert decision.outcome == "REQUIRES_REVIEW" and codes(decision)[0] == "escalation"
+    await assert_approved(view, agent_id="agt_1", **over)  # a known agent
+    await assert_approved(view, agent_id="agt_2", model="test/big", input_tokens=500_000, max_output_tokens=1)
