@@ -139,6 +139,8 @@ SEED: tuple[CatalogModel, ...] = (
     _m("anthropic", "claude-3-5-haiku", 0.80, 4.00, 200_000, 8_192),
     _m("anthropic", "claude-3-5-sonnet", 3.00, 15.00, 200_000, 8_192),
     _m("anthropic", "claude-sonnet-4", 3.00, 15.00, 200_000, 64_000),
+    _m("anthropic", "claude-sonnet-4-5", 3.00, 15.00, 200_000, 64_000),
+    _m("anthropic", "claude-haiku-4-5", 1.00, 5.00, 200_000, 64_000),
     _m("anthropic", "claude-opus-4", 15.00, 75.00, 200_000, 32_000),
     _m("anthropic", "claude-3-opus", 15.00, 75.00, 200_000, 4_096),
     _m("anthropic", "claude-3-sonnet", 3.00, 15.00, 200_000, 4_096),
