@@ -88,6 +88,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                     f"{PREFIX}{field.upper()}={_shown(field, getattr(self, field))} is invalid: expected {expected}"
                 )
 
+    def __repr__(self) -> str:  # the treasury key and the JWT secret never reach a log line through repr()
+        hidden = {"treasury_private_key", "jwt_secret"}
+        return "Settings(" + ", ".join(
+            f"{f}={'***' if f in hidden and getattr(self, f) else repr(getattr(self, f))}"
+            for f in self.__struct_fields__) + ")"
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -9,17 +9,21 @@ a re-send and are resolved by looking the hash up.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
+import aiohttp
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from web3 import AsyncWeb3
-from web3.exceptions import TransactionNotFound
+from web3.exceptions import ProviderConnectionError, TransactionNotFound, Web3RPCError
 
 from domain.chain import BroadcastOutcome, Fees, SignedTransfer, TxLookup, normalize_address
+from domain.errors import Unavailable
 from server.chain.receipts import parse_receipt, to_hex
 
 log = logging.getLogger("smartspace.chain")
@@ -28,6 +32,25 @@ TRANSFER_SELECTOR = bytes.fromhex("a9059cbb")  # transfer(address,uint256)
 _KNOWN = ("already known", "known transaction", "alreadyknown", "already imported", "already exists")
 _NONCE_USED = ("nonce too low", "oldnonce", "replacement transaction underpriced", "already been used")
 _TESTER_NONCE = re.compile(r"invalid transaction nonce: expected (\d+), but got (\d+)")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+NODE_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, ProviderConnectionError, Web3RPCError)
+
+
+def node_call(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """An unreachable or failing node is a 503 for the caller (and a retry for the worker), never a 500."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except NODE_ERRORS as exc:
+            log.warning("chain node call %s failed: %s", fn.__name__, str(exc)[:300])
+            raise Unavailable("the chain node is unreachable; try again shortly", {"call": fn.__name__}) from None
+
+    return call
 
 
 def encode_transfer(recipient: str, units: int) -> bytes:
@@ -81,9 +104,11 @@ class Web3Chain:
         return f"<Web3Chain chain_id={self.chain_id} token={self.token_address} treasury={self.treasury_address}>"
 
     # ------------------------------------------------------------ reads
+    @node_call
     async def head(self) -> int:
         return await self.w3.eth.block_number
 
+    @node_call
     async def lookup(self, tx_hash: str) -> TxLookup:
         try:
             raw = await self.w3.eth.get_transaction_receipt(tx_hash)
@@ -99,6 +124,7 @@ class Web3Chain:
             return TxLookup(known=False)
         return TxLookup(known=True)
 
+    @node_call
     async def fees(self) -> Fees:
         block = await self.w3.eth.get_block("latest")
         base = int(block.get("baseFeePerGas") or await self.w3.eth.gas_price)
@@ -110,9 +136,11 @@ class Web3Chain:
         # Twice the base fee: stays valid through several full blocks of base-fee growth.
         return Fees(max_fee_per_gas=2 * base + tip, max_priority_fee_per_gas=tip)
 
+    @node_call
     async def next_nonce(self, address: str) -> int:
         return await self.w3.eth.get_transaction_count(AsyncWeb3.to_checksum_address(address), "pending")
 
+    @node_call
     async def token_balance(self, address: str) -> int:
         data = bytes.fromhex("70a08231") + bytes.fromhex(normalize_address(address)[2:]).rjust(32, b"\0")
         out = await self.w3.eth.call({"to": AsyncWeb3.to_checksum_address(self.token_address), "data": data})
