@@ -150,6 +150,14 @@ async def hash_password(deps: Deps, password: str) -> str:
     return await asyncio.to_thread(deps.passwords.hash, password)
 
 
+async def _unknown_user_hash(deps: Deps) -> str:
+    """A hash no password matches, made once per process, to verify against for unknown emails."""
+    found = getattr(deps, "unknown_user_hash", None)
+    if found is None:
+        found = deps.unknown_user_hash = await hash_password(deps, secrets.token_urlsafe(32))
+    return found
+
+
 # ---------------------------------------------------------------- services
 class Users:
     def __init__(self, scope: Scope) -> None:
@@ -173,9 +181,10 @@ class Users:
 
     async def login(self, cmd: Login) -> Token:
         found = await self.store.users.credentials(normalise_email(cmd.email))
-        ok = found is not None and await asyncio.to_thread(
-            self.scope.deps.passwords.verify, found[1], cmd.password)
-        if not ok:
+        # An unknown email costs the same argon2 verify as a wrong password: timing tells nothing.
+        stored = found[1] if found is not None else await _unknown_user_hash(self.scope.deps)
+        ok = await asyncio.to_thread(self.scope.deps.passwords.verify, stored, cmd.password)
+        if not ok or found is None:
             raise Unauthorized("email or password is wrong")
         return Token(access_token=self.scope.deps.tokens.issue(found[0].id),
                      expires_in=self.scope.deps.tokens.ttl_seconds)
