@@ -156,6 +156,8 @@ class PaymentRepo(Protocol):
     async def payments(self, project_id: str, page: PageRequest) -> Page[Payment]: ...
     async def unfinished(self, chain_id: int, sender: str, limit: int) -> list[tuple[Payment, bytes]]: ...
     async def move_payment(self, payment_id: str, from_status: tuple[str, ...], **values: Any) -> Payment | None: ...
+    async def unfinished_on_chain(self, chain_id: int, limit: int) -> list[Payment]: ...
+    async def forget_nonces(self, chain_id: int) -> None: ...
     async def record_attempt(self, payment_id: str, error: str, now: datetime) -> None: ...
     async def allocate_nonce(self, chain_id: int, address: str, seed: int | None, now: datetime) -> int | None: ...
     async def raise_nonce(self, chain_id: int, address: str, at_least: int, now: datetime) -> None: ...
@@ -484,6 +486,19 @@ class Payments:
             self.scope.emit(moved.project_id, f"payment.{status}", self._event(moved))
         await self._batch_status(moved, status)
         return moved
+
+    async def forget_devnet_run(self, chain_id: int) -> int:
+        """A new in-process devnet starts empty: transactions of an earlier run (same chain id, same database)
+        can never be mined now. Fail them (holds go back; batched requests are re-batched), fail pending
+        deposits, and let the nonce allocator re-seed from the new chain. Never called for a real chain."""
+        failed = 0
+        for payment in await self.repo.unfinished_on_chain(chain_id, 10_000):
+            failed += int(await self.finalize(payment, None, error="the devnet was restarted") is not None)
+        for deposit in await self.repo.pending_deposits(chain_id, 10_000):
+            await self.repo.move_deposit(deposit.id, ("pending",), status="failed", updated_at=utcnow(),
+                                         error="the devnet was restarted")
+        await self.repo.forget_nonces(chain_id)
+        return failed
 
     def _event(self, payment: Payment, **extra: Any) -> dict[str, Any]:
         return {"payment_id": payment.id, "project_id": payment.project_id, "kind": payment.kind,

@@ -90,6 +90,15 @@ class PaymentStore:
             .order_by(p.nonce).limit(limit))).all()
         return [(self._payments.to_entity(r), bytes(r.raw_tx)) for r in rows]
 
+    async def unfinished_on_chain(self, chain_id: int, limit: int) -> list[Payment]:
+        rows = (await self.conn.execute(
+            sa.select(payments).where(p.chain_id == chain_id, p.status.in_(("pending", "submitted")))
+            .order_by(p.created_at).limit(limit))).all()
+        return [self._payments.to_entity(r) for r in rows]
+
+    async def forget_nonces(self, chain_id: int) -> None:
+        await self.conn.execute(sa.delete(chain_nonces).where(n.chain_id == chain_id))
+
     async def move_payment(self, payment_id: str, from_status: tuple[str, ...], **values: Any) -> Payment | None:
         row = (await self.conn.execute(
             sa.update(payments).where(p.id == payment_id, p.status.in_(from_status))

@@ -17,8 +17,9 @@ log = logging.getLogger("smartspace.chain")
 async def open_chain(settings: Settings) -> tuple[Web3Chain, Devnet | None]:
     """Connect as configured. The treasury key comes only from the environment and is never logged."""
     if settings.chain == "devnet":
-        devnet = await Devnet.start(treasury_key=settings.treasury_private_key,
-                                    revenue_address=settings.revenue_address)
+        # A fresh treasury key every run: the chain starts empty each time while the database persists, and
+        # a reused key would meet its own old nonces there. SMARTSPACE_TREASURY_PRIVATE_KEY is for rpc only.
+        devnet = await Devnet.start(revenue_address=settings.revenue_address)
         log.info("devnet chain ready", extra={"chain_id": devnet.chain.chain_id,
                                               "token": devnet.chain.token_address,
                                               "treasury": devnet.chain.treasury_address})

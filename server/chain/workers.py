@@ -178,6 +178,10 @@ class ChainRuntime:
         async with self._lock:
             if self.chain is None:
                 chain, devnet = await open_chain(self.container.settings)
+                if devnet is not None:
+                    async with self.container.uow() as scope:
+                        if failed := await scope.payments.forget_devnet_run(chain.chain_id):
+                            log.warning("devnet restarted: %s unfinished payments of the previous run failed", failed)
                 worker = PaymentWorker(self.container, chain, poll_seconds=self.container.settings.chain_poll_seconds)
                 self.devnet, self.worker = devnet, worker
                 self.container.deps.payment_worker = worker

@@ -14,7 +14,14 @@ from server.container import Container
 from storage.bus import LocalBus
 from storage.models import ledger_entries, payments
 from tests.factories import register
-from tests.integration.payments_support import deposit, event_types, payment_settings, runtime, withdraw
+from tests.integration.payments_support import (
+    deposit,
+    event_types,
+    payment_settings,
+    run_worker,
+    runtime,
+    withdraw,
+)
 from tests.integration.spend_helpers import assert_books_balance, wallet
 
 USDC = 1_000_000
@@ -170,3 +177,32 @@ class TestBackgroundLoop:
         got = await asyncio.wait_for(confirmed(), 30)
         assert got["status"] == "confirmed"
         assert await rt.devnet.balance_micros(to) == USDC
+
+
+class TestDevnetRestart:
+    async def test_a_restarted_devnet_fails_the_old_runs_unfinished_payouts(self, client, db):
+        alice = await register(client)
+        rt = await runtime(client)
+        await deposit(client, alice, 10 * USDC)
+        status, _, _ = await withdraw(client, alice, rt.devnet.new_account(), 2 * USDC, key="before")
+        assert status == 201
+        await run_worker(rt)
+        status, stranded, _ = await withdraw(client, alice, rt.devnet.new_account(), 3 * USDC, key="stranded")
+        assert stranded["nonce"] == 1 and (await wallet(client, alice))["reserved_micros"] == 3 * USDC
+
+        old_treasury = rt.chain.treasury_address
+        await rt.close()  # the process stops; its in-memory chain is gone
+        rt = await runtime(client)  # a new run: a new, empty devnet (same chain id), a new treasury key
+        assert rt.chain.treasury_address != old_treasury
+        got = await (await client.get(f"/api/v1/payments/{stranded['id']}", headers=alice.headers)).json()
+        assert got["status"] == "failed" and got["error"] == "the devnet was restarted"
+        w = await wallet(client, alice)
+        assert w["balance_micros"] == 8 * USDC and w["reserved_micros"] == 0
+
+        await deposit(client, alice, USDC)
+        to = rt.devnet.new_account()
+        status, again, _ = await withdraw(client, alice, to, USDC, key="after")
+        assert status == 201 and again["nonce"] == 0  # seeded from the new chain
+        await run_worker(rt)
+        assert await rt.devnet.balance_micros(to) == USDC
+        await assert_books_balance(db, alice.project_id)
