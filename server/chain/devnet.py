@@ -87,9 +87,10 @@ class Devnet:
         return to_hex(tx_hash)
 
     async def pay(self, to: str, amount_micros: int, *, payer: str | None = None, token: str | None = None,
-                  mint: bool = True, gas: int | None = None) -> str:
+                  mint: bool = True, gas: int | None = None, wait: bool = True) -> str:
         """A USDC transfer ``payer → to`` (a deposit as a user's wallet would make it); returns its hash.
-        With ``mint`` the payer is first given the amount. ``gas`` skips estimation (to mine a revert)."""
+        With ``mint`` the payer is first given the amount. ``gas`` skips estimation (to mine a revert);
+        ``wait=False`` returns as soon as it is sent (with auto-mining off it then waits in the pool)."""
         payer = payer or self.payers[0]
         if mint:
             await self.mint(payer, amount_micros, token)
@@ -99,7 +100,8 @@ class Devnet:
             tx["gas"] = gas
         fn = self.token(token).functions.transfer(AsyncWeb3.to_checksum_address(to), units)
         tx_hash = await fn.transact(tx)
-        await self.wait(tx_hash)
+        if wait:
+            await self.wait(tx_hash)
         return to_hex(tx_hash)
 
     async def balance_micros(self, address: str, token: str | None = None) -> int:
@@ -112,6 +114,13 @@ class Devnet:
 
     def mine(self, blocks: int = 1) -> None:
         self.tester.mine_blocks(blocks)
+
+    def auto_mine(self, on: bool) -> None:
+        """Off: sent transactions wait in the pool until ``mine`` (one per sender, in eth-tester)."""
+        if on:
+            self.tester.enable_auto_mine_transactions()
+        else:
+            self.tester.disable_auto_mine_transactions()
 
     def new_account(self) -> str:
         """An unlocked tester account with native funds (a user's wallet)."""

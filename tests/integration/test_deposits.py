@@ -209,3 +209,48 @@ async def test_deposits_add_up_in_the_ledger(client, db):
     ledger = await resp.json()
     assert sorted(e["amount_micros"] for e in ledger["items"] if e["kind"] == "deposit") == [1, 9 * USDC]
     await assert_books_balance(db, alice.project_id)
+
+
+async def test_a_deposit_claimed_while_in_the_pool_is_verified_and_credited_once_mined(client, db):
+    alice = await register(client)
+    rt = await runtime(client)
+    info = await deposit_address(client, alice)
+    payer = await rt.devnet.fund_new_account()
+    await rt.devnet.mint(payer, 8 * USDC)
+    rt.devnet.auto_mine(False)
+    tx_hash = await rt.devnet.pay(info["deposit_address"], 8 * USDC, payer=payer, mint=False, gas=100_000, wait=False)
+    lookup = await rt.chain.lookup(tx_hash)
+    assert lookup.known and lookup.receipt is None
+
+    status, body = await claim(client, alice, tx_hash)
+    assert status == 202 and body["status"] == "pending" and body["log_index"] == -1 and body["amount_micros"] == 0
+    await run_worker(rt)  # still in the pool: nothing to credit
+    assert (await wallet(client, alice))["balance_micros"] == 0
+
+    rt.devnet.auto_mine(True)  # mines the pool
+    await run_worker(rt)
+    got = await (await client.get(f"/api/v1/deposits/{body['id']}", headers=alice.headers)).json()
+    assert got["status"] == "confirmed" and got["log_index"] == 0 and got["amount_micros"] == 8 * USDC
+    assert got["from_address"] == payer
+    assert (await wallet(client, alice))["balance_micros"] == 8 * USDC
+    assert (await event_types(db, alice.project_id)).count("deposit.credited") == 1
+    await assert_books_balance(db, alice.project_id)
+
+
+async def test_a_pooled_claim_that_turns_out_foreign_fails_without_credit(client, db):
+    alice, bob = await register(client), await register(client)
+    rt = await runtime(client)
+    bobs = await deposit_address(client, bob)
+    payer = await rt.devnet.fund_new_account()
+    await rt.devnet.mint(payer, USDC)
+    rt.devnet.auto_mine(False)
+    tx_hash = await rt.devnet.pay(bobs["deposit_address"], USDC, payer=payer, mint=False, gas=100_000, wait=False)
+    status, body = await claim(client, alice, tx_hash)  # alice claims bob's transfer before it is mined
+    assert status == 202
+    rt.devnet.auto_mine(True)
+    await run_worker(rt)
+    got = await (await client.get(f"/api/v1/deposits/{body['id']}", headers=alice.headers)).json()
+    assert got["status"] == "failed" and got["error"] == "wrong_recipient"
+    assert (await wallet(client, alice))["balance_micros"] == 0
+    assert (await claim(client, bob, tx_hash))[0] == 201  # a failed claim does not block the rightful one
+    assert (await wallet(client, bob))["balance_micros"] == USDC
