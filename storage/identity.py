@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.base import Page, PageRequest
+from domain.errors import Conflict
 from domain.identity import Agent, ApiKey, KeyPrincipal, Member, Project, User
 from storage.base import Repository, decode_cursor, encode_cursor
 from storage.models import agents, api_keys, memberships, projects, users
+
+
+@contextlib.asynccontextmanager
+async def _unique(message: str, details: dict[str, str]) -> AsyncIterator[None]:
+    """The services check for duplicates first; two concurrent writers can both pass that check on
+    PostgreSQL, and the unique index stops the second. That is a conflict, not a server error."""
+    try:
+        yield
+    except sa.exc.IntegrityError:
+        raise Conflict(message, details) from None
 
 
 class Users(Repository[User]):
@@ -26,9 +39,10 @@ class Users(Repository[User]):
         return (self.to_entity(row), row.password_hash) if row else None
 
     async def add(self, user: User, password_hash: str) -> None:
-        await self.conn.execute(sa.insert(users).values(
-            id=user.id, email=user.email, name=user.name, password_hash=password_hash,
-            created_at=user.created_at))
+        async with _unique("a user with this email already exists", {"email": user.email}):
+            await self.conn.execute(sa.insert(users).values(
+                id=user.id, email=user.email, name=user.name, password_hash=password_hash,
+                created_at=user.created_at))
 
 
 class Projects(Repository[Project]):
@@ -77,9 +91,10 @@ class Members:
         return self._member(row) if row else None
 
     async def add(self, member: Member) -> None:
-        await self.conn.execute(sa.insert(memberships).values(
-            project_id=member.project_id, user_id=member.user_id, role=member.role,
-            created_at=member.created_at))
+        async with _unique("this user is already a member", {"user_id": member.user_id}):
+            await self.conn.execute(sa.insert(memberships).values(
+                project_id=member.project_id, user_id=member.user_id, role=member.role,
+                created_at=member.created_at))
 
     async def set_role(self, project_id: str, user_id: str, role: str) -> Member:
         await self.conn.execute(sa.update(memberships).where(
@@ -109,6 +124,10 @@ class Members:
 class Agents(Repository[Agent]):
     table = agents
     entity = Agent
+
+    async def insert(self, entity: Agent) -> Agent:
+        async with _unique("an agent with this name exists in the project", {"name": entity.name}):
+            return await super().insert(entity)
 
     async def by_name(self, project_id: str, name: str) -> Agent | None:
         row = (await self.conn.execute(sa.select(agents).where(

@@ -582,3 +582,37 @@ async def test_a_suspended_projects_keys_stop_working(client):
     await error(await client.get(P.format(alice.project_id), headers=key), 401, "unauthorized")
     await client.patch(P.format(alice.project_id), json={"status": "active"}, headers=alice.headers)
     assert (await client.get(P.format(alice.project_id), headers=key)).status == 200
+
+
+# ---------------------------------------------------------------- races
+async def test_concurrent_registrations_of_one_email_create_one_user(client, container):
+    email = _email()
+    body = {"email": email, "password": "correct horse", "name": "Twin"}
+    responses = await asyncio.gather(*(client.post("/api/v1/auth/register", json=body) for _ in range(5)))
+    assert sorted(r.status for r in responses) == [201, 409, 409, 409, 409]
+    for r in responses:
+        assert (await r.json()).get("error", {}).get("code", "conflict") == "conflict"
+    async with container.db.read() as conn:
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(models.users))).scalar_one() == 1
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(models.projects))).scalar_one() == 1
+
+
+async def test_concurrent_creates_of_one_agent_name_make_one_agent(client, container):
+    alice = await register(client)
+    url = P.format(alice.project_id) + "/agents"
+    responses = await asyncio.gather(*(client.post(url, json={"name": "same"}, headers=alice.headers)
+                                       for _ in range(5)))
+    assert sorted(r.status for r in responses) == [201, 409, 409, 409, 409]
+    events = await (await client.get(P.format(alice.project_id) + "/audit", params={"type": "agent.created"},
+                                     headers=alice.headers)).json()
+    assert len(events["items"]) == 1
+
+
+async def test_concurrent_adds_of_one_member_add_them_once(client):
+    alice, bob = await asyncio.gather(register(client), register(client))
+    url = P.format(alice.project_id) + "/members"
+    responses = await asyncio.gather(*(client.post(url, json={"email": bob.email}, headers=alice.headers)
+                                       for _ in range(5)))
+    assert sorted(r.status for r in responses) == [201, 409, 409, 409, 409]
+    members = await (await client.get(url, headers=alice.headers)).json()
+    assert len(members["items"]) == 2
