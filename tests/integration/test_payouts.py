@@ -26,6 +26,7 @@ from tests.integration.payments_support import (
     withdraw,
 )
 from tests.integration.spend_helpers import assert_books_balance, wallet
+from tests.live import LiveClient
 
 USDC = 1_000_000
 
@@ -221,3 +222,29 @@ async def test_the_stored_transaction_is_signed_by_the_treasury_for_the_configur
     assert Account.recover_transaction(raw).lower() == rt.chain.treasury_address
     assert keccak(raw).hex() == created["tx_hash"][2:]  # the hash stored is the hash of these bytes
     assert "raw_tx" not in Payment.__struct_fields__
+
+
+async def test_payment_events_stream_live_on_payments_and_wallet_updates_on_budgets(client, db):
+    alice = await register(client)
+    rt = await runtime(client)
+    url = str(client.make_url("/"))
+    payments_ns = await LiveClient(url, alice.token, "/payments").connect()
+    budgets_ns = await LiveClient(url, alice.token, "/budgets").connect()
+    try:
+        assert (await payments_ns.subscribe(alice.project_id))["ok"]
+        assert (await budgets_ns.subscribe(alice.project_id))["ok"]
+        await deposit(client, alice, 5 * USDC)
+        status, created, _ = await withdraw(client, alice, rt.devnet.new_account(), 2 * USDC, key="live")
+        assert status == 201
+        await run_worker(rt)
+
+        await payments_ns.until(lambda: "payment.confirmed" in payments_ns.names, what="payment.confirmed")
+        assert payments_ns.names == ["deposit.credited", "payment.created", "payment.submitted", "payment.confirmed"]
+        assert payments_ns.received[-1]["data"]["tx_hash"] == created["tx_hash"]
+        await budgets_ns.until(lambda: any(e["data"].get("balance_micros") == 3 * USDC
+                                           for e in budgets_ns.received if e["type"] == "wallet.updated"),
+                               what="the wallet after the payout")
+        assert not any(n.startswith(("payment.", "deposit.")) for n in budgets_ns.names)
+    finally:
+        await payments_ns.disconnect()
+        await budgets_ns.disconnect()
