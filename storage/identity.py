@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.base import Page, PageRequest
-from domain.errors import Conflict
+from domain.errors import Conflict, NotFound
 from domain.identity import Agent, ApiKey, KeyPrincipal, Member, Project, User
 from storage.base import Repository, decode_cursor, encode_cursor
 from storage.models import agents, api_keys, memberships, projects, users
@@ -100,7 +100,8 @@ class Members:
         await self.conn.execute(sa.update(memberships).where(
             memberships.c.project_id == project_id, memberships.c.user_id == user_id).values(role=role))
         member = await self.get(project_id, user_id)
-        assert member is not None
+        if member is None:  # removed by a concurrent request after the service looked it up
+            raise NotFound("member not found", {"user_id": user_id})
         return member
 
     async def remove(self, project_id: str, user_id: str) -> None:
@@ -108,6 +109,10 @@ class Members:
             memberships.c.project_id == project_id, memberships.c.user_id == user_id))
 
     async def count_owners(self, project_id: str) -> int:
+        """Owners of the project, counted under a lock on the project row (PostgreSQL; SQLite has one
+        writer): two owners leaving or demoting each other at once must not both see the other."""
+        if self.conn.dialect.name == "postgresql":
+            await self.conn.execute(sa.select(projects.c.id).where(projects.c.id == project_id).with_for_update())
         return (await self.conn.execute(sa.select(sa.func.count()).where(
             memberships.c.project_id == project_id, memberships.c.role == "owner"))).scalar_one()
 

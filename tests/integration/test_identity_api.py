@@ -616,3 +616,28 @@ async def test_concurrent_adds_of_one_member_add_them_once(client):
     assert sorted(r.status for r in responses) == [201, 409, 409, 409, 409]
     members = await (await client.get(url, headers=alice.headers)).json()
     assert len(members["items"]) == 2
+
+
+async def test_two_owners_leaving_at_once_leave_one_owner(client):
+    alice, bob = await asyncio.gather(register(client), register(client))
+    await add_member(client, alice, bob, "owner")
+    url = P.format(alice.project_id) + "/members/{}"
+    responses = await asyncio.gather(client.delete(url.format(alice.id), headers=alice.headers),
+                                     client.delete(url.format(bob.id), headers=bob.headers))
+    assert sorted(r.status for r in responses) == [204, 409]
+    survivor = bob if responses[0].status == 204 else alice
+    members = await (await client.get(P.format(alice.project_id) + "/members", headers=survivor.headers)).json()
+    assert [(m["user_id"], m["role"]) for m in members["items"]] == [(survivor.id, "owner")]
+
+
+async def test_two_owners_demoting_each_other_at_once_leave_one_owner(client):
+    alice, bob = await asyncio.gather(register(client), register(client))
+    await add_member(client, alice, bob, "owner")
+    url = P.format(alice.project_id) + "/members/{}"
+    responses = await asyncio.gather(
+        client.patch(url.format(bob.id), json={"role": "admin"}, headers=alice.headers),
+        client.patch(url.format(alice.id), json={"role": "admin"}, headers=bob.headers))
+    # The loser is 409 (it counted the owners after the winner committed) or 403 (it was already demoted).
+    assert sorted(r.status for r in responses) in ([200, 403], [200, 409])
+    members = await (await client.get(P.format(alice.project_id) + "/members", headers=alice.headers)).json()
+    assert sorted(m["role"] for m in members["items"]) == ["admin", "owner"]
