@@ -19,10 +19,10 @@ def payment_settings(settings: Settings, **changes: Any) -> Settings:
     return msgspec.structs.replace(settings, **{"chain_worker": False, **changes})
 
 
-async def runtime(client) -> ChainRuntime:
+async def runtime(client, *, devnet: bool = True) -> ChainRuntime:
     rt: ChainRuntime = client.app[CHAIN]
     await rt.get()
-    assert rt.devnet is not None and rt.worker is not None
+    assert rt.worker is not None and (rt.devnet is not None) == devnet
     return rt
 
 
