@@ -434,7 +434,7 @@ class Spending:
             "request_id": row.id, "outcome": decision.get("outcome"), "reasons": decision.get("reasons", []),
             "risk_score": decision.get("risk_score"), "risk_factors": decision.get("risk_factors", []),
             "estimated_cost_micros": row.estimated_cost_micros, "tier": decision.get("tier"),
-            "error_code": decision.get("error_code"), "status": row.status})
+            "error_code": decision.get("error_code"), "status": row.status, "error": row.error})
 
     async def _record_rejection(self, actor: Actor, row: SpendRequest, decision: Decision,
                                 error: DomainError) -> None:
