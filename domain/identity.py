@@ -261,6 +261,9 @@ class Projects:
 
     async def delete(self, project_id: str) -> None:
         await self.require(project_id, "owner")
+        project = await self.store.projects.get(project_id, for_update=True)  # one of two racing deletes wins
+        if project is None or project.status == "deleted":
+            raise NotFound("project not found", {"project_id": project_id})
         now = utcnow()
         await self.store.projects.update(project_id, status="deleted", deleted_at=now, updated_at=now)
         await self.store.keys.revoke_all(project_id, now)
@@ -384,7 +387,7 @@ class Keys:
 
     async def revoke(self, project_id: str, key_id: str) -> ApiKey:
         await self.scope.projects.require(project_id, "admin")
-        key = await self.store.keys.get(key_id)
+        key = await self.store.keys.get(key_id, for_update=True)  # two racing revokes: one event
         if key is None or key.project_id != project_id:
             raise NotFound("key not found", {"key_id": key_id})
         if key.revoked_at is None:

@@ -641,3 +641,19 @@ async def test_two_owners_demoting_each_other_at_once_leave_one_owner(client):
     assert sorted(r.status for r in responses) in ([200, 403], [200, 409])
     members = await (await client.get(P.format(alice.project_id) + "/members", headers=alice.headers)).json()
     assert sorted(m["role"] for m in members["items"]) == ["admin", "owner"]
+
+
+async def test_racing_revokes_and_deletes_each_happen_once(client, container):
+    alice = await register(client)
+    key = await create_key(client, alice)
+    p = P.format(alice.project_id)
+    revokes = await asyncio.gather(*(client.delete(p + f"/keys/{key['id']}", headers=alice.headers)
+                                     for _ in range(4)))
+    assert [r.status for r in revokes] == [200] * 4
+    assert len({(await r.json())["revoked_at"] for r in revokes}) == 1
+    deletes = await asyncio.gather(*(client.delete(p, headers=alice.headers) for _ in range(4)))
+    assert sorted(r.status for r in deletes) == [204, 404, 404, 404]
+    async with container.reader() as scope:
+        events = await scope.store.events.since(alice.project_id, 0, 100)
+    assert [e.type for e in events].count("key.revoked") == 1
+    assert [e.type for e in events].count("project.deleted") == 1
