@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import sys
 
@@ -33,7 +34,13 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(settings, migrate=migrate)
     print(f"smartspace: serving on http://{host}:{port} (database {settings.resolved_database_url.split('://')[0]}, "
           f"bus {'redis' if settings.redis_url else 'in-process'})", file=sys.stderr, flush=True)
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    try:
+        web.run_app(app, host=host, port=port, access_log=None, print=None)
+    except OSError as exc:  # the database did not answer at start-up, or the port is taken
+        hint = (f"is {host}:{port} free? (SMARTSPACE_PORT / --port)" if exc.errno == errno.EADDRINUSE
+                else "check SMARTSPACE_DATABASE_URL and that the database is running")
+        print(f"smartspace: cannot start: {exc}; {hint}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def migrate(args: argparse.Namespace) -> None:

@@ -162,3 +162,25 @@ def test_error_messages_do_not_echo_passwords():
     assert "app:***@db.internal" in message
     message = _fails({"SMARTSPACE_REDIS_URL": "http://:s3cret@cache:6379"})
     assert "s3cret" not in message
+
+
+def test_serve_with_an_unreachable_database_exits_with_a_hint_not_a_traceback(tmp_path):
+    env = {"SMARTSPACE_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere",
+           "SMARTSPACE_DATA_DIR": str(tmp_path / "d")}
+    result = _smartspace(["serve", "--port", "1"], env, tmp_path)
+    assert result.returncode != 0
+    assert "SMARTSPACE_DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_taken_port_exits_naming_the_port(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _smartspace(["serve", "--port", str(port)], {"SMARTSPACE_DATA_DIR": str(tmp_path / "d")}, tmp_path)
+    assert result.returncode != 0
+    assert f"127.0.0.1:{port}" in result.stderr and "SMARTSPACE_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
