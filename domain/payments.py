@@ -31,7 +31,7 @@ from domain.chain import (
     normalize_tx_hash,
     units_to_micros,
 )
-from domain.errors import Conflict, DomainError, InvalidRequest, NotFound, Unavailable
+from domain.errors import Conflict, DomainError, InsufficientFunds, InvalidRequest, NotFound, Unavailable
 
 if TYPE_CHECKING:
     from domain.scope import Scope
@@ -508,10 +508,12 @@ class Payments:
 
     # ------------------------------------------------------------ settlement batches (system scope)
     async def settle_batch(self, fees: Fees, *, min_micros: int, max_age_seconds: float, now: datetime,
-                           limit: int = 2000) -> SettlementBatch | None:
+                           treasury_micros: int | None = None, limit: int = 2000) -> SettlementBatch | None:
         """Pay the unbatched settled costs of on-chain projects to the revenue address in one transaction,
         when they add up to ``min_micros`` or the oldest waited ``max_age_seconds``. The batch's tx hash is
-        written to every request in it, in the same transaction that signs it."""
+        written to every request in it, in the same transaction that signs it. A treasury that cannot cover
+        the batch (``treasury_micros``, read before) raises InsufficientFunds rather than sending a transfer
+        that would revert, be re-batched and revert again, burning gas every round."""
         chain = self.chain
         if chain.revenue_address is None:
             return None
@@ -522,6 +524,9 @@ class Payments:
         oldest = min(c.settled_at for c in costs)
         if total < min_micros and (now - oldest).total_seconds() < max_age_seconds:
             return None
+        if treasury_micros is not None and treasury_micros < total:
+            raise InsufficientFunds("the treasury cannot cover the settlement batch",
+                                    {"total_micros": total, "treasury_micros": treasury_micros})
         batch_id = new_id("stb")
         payment = await self._sign_and_store(new_id("pay"), None, "settlement", chain.revenue_address, total,
                                              micros_to_units(total, chain.decimals), fees, None, None)

@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from domain.base import utcnow
-from domain.errors import Conflict
+from domain.chain import units_to_micros
+from domain.errors import Conflict, InsufficientFunds
 from domain.payments import Payment
 from server.chain import open_chain
 from server.chain.devnet import Devnet
@@ -117,13 +118,17 @@ class PaymentWorker:
         if self.chain.revenue_address is None:
             return None
         fees = await self.chain.fees()
+        treasury = units_to_micros(await self.chain.token_balance(self.chain.treasury_address), self.chain.decimals)
         try:
             async with self.container.uow() as scope:
                 batch = await scope.payments.settle_batch(
                     fees, min_micros=self.settings.settlement_batch_micros,
-                    max_age_seconds=self.settings.settlement_batch_seconds, now=utcnow())
+                    max_age_seconds=self.settings.settlement_batch_seconds, now=utcnow(), treasury_micros=treasury)
         except Conflict:
             return None  # another process batched first
+        except InsufficientFunds as exc:
+            log.warning("settlement waits: %s %s", exc.message, exc.details)
+            return None
         if batch is not None:
             log.info("settlement batch %s: %s micro-USDC over %s requests, tx %s", batch.id, batch.total_micros,
                      batch.request_count, batch.tx_hash)

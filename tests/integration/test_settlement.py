@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from storage.models import settlement_batches, spend_requests
 from tests.factories import register
-from tests.integration.payments_support import payment_settings, run_worker, runtime
+from tests.integration.payments_support import payment_settings, run_worker, runtime, withdraw
 from tests.integration.spend_helpers import COST, fund, funded_project, own_spend
 
 USDC = 1_000_000
@@ -78,24 +78,26 @@ class TestImmediateBatches:
         assert await rt.devnet.balance_micros(revenue) == expected + 2 * COST
         assert {r.settlement_batch_id for r in await rows(db, more)} == {second}
 
-    async def test_a_failed_batch_is_paid_again_under_a_new_transaction(self, client, db):
-        _, alice = await funded_project(client, USDC)
+    async def test_a_failed_batch_is_paid_again_once_the_treasury_can_cover_it(self, client, db):
+        admin, alice = await funded_project(client, USDC)
         await set_settlement(client, alice, "onchain")
         rt = await runtime(client)
         chain = rt.chain
-        balance = await rt.devnet.balance_micros(chain.treasury_address)
-        drain = chain.sign_transfer(rt.devnet.new_account(), balance, await chain.next_nonce(chain.treasury_address),
-                                    await chain.fees())
-        assert (await chain.broadcast(drain.raw_tx))[0] == "sent"
         ids = await settled_requests(client, alice, 3)
-
+        # A payout of the whole treasury is signed first; the batch after it (next nonce) will revert.
+        treasury = await rt.devnet.balance_micros(chain.treasury_address)
+        await fund(client, admin, alice.project_id, treasury)
+        status, _, _ = await withdraw(client, alice, rt.devnet.new_account(), treasury, key="everything")
+        assert status == 201
         failed = await rt.worker.tick_settlement()
-        await run_worker(rt)  # reverts: the treasury is empty
+        assert failed is not None
+        await run_worker(rt)
         async with db.engine.connect() as conn:
             status = (await conn.execute(sa.select(settlement_batches.c.status)
                                          .where(settlement_batches.c.id == failed))).scalar_one()
         assert status == "failed"
         assert {(r.settlement_batch_id, r.tx_hash) for r in await rows(db, ids)} == {(None, None)}
+        assert await rt.worker.tick_settlement() is None  # an empty treasury: it waits instead of reverting again
 
         await rt.devnet.mint(chain.treasury_address, 10 * USDC)
         retried = await rt.worker.tick_settlement()
@@ -103,6 +105,8 @@ class TestImmediateBatches:
         assert retried not in (None, failed)
         assert await rt.devnet.balance_micros(chain.revenue_address) == 3 * COST
         assert {r.settlement_batch_id for r in await rows(db, ids)} == {retried}
+        receipt = await (await client.get(f"/api/v1/requests/{ids[0]}", headers=alice.headers)).json()
+        assert receipt["receipt"]["tx_hash"] == (await rows(db, ids))[0].tx_hash
 
 
 class TestThresholds:
