@@ -32,6 +32,7 @@ import aiohttp
 import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.fakes.upstream, when run as a script
 PY = sys.executable
 UPSTREAM_KEY = "sk-bench-upstream-key-0000000000000000"
 ADMIN = "bench-admin@smartspace.test"
@@ -243,6 +244,127 @@ def profile_top(raw: str, n: int = 25) -> str:
     return "\n".join(out)
 
 
+def _callers() -> tuple[str, str]:
+    """The innermost domain/agentic function and storage function on the stack (who issued this SQL)."""
+    import greenlet
+
+    # SQLAlchemy runs the driver in a greenlet: the awaiting coroutines are on the parent's stack.
+    parent = greenlet.getcurrent().parent
+    frame = parent.gr_frame if parent is not None and parent.gr_frame is not None else sys._getframe(2)
+    service = repo = ""
+    while frame is not None:
+        path = frame.f_code.co_filename
+        rel = path[len(str(ROOT)) + 1:] if path.startswith(str(ROOT)) else ""
+        name = f"{rel.rsplit('/', 1)[-1]}:{frame.f_code.co_qualname}"
+        if not repo and rel.startswith("storage/"):
+            repo = name
+        if not service and rel.startswith(("domain/", "agentic/", "server/")):
+            service = name
+        if service and repo:
+            break
+        frame = frame.f_back
+    return service, repo
+
+
+async def breakdown(admin_url: str, requests: int) -> None:
+    """In-process, sequential: where one gateway request spends its time in SQL (statement, issuing
+    function, count and ms per request), plus a pyinstrument profile of the spend path."""
+    from aiohttp.test_utils import TestClient, TestServer
+    from sqlalchemy import event
+
+    from server.app import create_app
+    from server.container import Container
+    from server.metrics import Metrics
+    from server.providers import Providers, Upstream
+    from server.settings import Settings
+    from storage.bus import LocalBus
+    from storage.db import Database
+    from storage.models import metadata
+    from tests.fakes.upstream import FakeUpstream
+
+    dbname = f"bench_breakdown_{uuid.uuid4().hex[:8]}"
+    await create_database(admin_url, dbname)
+    tmp = Path(tempfile.mkdtemp(prefix="smartspace-bench-"))
+    db = Database(f"{admin_url.rsplit('/', 1)[0]}/{dbname}", pool_size=20)
+    fake = await FakeUpstream(record=False).start()
+    client = None
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        settings = Settings(data_dir=str(tmp), jwt_secret="bench-" + "x" * 40, access_log=False,
+                            admin_emails=(ADMIN,))
+        metrics = Metrics()
+        providers = Providers(settings, upstreams=[Upstream(provider="openai", kind="openai",
+                                                            base_url=fake.base_url, api_key=UPSTREAM_KEY)])
+        container = Container(settings, db, LocalBus(metrics), metrics=metrics, providers=providers)
+        client = TestClient(TestServer(create_app(settings, container=container)))
+        await client.start_server()
+        base = str(client.make_url("")).rstrip("/")
+        _, _, key_headers = await setup_project(base)
+        body = msgspec.json.encode({**BODY, "model": "openai/gpt-4o-mini"})
+        headers = {**key_headers, "Content-Type": "application/json"}
+
+        async def one() -> None:
+            async with client.session.post(f"{base}/v1/chat/completions", data=body, headers=headers) as r:
+                await r.read()
+                assert r.status == 200, r.status
+
+        for _ in range(30):
+            await one()
+        stats: dict[tuple[str, str, str], list[float]] = collections.defaultdict(list)
+        txs = collections.Counter()
+
+        @event.listens_for(db.engine.sync_engine, "before_cursor_execute")
+        def before(conn, cursor, statement, params, context, executemany):
+            context._bench_t0 = time.perf_counter()
+            context._bench_who = _callers()
+
+        @event.listens_for(db.engine.sync_engine, "after_cursor_execute")
+        def after(conn, cursor, statement, params, context, executemany):
+            words = statement.split()
+            head = " ".join(words[:2] if words[0] != "SELECT" else [words[0], "… FROM",
+                            words[words.index("FROM") + 1] if "FROM" in words else ""])
+            service, repo = context._bench_who
+            stats[(service, repo, head)].append(time.perf_counter() - context._bench_t0)
+
+        @event.listens_for(db.engine.sync_engine, "commit")
+        def on_commit(conn):
+            txs["commit"] += 1
+
+        t0 = time.perf_counter()
+        for _ in range(requests):
+            await one()
+        wall = (time.perf_counter() - t0) / requests * 1000
+        sql_ms = sum(sum(v) for v in stats.values()) / requests * 1000
+        n_stmts = sum(len(v) for v in stats.values()) / requests
+        print(f"\nSQL per gateway request (sequential, in-process, PostgreSQL): {n_stmts:.1f} statements, "
+              f"{txs['commit'] / requests:.1f} commits, {sql_ms:.2f} ms in statements of {wall:.2f} ms wall")
+        print(f"  {'ms/req':>7} {'n/req':>6}  issued by → repository: statement")
+        for (service, repo, head), v in sorted(stats.items(), key=lambda kv: -sum(kv[1])):
+            print(f"  {sum(v) / requests * 1000:7.2f} {len(v) / requests:6.1f}  {service} → {repo}: {head}")
+        event.remove(db.engine.sync_engine, "before_cursor_execute", before)
+        event.remove(db.engine.sync_engine, "after_cursor_execute", after)
+        try:
+            from pyinstrument import Profiler
+        except ImportError:
+            return
+        profiler = Profiler(interval=0.0005, async_mode="enabled")
+        profiler.start()
+        for _ in range(requests):
+            await one()
+        profiler.stop()
+        print("\npyinstrument, the same requests (time shown is wall time of the request's task):")
+        print(profiler.output_text(unicode=False, color=False, show_all=False, short_mode=True,
+                                   time="percent_of_total")[:12000] if hasattr(profiler, "output_text") else "")
+    finally:
+        if client is not None:
+            await client.close()
+        await fake.stop()
+        await db.dispose()
+        await create_database(admin_url, dbname, drop=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency-50 phase")
@@ -252,7 +374,12 @@ async def main() -> None:
     ap.add_argument("--database-url", default=os.environ.get(
         "SMARTSPACE_BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"))
     ap.add_argument("--profile", action="store_true", help="py-spy the server in the c=50 JSON phase")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="N",
+                    help="instead: N sequential in-process requests, SQL per request by issuing function")
     args = ap.parse_args()
+    if args.breakdown:
+        await breakdown(args.database_url, args.breakdown)
+        return
 
     dbname = f"bench_gateway_{uuid.uuid4().hex[:8]}"
     admin_url = args.database_url

@@ -138,3 +138,14 @@ async def test_bad_requests_are_400_or_422_with_openai_shape(gw):
     resp = await gw.client.post("/v1/chat/completions", data=b"{not json",
                                 headers={"Authorization": f"Bearer {gw.key['key']}"})
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_request"
+
+
+async def test_a_revoked_key_stops_working_at_once_despite_the_key_cache(gw):
+    await gw.oai.models.list()  # cached now
+    await gw.oai.models.list()
+    resp = await gw.client.delete(f"/api/v1/projects/{gw.project_id}/keys/{gw.key['id']}", headers=gw.owner.headers)
+    assert resp.status in (200, 204), await resp.text()
+    with pytest.raises(openai.AuthenticationError):
+        await gw.oai.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        await gw.oai.chat.completions.create(model="local/echo-1", messages=[{"role": "user", "content": "x"}])
