@@ -241,3 +241,33 @@ def test_openapi_handles_regex_path_params_and_reused_handler_names():
     assert [p["name"] for p in doc["paths"]["/v1/models/{model}"]["get"]["parameters"]] == ["model"]
     ids = [op["operationId"] for item in doc["paths"].values() for op in item.values()]
     assert len(set(ids)) == 3
+
+
+async def test_the_access_log_is_one_json_object_per_request_without_credentials(aiohttp_client, settings,
+                                                                                  container, caplog):
+    import json
+    import logging
+
+    import msgspec
+
+    from server.logs import JsonFormatter
+    from tests.factories import create_key
+
+    logged = msgspec.structs.replace(settings, access_log=True)
+    client = await aiohttp_client(create_app(logged, container=container))
+    owner = await register(client)
+    key = await create_key(client, owner)
+    caplog.set_level(logging.INFO, logger="smartspace.access")
+    caplog.clear()
+    resp = await client.get(f"/api/v1/projects/{owner.project_id}/agents",
+                            headers={"X-API-Key": key["key"], "X-Request-ID": "log-me-1"})
+    assert resp.status == 200
+    [record] = [r for r in caplog.records if r.name == "smartspace.access"]
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["request_id"] == "log-me-1"
+    assert (entry["method"], entry["route"], entry["status"]) == ("GET", "/api/v1/projects/{project_id}/agents", 200)
+    assert entry["actor"] == f"key:{key['id']}"
+    assert isinstance(entry["duration_ms"], float)
+    assert key["key"] not in line and owner.token not in line
