@@ -79,6 +79,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("chain_rpc_url", self.chain != "rpc" or self.chain_rpc_url.startswith(("http://", "https://")),
              "an http(s) URL when SMARTSPACE_CHAIN=rpc"),
             ("confirmations", self.confirmations >= 1, "at least 1"),
+            ("jwt_secret", self.jwt_secret == "" or len(self.jwt_secret) >= 32,
+             "at least 32 characters (or unset, to generate one)"),
             ("chain_poll_seconds", self.chain_poll_seconds > 0, "a positive number"),
             ("usdc_decimals", 0 <= self.usdc_decimals <= 36, "a number of decimals between 0 and 36"),
         ]

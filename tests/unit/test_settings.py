@@ -128,7 +128,13 @@ def test_the_generated_jwt_secret_is_private_and_stable(tmp_path):
     assert Settings(data_dir=str(tmp_path / "data")).resolved_jwt_secret == first
     mode = stat.S_IMODE((tmp_path / "data" / "jwt-secret").stat().st_mode)
     assert mode == 0o600
-    assert Settings(data_dir=str(tmp_path / "data"), jwt_secret="explicit").resolved_jwt_secret == "explicit"
+    explicit = "e" * 32
+    assert Settings(data_dir=str(tmp_path / "data"), jwt_secret=explicit).resolved_jwt_secret == explicit
+
+
+def test_a_short_jwt_secret_is_refused_without_echoing_it():
+    message = _fails({"SMARTSPACE_JWT_SECRET": "hunter2"})
+    assert "SMARTSPACE_JWT_SECRET" in message and "32" in message and "hunter2" not in message
 
 
 # ---------------------------------------------------------------- the command line
