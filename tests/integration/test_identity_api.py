@@ -4,9 +4,11 @@ success, authentication, roles, validation (nothing changes), malformed bodies, 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
+import jwt
 import pytest
 import sqlalchemy as sa
 
@@ -161,6 +163,11 @@ async def test_tokens_signed_elsewhere_or_expired_are_401(client, settings):
     assert "expired" in err["message"]
     ghost = Tokens(settings.jwt_secret, 3600).issue("usr_does_not_exist")
     await error(await client.get("/api/v1/me", headers=bearer(ghost)), 401, "unauthorized")
+    unsigned = jwt.encode({"sub": alice.id, "iss": "smartspace", "exp": int(time.time()) + 600}, None,
+                          algorithm="none")
+    await error(await client.get("/api/v1/me", headers=bearer(unsigned)), 401, "unauthorized")
+    no_expiry = jwt.encode({"sub": alice.id, "iss": "smartspace"}, settings.jwt_secret, algorithm="HS256")
+    await error(await client.get("/api/v1/me", headers=bearer(no_expiry)), 401, "unauthorized")
 
 
 async def test_me_with_an_api_key_is_refused(client):
