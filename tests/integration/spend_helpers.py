@@ -83,11 +83,13 @@ async def fix_prices(client, admin: UserHandle, model: str = "local/echo-1", inp
     assert resp.status == 200, await resp.text()
 
 
-async def funded_project(client, balance: int = 1_000_000) -> tuple[UserHandle, UserHandle]:
+async def funded_project(client, balance: int = 1_000_000, admin: UserHandle | None = None
+                         ) -> tuple[UserHandle, UserHandle]:
     """(platform admin, owner of a project funded with ``balance``), local/echo-1 priced at COST a call."""
-    admin = await platform_admin(client)
+    if admin is None:
+        admin = await platform_admin(client)
+        await fix_prices(client, admin)
     owner = await register(client)
-    await fix_prices(client, admin)
     if balance:
         await fund(client, admin, owner.project_id, balance)
     return admin, owner

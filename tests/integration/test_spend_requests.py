@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import sqlalchemy as sa
 
-from storage.models import spend_requests
+from storage.models import budgets, spend_requests, wallets
 from tests.factories import add_member, bearer, create_key, register
 from tests.integration.spend_helpers import (
     COST,
@@ -193,4 +196,36 @@ async def test_requests_are_listed_per_project_and_hidden_from_outsiders(client,
     assert bad.status == 422
     eve = await register(client)
     assert (await client.get(f"/api/v1/requests/{ids[0]}", headers=eve.headers)).status == 404
+    await assert_books_balance(db, alice.project_id)
+
+
+async def test_concurrent_requests_never_pass_the_budget_or_the_wallet(client, db):
+    """In-process race on both databases (the two-process one is tests/e2e/test_spend_race.py)."""
+    admin, alice = await funded_project(client, 100 * COST)
+    await create_budget(client, alice, 10 * COST, "total")
+    key = await create_key(client, alice)
+    results = await asyncio.gather(*(spend(client, bearer(key["key"])) for _ in range(30)))
+    codes = sorted((body.get("error") or {}).get("code", "ok") for _, body in results)
+    assert codes == ["budget_exceeded"] * 20 + ["ok"] * 10
+    books = await assert_books_balance(db, alice.project_id)
+    assert books == {"balance": 90 * COST, "reserved": 0}
+
+    _, bob = await funded_project(client, 5 * COST, admin)
+    bob_key = await create_key(client, bob)
+    results = await asyncio.gather(*(spend(client, bearer(bob_key["key"])) for _ in range(15)))
+    codes = sorted((body.get("error") or {}).get("code", "ok") for _, body in results)
+    assert codes == ["insufficient_funds"] * 10 + ["ok"] * 5
+    assert await assert_books_balance(db, bob.project_id) == {"balance": 0, "reserved": 0}
+
+
+async def test_the_database_itself_refuses_an_overspend(client, db):
+    """Defence in depth: even a write that skipped the conditional UPDATE is refused by the CHECKs."""
+    _, alice = await funded_project(client, 1_000)
+    budget = await create_budget(client, alice, 500, "day")
+    for stmt in (sa.update(wallets).where(wallets.c.project_id == alice.project_id).values(reserved_micros=1_001),
+                 sa.update(wallets).where(wallets.c.project_id == alice.project_id).values(reserved_micros=-1),
+                 sa.update(budgets).where(budgets.c.id == budget["id"]).values(spent_micros=400, reserved_micros=101)):
+        with pytest.raises(sa.exc.IntegrityError):
+            async with db.engine.begin() as conn:
+                await conn.execute(stmt)
     await assert_books_balance(db, alice.project_id)
