@@ -30,10 +30,14 @@ async def open_chain(settings: Settings) -> tuple[Web3Chain, Devnet | None]:
         raise SettingsError("SMARTSPACE_USDC_ADDRESS is required when SMARTSPACE_CHAIN=rpc "
                             "(Arc: 0x3600000000000000000000000000000000000000)")
     w3 = AsyncWeb3(AsyncHTTPProvider(settings.chain_rpc_url))
-    chain_id = await w3.eth.chain_id
-    if settings.chain_id and settings.chain_id != chain_id:
-        raise SettingsError(f"SMARTSPACE_CHAIN_ID={settings.chain_id} but the node at SMARTSPACE_CHAIN_RPC_URL "
-                            f"reports chain id {chain_id}")
+    try:
+        chain_id = await w3.eth.chain_id
+        if settings.chain_id and settings.chain_id != chain_id:
+            raise SettingsError(f"SMARTSPACE_CHAIN_ID={settings.chain_id} but the node at SMARTSPACE_CHAIN_RPC_URL "
+                                f"reports chain id {chain_id}")
+    except BaseException:
+        await w3.provider.disconnect()  # its HTTP session
+        raise
     chain = Web3Chain(w3, chain_id=chain_id, token_address=settings.usdc_address, decimals=settings.usdc_decimals,
                       treasury_key=settings.treasury_private_key, revenue_address=settings.revenue_address or None)
     if chain.revenue_address is None:

@@ -20,12 +20,13 @@ from aiohttp import web
 
 from domain.base import utcnow
 from domain.chain import units_to_micros
-from domain.errors import Conflict, InsufficientFunds
+from domain.errors import Conflict, DomainError, InsufficientFunds, Unavailable
 from domain.payments import Payment
 from server.chain import open_chain
 from server.chain.devnet import Devnet
 from server.chain.web3chain import Web3Chain
 from server.container import Container
+from server.settings import SettingsError
 
 log = logging.getLogger("smartspace.payments")
 
@@ -147,7 +148,9 @@ class PaymentWorker:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the loop must outlive a bad tick (node down, database blip)
+            except DomainError as exc:  # e.g. the node is unreachable: said once per tick, no traceback
+                log.warning("payments worker tick: %s", exc.message)
+            except Exception:  # the loop must outlive a bad tick (database blip, a node's odd answer)
                 log.exception("payments worker tick failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
@@ -176,13 +179,20 @@ class ChainRuntime:
         self.devnet: Devnet | None = None
         self.worker: PaymentWorker | None = None
         self._lock = asyncio.Lock()
+        self._opener: asyncio.Task[None] | None = None
 
     async def get(self) -> Web3Chain:
         if self.chain is not None:
             return self.chain
         async with self._lock:
             if self.chain is None:
-                chain, devnet = await open_chain(self.container.settings)
+                try:
+                    chain, devnet = await open_chain(self.container.settings)
+                except SettingsError:
+                    raise
+                except Exception as exc:  # the node is down or answers nonsense: a 503 now, a retry later
+                    log.warning("cannot open the chain: %s", str(exc)[:300])
+                    raise Unavailable("the chain node is unreachable; try again shortly") from None
                 if devnet is not None:
                     async with self.container.uow() as scope:
                         if failed := await scope.payments.forget_devnet_run(chain.chain_id):
@@ -196,7 +206,27 @@ class ChainRuntime:
                     worker.start()
         return self.chain
 
+    def keep_opening(self, every_seconds: float = 5.0) -> None:
+        """Start-up found the node down: keep trying in the background so the worker resumes unfinished
+        payouts as soon as it is back (routes also try on each call)."""
+
+        async def loop() -> None:
+            while self.chain is None:
+                try:
+                    await self.get()
+                except Unavailable:
+                    await asyncio.sleep(every_seconds)
+                except SettingsError as exc:
+                    log.error("chain configuration error: %s", exc)
+                    return
+
+        self._opener = asyncio.create_task(loop(), name="smartspace-chain-open")
+
     async def close(self) -> None:
+        if self._opener is not None:
+            self._opener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._opener
         if self.worker is not None:
             await self.worker.stop()
         if self.chain is not None:
@@ -215,8 +245,11 @@ def chain_context(container: Container, *, start_worker: bool = True):
         runtime = ChainRuntime(container, start_worker=start_worker)
         app[CHAIN] = runtime
         container.deps.chain_runtime = runtime
-        if container.settings.chain == "rpc":
-            await runtime.get()
+        if container.settings.chain == "rpc":  # a bad configuration stops start-up; a node that is down does not
+            try:
+                await runtime.get()
+            except Unavailable:
+                runtime.keep_opening(max(container.settings.chain_poll_seconds, 0.05) * 5)
         yield
         await runtime.close()
 

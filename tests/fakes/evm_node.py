@@ -44,19 +44,25 @@ class FakeEvmNode:
         self.url = ""
 
     @classmethod
-    async def start(cls, *, treasury_key: str, arc: bool = False) -> FakeEvmNode:
+    async def start(cls, *, treasury_key: str, arc: bool = False, port: int = 0, serve: bool = True) -> FakeEvmNode:
         node = cls(await Devnet.start(treasury_key=treasury_key), arc=arc)
         backend = node.devnet.w3
         node._request = await backend.provider.request_func(backend, backend.middleware_onion)
+        node.url = f"http://127.0.0.1:{port}"
+        if serve:
+            await node.serve(port)
+        return node
+
+    async def serve(self, port: int = 0) -> None:
+        """Start answering on loopback (``port`` 0: any free port)."""
         app = web.Application()
-        app.router.add_post("/", node._handle)
-        node._runner = web.AppRunner(app)
-        await node._runner.setup()
-        site = web.TCPSite(node._runner, "127.0.0.1", 0)
+        app.router.add_post("/", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        node.url = f"http://127.0.0.1:{port}"
-        return node
+        self.url = f"http://127.0.0.1:{port}"
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -3,11 +3,15 @@ on loopback (the in-process EVM behind it, answering like Arc: a second, system 
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import msgspec
 import pytest
 import sqlalchemy as sa
 
 from server.chain import open_chain
+from server.chain.workers import CHAIN
 from server.settings import SettingsError
 from storage.models import payments
 from tests.factories import register
@@ -88,3 +92,40 @@ async def test_rpc_mode_refuses_a_node_on_another_chain_and_a_missing_key(settin
         await open_chain(msgspec.structs.replace(settings, treasury_private_key=""))
     with pytest.raises(SettingsError, match="SMARTSPACE_USDC_ADDRESS"):
         await open_chain(msgspec.structs.replace(settings, usdc_address=""))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TestNodeDownAtStartUp:
+    @pytest.fixture
+    async def node(self):
+        node = await FakeEvmNode.start(treasury_key=TREASURY_KEY, port=free_port(), serve=False)
+        yield node
+        await node.close()
+
+    @pytest.fixture
+    def settings(self, settings, node):
+        return msgspec.structs.replace(
+            settings, chain="rpc", chain_rpc_url=node.url, chain_id=node.devnet.chain.chain_id,
+            usdc_address=node.devnet.chain.token_address, treasury_private_key=TREASURY_KEY,
+            chain_worker=False, chain_poll_seconds=0.01)
+
+    async def test_the_server_starts_answers_503_and_connects_once_the_node_is_up(self, client, db, node):
+        alice = await register(client)
+        resp = await client.get(f"/api/v1/projects/{alice.project_id}/deposit-address", headers=alice.headers)
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "unavailable"
+        assert (await client.get(f"/api/v1/projects/{alice.project_id}/wallet", headers=alice.headers)).status == 200
+
+        await node.serve(int(node.url.rsplit(":", 1)[1]))
+        rt = client.app[CHAIN]
+
+        for _ in range(3000):  # the background opener gets there (bounded, not timed)
+            if rt.chain is not None:
+                break
+            await asyncio.sleep(0.01)
+        info = await deposit_address(client, alice)
+        assert info["treasury_address"] == node.devnet.chain.treasury_address
