@@ -4,6 +4,7 @@ on loopback (the in-process EVM behind it, answering like Arc: a second, system 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import msgspec
@@ -129,3 +130,23 @@ class TestNodeDownAtStartUp:
             await asyncio.sleep(0.01)
         info = await deposit_address(client, alice)
         assert info["treasury_address"] == node.devnet.chain.treasury_address
+
+
+async def test_the_treasury_key_is_never_logged_or_returned(client, db, node, caplog, settings):
+    caplog.set_level(logging.DEBUG)
+    alice = await register(client)
+    rt = await runtime(client, devnet=False)
+    info = await deposit_address(client, alice)
+    bodies = [str(info)]
+    status, body = await claim(client, alice, await node.devnet.pay(info["deposit_address"], 2 * USDC))
+    assert status == 201
+    bodies.append(str(body))
+    status, created, _ = await withdraw(client, alice, node.devnet.new_account(), USDC, key="secret-check")
+    assert status == 201
+    bodies.append(str(created))
+    await run_worker(rt)
+    bodies.append(await (await client.get(f"/api/v1/projects/{alice.project_id}/payments",
+                                          headers=alice.headers)).text())
+    secret = TREASURY_KEY[2:]
+    assert secret not in caplog.text and all(secret not in b for b in bodies)
+    assert secret not in repr(settings) and secret not in repr(rt.chain)
