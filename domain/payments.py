@@ -241,8 +241,8 @@ class Payments:
         """A sender address whose transfers to the shared treasury address count for this project."""
         await self.scope.projects.require(project_id, "admin")
         address = normalize_address(cmd.address)
-        if address == ZERO_ADDRESS:
-            raise InvalidRequest("the zero address cannot send deposits", {"address": cmd.address})
+        if address in (ZERO_ADDRESS, self.chain.treasury_address, self.chain.token_address):
+            raise InvalidRequest("this address cannot be registered as a deposit sender", {"address": cmd.address})
         sender = DepositSender(chain_id=self.chain.chain_id, address=address, project_id=project_id,
                                created_at=utcnow())
         await self.repo.add_sender(sender)  # Conflict if any project registered it already
@@ -399,8 +399,9 @@ class Payments:
         chain = self.chain
         if to_address == ZERO_ADDRESS:
             raise InvalidRequest("cannot pay out to the zero address", {"to_address": cmd.to_address})
-        if to_address == chain.token_address:
-            raise InvalidRequest("cannot pay out to the token contract itself", {"to_address": cmd.to_address})
+        if to_address in (chain.token_address, chain.treasury_address):
+            raise InvalidRequest("cannot pay out to the token contract or the treasury itself",
+                                 {"to_address": cmd.to_address})
         units = micros_to_units(cmd.amount_micros, chain.decimals)
         payment_id = new_id("pay")
         await self.scope.wallets.hold(project_id, cmd.amount_micros, ref=payment_id)

@@ -150,6 +150,9 @@ async def test_deposits_to_the_treasury_count_only_from_registered_senders(clien
                              headers=bob.headers)
     assert resp.status == 409  # one sender, one project
     assert (await deposit_address(client, alice))["registered_senders"] == [sender]
+    resp = await client.post(f"/api/v1/projects/{alice.project_id}/deposit-senders",
+                             json={"address": info["treasury_address"]}, headers=alice.headers)
+    assert resp.status == 422  # the treasury paying itself is no deposit
 
     registered = await rt.devnet.pay(info["treasury_address"], 7 * USDC, payer=sender)
     assert (await claim(client, bob, registered))[0] == 422  # not bob's sender

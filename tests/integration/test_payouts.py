@@ -202,6 +202,8 @@ async def test_only_admins_withdraw_and_strangers_see_no_payments(client, db):
     assert (await client.get(f"/api/v1/projects/{alice.project_id}/payments", headers=eve.headers)).status == 404
     status, _, _ = await withdraw(client, alice, "0x" + "0" * 40, USDC, key="zero")
     assert status == 422
+    for own in (rt.chain.treasury_address, rt.chain.token_address):
+        assert (await withdraw(client, alice, own, USDC, key=f"own-{own}"))[0] == 422
 
 
 async def test_the_stored_transaction_is_signed_by_the_treasury_for_the_configured_chain_and_token(client, db):
