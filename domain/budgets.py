@@ -209,18 +209,26 @@ class Budgets:
         self._updated(rolled, "reset")
         return rolled
 
+    async def applicable(self, project_id: str, agent_id: str | None) -> list[Budget]:
+        """Active budgets that apply to a request of ``agent_id`` (project-wide + the agent's), by id."""
+        return await self.repo.applicable(project_id, agent_id)
+
     async def reserve_all(self, project_id: str, agent_id: str | None, amount: int, *, ref: str,
-                          now: datetime) -> list[Budget]:
+                          now: datetime, budgets: list[Budget] | None = None) -> list[Budget]:
         """Reserve ``amount`` on every active budget that applies (project-wide + this agent's), in id
         order (consistent lock order across processes). Raises BudgetExceeded on the first that has
-        no room — the caller's transaction then rolls back every hold it made."""
-        budgets = await self.repo.applicable(project_id, agent_id)
+        no room — the caller's transaction then rolls back every hold it made. ``budgets``: the
+        applicable list if the caller read it already (before taking the wallet's row lock)."""
+        if budgets is None:
+            budgets = await self.repo.applicable(project_id, agent_id)
         held: list[Budget] = []
         for budget in sorted(budgets, key=lambda b: b.id):
             budget = await self.roll(budget, now)
             after = await self.repo.reserve(budget.id, amount, now)
             if after is None:
                 current = await self.repo.get(budget.id) or budget
+                if not current.active:  # deleted since it was read: it no longer applies
+                    continue
                 raise BudgetExceeded(
                     f"the budget {current.name!r} has {max(0, current.available_micros)} micro-USDC left "
                     f"this period; this request needs {amount}",

@@ -412,9 +412,12 @@ class Spending:
         row.params = {**row.params, "input_micros_per_mtok": prices[0], "output_micros_per_mtok": prices[1]}
         self._created(scope, row)
         if amount > 0:
-            # Lock order, the same on every path: wallet, then budgets by id, then the event head.
+            # Reads first, then the row locks in the same order on every path: wallet, budgets by id,
+            # event head (appended at commit) — short lock windows, no deadlocks between processes.
+            applicable = await scope.budgets.applicable(row.project_id, row.agent_id)
             await scope.wallets.hold(row.project_id, amount, ref=row.id)
-            budgets = await scope.budgets.reserve_all(row.project_id, row.agent_id, amount, ref=row.id, now=now)
+            budgets = await scope.budgets.reserve_all(row.project_id, row.agent_id, amount, ref=row.id, now=now,
+                                                      budgets=applicable)
             row.budget_ids = [b.id for b in budgets]
         await scope.store.spend_requests.insert(row)
         if held:
