@@ -110,7 +110,7 @@ class Phase(msgspec.Struct):
         return self.done / self.seconds if self.seconds else 0.0
 
 
-async def load(url: str, headers: dict, body: dict, *, concurrency: int, total: int, stream: bool,
+async def load(url: str, headers: dict | list[dict], body: dict, *, concurrency: int, total: int, stream: bool,
                max_seconds: float, costs: list[int] | None = None) -> Phase:
     payload = msgspec.json.encode({**body, "stream": stream})
     latencies: list[float] = []
@@ -128,10 +128,12 @@ async def load(url: str, headers: dict, body: dict, *, concurrency: int, total: 
             if dur:
                 stages[name].append(float(dur))
 
-    hdrs = {**headers, "Content-Type": "application/json"}
+    variants = [{**h, "Content-Type": "application/json"}
+                for h in (headers if isinstance(headers, list) else [headers])]
     async with aiohttp.ClientSession(connector=connector) as session:
-        async def worker() -> None:
+        async def worker(i: int) -> None:
             nonlocal issued, errors
+            hdrs = variants[i % len(variants)]
             while issued < total and time.perf_counter() < deadline:
                 issued += 1
                 t0 = time.perf_counter()
@@ -161,12 +163,13 @@ async def load(url: str, headers: dict, body: dict, *, concurrency: int, total: 
                 latencies.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
         seconds = time.perf_counter() - t0
     return Phase(latencies=latencies, seconds=seconds, errors=errors, stages=dict(stages))
 
 
-async def setup_project(base: str) -> tuple[str, str, dict]:
+async def setup_project(base: str, projects: int = 1) -> tuple[str, list[str], list[dict]]:
+    """The admin user, ``projects`` funded projects with permissive policies, one key each."""
     async with aiohttp.ClientSession() as s:
         async def call(method: str, path: str, token: str | None = None, **kw):
             headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -179,34 +182,42 @@ async def setup_project(base: str) -> tuple[str, str, dict]:
         reg = await call("POST", "/api/v1/auth/register",
                          json={"email": ADMIN, "password": "bench password 1", "name": "Bench"})
         token = reg["access_token"]
-        project = (await call("GET", "/api/v1/projects", token))["items"][0]["id"]
-        key = (await call("POST", f"/api/v1/projects/{project}/keys", token, json={"name": "bench"}))["key"]
-        await call("POST", f"/api/v1/admin/projects/{project}/credits", token,
-                   json={"amount_micros": 10**12, "reason": "bench funds"})
         system = await call("GET", "/api/v1/admin/policy", token)
         system = {k: v for k, v in system.items() if k not in ("version", "created_at", "created_by")}
         system.update(max_rate_per_minute=None, max_per_day_micros=10**15)
         await call("PUT", "/api/v1/admin/policy", token, json=system)
-        await call("PUT", f"/api/v1/projects/{project}/policy", token,
-                   json={"max_risk_score": 10, "review_risk_above": 10, "require_approval_above_micros": None})
-        return token, project, {"Authorization": f"Bearer {key}"}
+        ids = [(await call("GET", "/api/v1/projects", token))["items"][0]["id"]]
+        for i in range(1, projects):
+            ids.append((await call("POST", "/api/v1/projects", token, json={"name": f"bench {i}"}))["id"])
+        keys = []
+        for project in ids:
+            key = (await call("POST", f"/api/v1/projects/{project}/keys", token, json={"name": "bench"}))["key"]
+            await call("POST", f"/api/v1/admin/projects/{project}/credits", token,
+                       json={"amount_micros": 10**12, "reason": "bench funds"})
+            await call("PUT", f"/api/v1/projects/{project}/policy", token,
+                       json={"max_risk_score": 10, "review_risk_above": 10, "require_approval_above_micros": None})
+            keys.append({"Authorization": f"Bearer {key}"})
+        return token, ids, keys
 
 
-async def accounting(base: str, token: str, project: str, costs: list[int]) -> str:
+async def accounting(base: str, token: str, projects: list[str], costs: list[int]) -> str:
+    requests = cost = spent = reserved = settled = 0
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
-        async with s.get(f"{base}/api/v1/projects/{project}/usage") as r:
-            usage = await r.json()
-        async with s.get(f"{base}/api/v1/projects/{project}/wallet") as r:
-            wallet = await r.json()
-    totals = usage["totals"]
-    spent = -usage["ledger"].get("spend", 0)
-    ok = (totals["requests"] == len(costs) and totals["cost_micros"] == sum(costs) == spent
-          and wallet["reserved_micros"] == 0 and usage["requests_by_status"].get("settled") == len(costs)
+        for project in projects:
+            async with s.get(f"{base}/api/v1/projects/{project}/usage") as r:
+                usage = await r.json()
+            async with s.get(f"{base}/api/v1/projects/{project}/wallet") as r:
+                wallet = await r.json()
+            requests += usage["totals"]["requests"]
+            cost += usage["totals"]["cost_micros"]
+            spent += -usage["ledger"].get("spend", 0)
+            reserved += wallet["reserved_micros"]
+            settled += usage["requests_by_status"].get("settled", 0)
+    ok = (requests == len(costs) == settled and cost == sum(costs) == spent and reserved == 0
           and min(costs, default=1) > 0)
-    return (f"{'OK' if ok else 'MISMATCH'}: {len(costs)} gateway requests, settled "
-            f"{usage['requests_by_status'].get('settled')}, receipts {sum(costs)} µUSDC, /usage "
-            f"{totals['cost_micros']} µUSDC over {totals['requests']} requests, ledger spend {spent} µUSDC, "
-            f"wallet reserved {wallet['reserved_micros']}")
+    return (f"{'OK' if ok else 'MISMATCH'}: {len(costs)} gateway requests, settled {settled}, receipts "
+            f"{sum(costs)} µUSDC, /usage {cost} µUSDC over {requests} requests, ledger spend {spent} µUSDC, "
+            f"wallets reserved {reserved}")
 
 
 def _frame(f: str) -> str:
@@ -300,9 +311,9 @@ async def breakdown(admin_url: str, requests: int) -> None:
         client = TestClient(TestServer(create_app(settings, container=container)))
         await client.start_server()
         base = str(client.make_url("")).rstrip("/")
-        _, _, key_headers = await setup_project(base)
+        _, _, keys = await setup_project(base)
         body = msgspec.json.encode({**BODY, "model": "openai/gpt-4o-mini"})
-        headers = {**key_headers, "Content-Type": "application/json"}
+        headers = {**keys[0], "Content-Type": "application/json"}
 
         async def one() -> None:
             async with client.session.post(f"{base}/v1/chat/completions", data=body, headers=headers) as r:
@@ -370,6 +381,8 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency-50 phase")
     ap.add_argument("--serial", type=int, default=300, help="requests per concurrency-1 phase")
     ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--projects", type=int, default=1,
+                    help="spread the gateway load over this many projects (keys), worker i → project i %% n")
     ap.add_argument("--phase-seconds", type=float, default=40.0)
     ap.add_argument("--database-url", default=os.environ.get(
         "SMARTSPACE_BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"))
@@ -409,7 +422,7 @@ async def main() -> None:
         gw = f"http://127.0.0.1:{gw_port}"
         await wait_http(f"http://127.0.0.1:{up_port}/v1/chat/completions")
         await wait_http(f"{gw}/health")
-        token, project, key_headers = await setup_project(gw)
+        token, projects, key_headers = await setup_project(gw, args.projects)
         direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         gateway_url = f"{gw}/v1/chat/completions"
         gw_body = {**BODY, "model": "openai/gpt-4o-mini"}
@@ -424,7 +437,8 @@ async def main() -> None:
                    costs=costs)
 
         print(f"gateway bench: python {sys.version.split()[0]}, {os.cpu_count()} cores, PostgreSQL, "
-              f"fake upstream on loopback, 1 server process\n")
+              f"fake upstream on loopback, 1 server process, {args.projects} project(s), "
+              f"load average before {os.getloadavg()[0]:.1f}\n")
         header = (f"{'phase':<22}{'n':>6}{'err':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
                   f"{'+p50 ms':>9}{'+p99 ms':>9}{'ratio':>7}{'cpu ms/req':>12}")
         print(header)
@@ -465,7 +479,8 @@ async def main() -> None:
                     print("  (collapsed stacks kept in /tmp/smartspace-gateway-pyspy.txt)")
                     print()
         await asyncio.sleep(0.5)
-        print("\naccounting:", await accounting(gw, token, project, costs))
+        print("\naccounting:", await accounting(gw, token, projects, costs))
+        print(f"load average after: {os.getloadavg()[0]:.1f} (other processes on this machine skew every figure)")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGINT)
