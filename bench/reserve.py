@@ -104,11 +104,12 @@ async def drive(workers: int, seconds: float, op) -> dict[str, float]:
             await op(i)
             latencies.append(time.perf_counter() - start)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(i) for i in range(workers)))
     elapsed = time.perf_counter() - started
     return {"ops": len(latencies), "per_s": len(latencies) / elapsed,
-            "p50_ms": statistics.median(latencies) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000}
+            "p50_ms": statistics.median(latencies) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
+            "cpu_ms": (time.process_time() - cpu) * 1000 / max(1, len(latencies))}
 
 
 def spend_decision(estimate: int) -> Decision:
@@ -203,10 +204,11 @@ async def main() -> None:
                 assert w.balance_micros == total and b.spent_micros + b.reserved_micros <= b.limit_micros
 
         print(f"PostgreSQL {db.url.host}, {args.workers} concurrent workers, {args.seconds:g}s per measurement")
-        print(f"{'scenario':8} {'operation':28} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs baseline':>12}")
+        print(f"{'scenario':8} {'operation':28} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs baseline':>12} "
+              f"{'cpu ms/op':>10}")
         for scenario, name, r, base in rows:
             print(f"{scenario:8} {name:28} {r['per_s']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
-                  f"{r['per_s'] / base['per_s']:11.2f}x")
+                  f"{r['per_s'] / base['per_s']:11.2f}x {r['cpu_ms']:10.2f}")
     finally:
         await db.dispose()
         admin = Database(URL)
