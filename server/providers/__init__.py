@@ -100,10 +100,14 @@ class Providers:
     def names(self) -> list[str]:
         return sorted(self._adapters)
 
-    def timeout(self, upstream: Upstream) -> aiohttp.ClientTimeout:
-        read = upstream.timeout_seconds or self.settings.provider_timeout_seconds
-        return aiohttp.ClientTimeout(total=None, sock_connect=self.settings.provider_connect_timeout_seconds,
-                                     sock_read=read)
+    def timeout(self, upstream: Upstream, stream: bool = False) -> aiohttp.ClientTimeout:
+        """JSON calls: the whole call within the provider timeout. Streams: at most that long between
+        two reads (a long answer may stream for longer, a stalled one is cut)."""
+        limit = upstream.timeout_seconds or self.settings.provider_timeout_seconds
+        connect = self.settings.provider_connect_timeout_seconds
+        if stream:
+            return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=limit)
+        return aiohttp.ClientTimeout(total=limit, sock_connect=connect, sock_read=limit)
 
     @property
     def session(self) -> aiohttp.ClientSession:

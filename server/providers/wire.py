@@ -121,7 +121,7 @@ async def sse_events(registry: Providers, upstream: Upstream, url: str, headers:
     """
     try:
         async with registry.session.post(url, data=_encode(body), headers=headers,
-                                         timeout=registry.timeout(upstream)) as resp:
+                                         timeout=registry.timeout(upstream, stream=True)) as resp:
             await raise_for_status(upstream, resp, secret)
             event: str | None = None
             data: list[bytes] = []
