@@ -297,7 +297,7 @@ def attach(app: web.Application, container: Container, metrics: Metrics) -> Hub:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
         with contextlib.suppress(Exception):
-            await hub.sio.shutdown()
+            await asyncio.wait_for(hub.sio.shutdown(), 5)
 
     app.cleanup_ctx.append(lifecycle)
     return hub

@@ -129,6 +129,9 @@ class RedisBus(LocalBus):
                 payload = self._outbox.popleft()
                 try:
                     await self.redis.publish(self.channel, payload)
+                except asyncio.CancelledError:
+                    self._outbox.appendleft(payload)  # close() may still send it
+                    raise
                 except (aioredis.RedisError, OSError) as exc:
                     self._outbox.appendleft(payload)  # in order: nothing overtakes it
                     self._count("publish")
@@ -224,4 +227,4 @@ class RedisBus(LocalBus):
                     self._outbox.popleft()
         for client in (self.redis, self._listen_redis):
             with contextlib.suppress(Exception):
-                await client.aclose()
+                await asyncio.wait_for(client.aclose(), 2)

@@ -198,6 +198,7 @@ async def test_a_deaf_listener_is_noticed_by_its_heartbeat(redis_url, proxy, bus
 
 
 # ---------------------------------------------------------------- redis: two apps on one database
+# ``aiohttp_client`` comes last in these signatures so the apps stop before the proxy and the database go.
 async def redis_app(aiohttp_client, settings, db, url: str, channel: str, **bus_options):
     metrics = Metrics()
     bus = RedisBus(url, metrics, channel=channel, max_backoff_seconds=0.2, **bus_options)
@@ -211,7 +212,7 @@ def channel() -> str:
     return f"smartspace:test:{uuid.uuid4().hex[:8]}"
 
 
-async def test_an_event_committed_on_one_app_reaches_a_socket_on_the_other(aiohttp_client, settings, db, redis_url):
+async def test_an_event_committed_on_one_app_reaches_a_socket_on_the_other(settings, db, redis_url, aiohttp_client):
     name = channel()
     a, _, _ = await redis_app(aiohttp_client, settings, db, redis_url, name)
     b, _, metrics_b = await redis_app(aiohttp_client, settings, db, redis_url, name)
@@ -232,8 +233,8 @@ async def test_an_event_committed_on_one_app_reaches_a_socket_on_the_other(aioht
         await lc.disconnect()
 
 
-async def test_after_a_redis_cut_the_far_process_resyncs_its_sockets_from_the_log(aiohttp_client, settings, db,
-                                                                                   redis_url, proxy):
+async def test_after_a_redis_cut_the_far_process_resyncs_its_sockets_from_the_log(settings, db, redis_url, proxy,
+                                                                                   aiohttp_client):
     name = channel()
     a, bus_a, metrics_a = await redis_app(aiohttp_client, settings, db, through(proxy, redis_url), name)
     b, _, _ = await redis_app(aiohttp_client, settings, db, redis_url, name)
@@ -260,7 +261,7 @@ async def test_after_a_redis_cut_the_far_process_resyncs_its_sockets_from_the_lo
         await lc.disconnect()
 
 
-async def test_with_redis_unreachable_the_server_keeps_serving(aiohttp_client, settings, db, redis_url, proxy):
+async def test_with_redis_unreachable_the_server_keeps_serving(settings, db, redis_url, proxy, aiohttp_client):
     await proxy.cut()  # nothing listens on the proxy's port now
     metrics = Metrics()
     bus = RedisBus(through(proxy, redis_url), metrics, channel=channel(), max_backoff_seconds=0.2)
