@@ -277,6 +277,58 @@ def _callers() -> tuple[str, str]:
     return service, repo
 
 
+async def gateway_layer_alone(client, base: str, container, fake, body: bytes, headers: dict, requests: int) -> None:
+    """The gateway's own cost: the same requests with the spend path stubbed out (no database), against
+    the same requests sent straight to the fake upstream, both from this process (sequential)."""
+    from domain.base import utcnow
+    from domain.spend import Prepared, Receipt
+
+    class StubSpending:
+        async def prepare(self, actor, cmd, *, source="api", idempotency_key=None):
+            return Prepared(request_id="req_stub", project_id=actor.project_id or "", model="openai/gpt-4o-mini",
+                            provider="openai", upstream_model="gpt-4o-mini", operation=cmd.operation,
+                            estimated_cost_micros=100, reserved_micros=100, input_tokens=30,
+                            max_output_tokens=cmd.max_tokens or 64, input_micros_per_mtok=150_000,
+                            output_micros_per_mtok=600_000, budget_ids=[], actor=actor.label, source=source,
+                            messages=cmd.messages, input=cmd.input, params=cmd.params, stream=cmd.stream)
+
+        async def settle(self, prepared, usage, response=None):
+            return Receipt(request_id=prepared.request_id, model=prepared.model, input_tokens=usage.input_tokens,
+                           output_tokens=usage.output_tokens, estimated_cost_micros=100,
+                           cost_micros=prepared.cost(usage), settled_at=utcnow())
+
+        async def fail(self, prepared, error, usage=None):
+            return None
+
+    real = container.spending
+    container.spending = StubSpending()
+    direct_body = msgspec.json.encode({**BODY})
+    try:
+        async def timed(url: str, data: bytes, hdrs: dict) -> tuple[float, float]:
+            for _ in range(20):
+                async with client.session.post(url, data=data, headers=hdrs) as r:
+                    await r.read()
+            cpu = time.process_time()
+            lat = []
+            for _ in range(requests):
+                t = time.perf_counter()
+                async with client.session.post(url, data=data, headers=hdrs) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+                lat.append(time.perf_counter() - t)
+            lat.sort()
+            return lat[len(lat) // 2] * 1000, (time.process_time() - cpu) / requests * 1000
+
+        d50, dcpu = await timed(f"{fake.base_url}/chat/completions", direct_body,
+                                {"Content-Type": "application/json", "Authorization": f"Bearer {UPSTREAM_KEY}"})
+        g50, gcpu = await timed(f"{base}/v1/chat/completions", body, headers)
+        print(f"\ngateway layer alone (spend path stubbed, sequential, client + servers in one process): "
+              f"p50 {g50:.2f} ms vs direct {d50:.2f} ms → added {g50 - d50:.2f} ms; "
+              f"CPU {gcpu:.2f} vs {dcpu:.2f} ms/request → added {gcpu - dcpu:.2f} ms")
+    finally:
+        container.spending = real
+
+
 async def breakdown(admin_url: str, requests: int) -> None:
     """In-process, sequential: where one gateway request spends its time in SQL (statement, issuing
     function, count and ms per request), plus a pyinstrument profile of the spend path."""
@@ -355,6 +407,7 @@ async def breakdown(admin_url: str, requests: int) -> None:
             print(f"  {sum(v) / requests * 1000:7.2f} {len(v) / requests:6.1f}  {service} → {repo}: {head}")
         event.remove(db.engine.sync_engine, "before_cursor_execute", before)
         event.remove(db.engine.sync_engine, "after_cursor_execute", after)
+        await gateway_layer_alone(client, base, container, fake, body, headers, requests)
         try:
             from pyinstrument import Profiler
         except ImportError:
