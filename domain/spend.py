@@ -533,6 +533,10 @@ class Spending:
             exc.details = {**exc.details, "request_id": prepared.request_id}
             await self.fail(prepared, exc)
             raise
+        except asyncio.CancelledError:  # the caller went away: give the money back, then stop
+            await asyncio.shield(self.fail(prepared, ProviderError("the call was cancelled",
+                                                                   {"request_id": prepared.request_id})))
+            raise
         except TimeoutError:
             error = ProviderTimeout(f"the provider did not answer within {self.provider_timeout:g}s",
                                     {"request_id": prepared.request_id})
@@ -551,7 +555,7 @@ class Spending:
         usage = conservative_usage(call, output_text(completion.body), completion.usage) \
             if prepared.operation == "chat" else (completion.usage or conservative_usage(call, ""))
         try:
-            await self.settle(prepared, usage, completion.body)
+            await asyncio.shield(self.settle(prepared, usage, completion.body))  # settle even if cancelled
         except Conflict:
             raise
         except Exception as exc:  # never leave the reservation behind

@@ -7,10 +7,13 @@ import asyncio
 import pytest
 import sqlalchemy as sa
 
-from storage.models import budgets, spend_requests, wallets
+from domain.base import Actor, utcnow
+from domain.spend import SpendCommand
+from storage.models import budgets, catalog_models, spend_requests, wallets
 from tests.factories import add_member, bearer, create_key, register
 from tests.integration.spend_helpers import (
     COST,
+    MESSAGES,
     assert_books_balance,
     create_budget,
     events,
@@ -228,4 +231,43 @@ async def test_the_database_itself_refuses_an_overspend(client, db):
         with pytest.raises(sa.exc.IntegrityError):
             async with db.engine.begin() as conn:
                 await conn.execute(stmt)
+    await assert_books_balance(db, alice.project_id)
+
+
+class _HangingProvider:
+    """A provider that never answers (the edge faked: an upstream that hangs)."""
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
+    async def complete(self, call):
+        self.called.set()
+        await asyncio.Event().wait()
+
+    async def embed(self, call):
+        return await self.complete(call)
+
+
+async def test_a_cancelled_call_gives_the_reservation_back(client, db, container):
+    _, alice = await funded_project(client, 1_000_000)
+    hanging = _HangingProvider()
+    container.providers._adapters["hang"] = hanging
+    async with db.engine.begin() as conn:
+        await conn.execute(sa.insert(catalog_models).values(
+            id="hang/forever", provider="hang", name="forever", kind="chat", input_micros_per_mtok=1_000_000_000,
+            output_micros_per_mtok=1_000_000_000, context_window=1000, max_output_tokens=100, active=True,
+            updated_at=utcnow()))
+    actor = Actor(kind="user", id=alice.id, user_id=alice.id)
+    cmd = SpendCommand(model="hang/forever", messages=MESSAGES, max_tokens=10, project_id=alice.project_id)
+    task = asyncio.create_task(container.spending.run(actor, cmd))
+    await asyncio.wait_for(hanging.called.wait(), 30)
+    assert (await wallet(client, alice))["reserved_micros"] > 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    w = await wallet(client, alice)
+    assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000, 0)
+    failed = await (await client.get(f"/api/v1/projects/{alice.project_id}/requests?status=failed",
+                                     headers=alice.headers)).json()
+    assert len(failed["items"]) == 1
     await assert_books_balance(db, alice.project_id)
