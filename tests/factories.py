@@ -53,3 +53,23 @@ async def create_agent(client, owner: UserHandle, name: str | None = None, proje
                              json={"name": name or f"agent-{uuid.uuid4().hex[:6]}"}, headers=owner.headers)
     assert resp.status == 201, await resp.text()
     return await resp.json()
+
+
+_PASSWORD_HASH: list[str] = []  # one real argon2 hash of "correct horse", made once per test process
+
+
+async def quick_user(container, email: str | None = None, name: str = "Test User") -> UserHandle:
+    """Like ``register`` but through the domain with a precomputed password hash: the same user,
+    default project and token (login works), without ~200 ms of argon2 per user. For set-up only."""
+    from domain.base import PageRequest
+    from domain.identity import Register, hash_password
+
+    if not _PASSWORD_HASH:
+        _PASSWORD_HASH.append(await hash_password(container.deps, "correct horse"))
+    email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
+    async with container.uow() as scope:
+        result = await scope.users.register(Register(email=email, password="correct horse", name=name),
+                                            _PASSWORD_HASH[0])
+        project = (await scope.projects.list_mine(PageRequest())).items[0]
+    user = {"id": result.user.id, "email": result.user.email, "name": result.user.name}
+    return UserHandle(user, result.access_token, project.id)

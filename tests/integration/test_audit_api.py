@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.factories import add_member, bearer, create_agent, create_key, register
+from tests.factories import add_member, bearer, create_agent, create_key, quick_user
 
 P = "/api/v1/projects/{}"
 
@@ -34,9 +34,9 @@ async def walk(client, url: str, headers, params: dict[str, str] | None = None, 
 
 
 @pytest.fixture
-async def busy(client):
+async def busy(client, container):
     """A project with events by two actors: the owner and an admin."""
-    owner, admin = await asyncio.gather(register(client), register(client))
+    owner, admin = await asyncio.gather(quick_user(container), quick_user(container))
     await add_member(client, owner, admin, "admin")  # seq 2
     for i in range(10):  # seqs 3..12 by the owner
         await create_agent(client, owner, f"owner-{i}")
@@ -121,14 +121,14 @@ async def test_filter_by_time_window(client, busy):
 @pytest.mark.parametrize("params", [{"since": "yesterday"}, {"until": "2026-13-01T00:00:00Z"},
                                     {"cursor": "not-a-cursor"}, {"cursor": "YWJj"}, {"limit": "0"},
                                     {"limit": "1000"}])
-async def test_bad_audit_parameters_are_422(client, params):
-    owner = await register(client)
+async def test_bad_audit_parameters_are_422(client, container, params):
+    owner = await quick_user(container)
     await error(await client.get(P.format(owner.project_id) + "/audit", params=params, headers=owner.headers),
                 422, "invalid_request")
 
 
-async def test_viewers_and_api_keys_may_read_the_log(client):
-    owner, viewer = await asyncio.gather(register(client), register(client))
+async def test_viewers_and_api_keys_may_read_the_log(client, container):
+    owner, viewer = await asyncio.gather(quick_user(container), quick_user(container))
     await add_member(client, owner, viewer, "viewer")
     key = await create_key(client, owner)
     p = P.format(owner.project_id)
@@ -142,8 +142,8 @@ async def test_viewers_and_api_keys_may_read_the_log(client):
 
 
 @pytest.mark.parametrize("route", ["/audit", "/audit/verify"])
-async def test_audit_auth_failures_and_not_found(client, route):
-    owner, stranger = await asyncio.gather(register(client), register(client))
+async def test_audit_auth_failures_and_not_found(client, container, route):
+    owner, stranger = await asyncio.gather(quick_user(container), quick_user(container))
     other_key = await create_key(client, stranger)
     url = P.format(owner.project_id) + route
     await error(await client.get(url), 401, "unauthorized")

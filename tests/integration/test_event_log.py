@@ -14,7 +14,7 @@ from domain.base import SYSTEM, PageRequest
 from domain.events import GENESIS_HASH, Event, chain_hash
 from domain.identity import AgentCreate, Register
 from storage import models
-from tests.factories import add_member, create_agent, create_key, register
+from tests.factories import add_member, create_agent, create_key, quick_user
 
 
 async def new_project(container) -> tuple[str, object]:
@@ -47,7 +47,7 @@ def assert_chain(events: list[Event]) -> None:
 
 
 async def test_every_state_change_appends_its_event(client, container):
-    owner, other = await asyncio.gather(register(client), register(client))
+    owner, other = await asyncio.gather(quick_user(container), quick_user(container))
     p = f"/api/v1/projects/{owner.project_id}"
     await add_member(client, owner, other, "member")
     await client.patch(p + f"/members/{other.id}", json={"role": "viewer"}, headers=owner.headers)
@@ -69,7 +69,7 @@ async def test_every_state_change_appends_its_event(client, container):
 
 
 async def test_a_failed_request_appends_nothing(client, container):
-    owner = await register(client)
+    owner = await quick_user(container)
     await create_agent(client, owner, "taken")
     before = await all_events(container, owner.project_id)
     p = f"/api/v1/projects/{owner.project_id}"
@@ -144,7 +144,7 @@ async def test_twenty_concurrent_units_of_work_leave_a_gap_free_verified_chain(c
 
 
 async def test_twenty_concurrent_rest_calls_leave_a_gap_free_verified_chain(client, container):
-    owner = await register(client)
+    owner = await quick_user(container)
     p = f"/api/v1/projects/{owner.project_id}"
     responses = await asyncio.gather(*(client.post(p + "/agents", json={"name": f"r{i}"}, headers=owner.headers)
                                        for i in range(20)))

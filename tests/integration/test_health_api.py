@@ -16,7 +16,7 @@ from server.container import Container
 from server.http import routes
 from server.metrics import Metrics
 from tests.conftest import redis_bus
-from tests.factories import create_agent, register
+from tests.factories import create_agent, quick_user, register
 
 
 async def test_health_answers_without_auth(client):
@@ -136,8 +136,8 @@ async def test_an_unhandled_error_is_a_500_without_a_stack_trace(aiohttp_client,
     assert "trace-me" in error["message"]  # so a user can quote it and an operator can find the log line
 
 
-async def test_an_oversized_body_is_413_not_500(client):
-    owner = await register(client)
+async def test_an_oversized_body_is_413_not_500(client, container):
+    owner = await quick_user(container)
     resp = await client.post("/api/v1/projects", data=b"{" + b" " * (9 * 1024 * 1024) + b"}",
                              headers={**owner.headers, "Content-Type": "application/json"})
     assert resp.status == 413
@@ -255,7 +255,7 @@ async def test_the_access_log_is_one_json_object_per_request_without_credentials
 
     logged = msgspec.structs.replace(settings, access_log=True)
     client = await aiohttp_client(create_app(logged, container=container))
-    owner = await register(client)
+    owner = await quick_user(container)
     key = await create_key(client, owner)
     caplog.set_level(logging.INFO, logger="smartspace.access")
     caplog.clear()

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from server.security import Tokens
 from storage import models
-from tests.factories import UserHandle, add_member, bearer, create_agent, create_key, register
+from tests.factories import UserHandle, add_member, bearer, create_agent, create_key, quick_user, register
 
 P = "/api/v1/projects/{}"
 
@@ -52,9 +52,9 @@ class Team:
 
 
 @pytest.fixture
-async def team(client) -> Team:
-    # Registrations run concurrently: password hashing happens before the write lock is taken.
-    owner, admin, member, viewer, outsider = await asyncio.gather(*(register(client) for _ in range(5)))
+async def team(client, container) -> Team:
+    # Set up through the domain with a precomputed hash; registration itself is tested above.
+    owner, admin, member, viewer, outsider = await asyncio.gather(*(quick_user(container) for _ in range(5)))
     for who, role in ((admin, "admin"), (member, "member"), (viewer, "viewer")):
         await add_member(client, owner, who, role)
     return Team(owner, admin, member, viewer, outsider)
@@ -89,7 +89,7 @@ async def test_register_stores_an_argon2_hash_not_the_password(client, container
 
 
 async def test_register_with_a_taken_email_is_409_in_any_case(client, container):
-    alice = await register(client)
+    alice = await quick_user(container)
     before = await snapshot(container)
     resp = await client.post("/api/v1/auth/register",
                              json={"email": alice.email.upper(), "password": "another pass", "name": "B"})
@@ -113,8 +113,8 @@ async def test_register_validation_failures_are_422_and_change_nothing(client, c
     assert await snapshot(container) == before
 
 
-async def test_token_login_issues_a_bearer_token_that_works(client):
-    alice = await register(client)
+async def test_token_login_issues_a_bearer_token_that_works(client, container):
+    alice = await quick_user(container)
     resp = await client.post("/api/v1/auth/token", json={"email": alice.email.upper(), "password": "correct horse"})
     assert resp.status == 200
     body = await resp.json()
@@ -125,8 +125,8 @@ async def test_token_login_issues_a_bearer_token_that_works(client):
 
 
 @pytest.mark.parametrize("which", ["wrong password", "unknown email"])
-async def test_token_login_with_bad_credentials_is_401(client, which):
-    alice = await register(client)
+async def test_token_login_with_bad_credentials_is_401(client, container, which):
+    alice = await quick_user(container)
     email = alice.email if which == "wrong password" else _email()
     password = "wrong horse" if which == "wrong password" else "correct horse"
     resp = await client.post("/api/v1/auth/token", json={"email": email, "password": password})
@@ -154,8 +154,8 @@ async def test_me_with_a_bad_credential_is_401(client, header):
     await error(await client.get("/api/v1/me", headers=header), 401, "unauthorized")
 
 
-async def test_tokens_signed_elsewhere_or_expired_are_401(client, settings):
-    alice = await register(client)
+async def test_tokens_signed_elsewhere_or_expired_are_401(client, container, settings):
+    alice = await quick_user(container)
     forged = Tokens("some-other-secret-" + "z" * 32, 3600).issue(alice.id)
     await error(await client.get("/api/v1/me", headers=bearer(forged)), 401, "unauthorized")
     expired = Tokens(settings.jwt_secret, -60).issue(alice.id)
@@ -170,8 +170,8 @@ async def test_tokens_signed_elsewhere_or_expired_are_401(client, settings):
     await error(await client.get("/api/v1/me", headers=bearer(no_expiry)), 401, "unauthorized")
 
 
-async def test_me_with_an_api_key_is_refused(client):
-    alice = await register(client)
+async def test_me_with_an_api_key_is_refused(client, container):
+    alice = await quick_user(container)
     key = await create_key(client, alice)
     await error(await client.get("/api/v1/me", headers={"X-API-Key": key["key"]}), 401, "unauthorized")
 
@@ -191,7 +191,7 @@ BODY_ROUTES = [
 
 @pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
 async def test_a_malformed_body_is_400_never_500(client, container, method, path):
-    alice = await register(client)
+    alice = await quick_user(container)
     url = path.format(p=P.format(alice.project_id), u=alice.id)
     before = await snapshot(container)
     # Truncated after a field the route does not know: msgspec meets the unknown field first.
@@ -205,16 +205,16 @@ async def test_a_malformed_body_is_400_never_500(client, container, method, path
 
 
 @pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
-async def test_an_empty_body_is_refused_with_invalid_request(client, method, path):
-    alice = await register(client)
+async def test_an_empty_body_is_refused_with_invalid_request(client, container, method, path):
+    alice = await quick_user(container)
     url = path.format(p=P.format(alice.project_id), u=alice.id)
     resp = await client.request(method, url, data=b"", headers=alice.headers)
     await error(resp, 422, "invalid_request")
 
 
 # ---------------------------------------------------------------- projects
-async def test_create_list_get_and_update_a_project(client):
-    alice = await register(client)
+async def test_create_list_get_and_update_a_project(client, container):
+    alice = await quick_user(container)
     resp = await client.post("/api/v1/projects", json={"name": "Research", "description": "agents"},
                              headers=alice.headers)
     assert resp.status == 201
@@ -236,8 +236,8 @@ async def test_create_list_get_and_update_a_project(client):
     assert got["name"] == "Renamed"
 
 
-async def test_projects_list_paginates_without_duplicates(client):
-    alice = await register(client)
+async def test_projects_list_paginates_without_duplicates(client, container):
+    alice = await quick_user(container)
     for i in range(4):
         resp = await client.post("/api/v1/projects", json={"name": f"p{i}"}, headers=alice.headers)
         assert resp.status == 201
@@ -255,14 +255,14 @@ async def test_projects_list_paginates_without_duplicates(client):
 
 
 @pytest.mark.parametrize("params", [{"limit": "0"}, {"limit": "201"}, {"limit": "ten"}])
-async def test_bad_page_parameters_are_422(client, params):
-    alice = await register(client)
+async def test_bad_page_parameters_are_422(client, container, params):
+    alice = await quick_user(container)
     await error(await client.get("/api/v1/projects", params=params, headers=alice.headers), 422,
                 "invalid_request")
 
 
-async def test_a_garbage_cursor_never_500s(client):
-    alice = await register(client)
+async def test_a_garbage_cursor_never_500s(client, container):
+    alice = await quick_user(container)
     for cursor in ("!!!", "%%%", "////", "\u00e9t\u00e9"):
         resp = await client.get("/api/v1/projects", params={"cursor": cursor}, headers=alice.headers)
         assert resp.status in (200, 422), await resp.text()
@@ -277,7 +277,7 @@ async def test_a_garbage_cursor_never_500s(client):
     {"owner_id": "usr_x"},
 ])
 async def test_project_update_validation_failures_are_422_and_change_nothing(client, container, body):
-    alice = await register(client)
+    alice = await quick_user(container)
     before = await snapshot(container)
     resp = await client.patch(P.format(alice.project_id), json=body, headers=alice.headers)
     await error(resp, 422, "invalid_request")
@@ -285,7 +285,7 @@ async def test_project_update_validation_failures_are_422_and_change_nothing(cli
 
 
 async def test_project_create_validation_is_422(client, container):
-    alice = await register(client)
+    alice = await quick_user(container)
     before = await snapshot(container)
     for body in ({}, {"name": ""}, {"name": "x", "description": "d" * 2001}, {"name": 5}):
         await error(await client.post("/api/v1/projects", json=body, headers=alice.headers), 422,
@@ -293,8 +293,8 @@ async def test_project_create_validation_is_422(client, container):
     assert await snapshot(container) == before
 
 
-async def test_project_routes_without_credentials_are_401(client):
-    alice = await register(client)
+async def test_project_routes_without_credentials_are_401(client, container):
+    alice = await quick_user(container)
     p = P.format(alice.project_id)
     for method, url in (("GET", "/api/v1/projects"), ("POST", "/api/v1/projects"), ("GET", p), ("PATCH", p),
                         ("DELETE", p), ("GET", p + "/members"), ("POST", p + "/members"),
@@ -390,7 +390,7 @@ async def test_who_may_add_which_members(client, team, container):
     resp = await client.post(team.path + "/members", json={"email": newcomer.email},
                              headers=team.admin.headers)
     await error(resp, 409, "conflict")
-    other = await register(client)
+    other = await quick_user(container)
     resp = await client.post(team.path + "/members", json={"email": other.email, "role": "admin"},
                              headers=team.owner.headers)
     assert resp.status == 201
@@ -486,7 +486,7 @@ async def test_agent_role_failures_duplicates_and_validation(client, team, conta
 
 # ---------------------------------------------------------------- keys
 async def test_a_key_is_shown_once_and_listed_as_metadata_only(client, container):
-    alice = await register(client)
+    alice = await quick_user(container)
     agent = await create_agent(client, alice, "bot")
     resp = await client.post(P.format(alice.project_id) + "/keys", json={"name": "ci", "agent_id": agent["id"]},
                              headers=alice.headers)
@@ -508,8 +508,8 @@ async def test_a_key_is_shown_once_and_listed_as_metadata_only(client, container
     assert len(stored["key_hash"]) == 64
 
 
-async def test_an_api_key_authenticates_rest_calls_and_counts_its_uses(client):
-    alice = await register(client)
+async def test_an_api_key_authenticates_rest_calls_and_counts_its_uses(client, container):
+    alice = await quick_user(container)
     key = await create_key(client, alice)
     p = P.format(alice.project_id)
     for headers in ({"X-API-Key": key["key"]}, bearer(key["key"])):
@@ -523,8 +523,8 @@ async def test_an_api_key_authenticates_rest_calls_and_counts_its_uses(client):
     assert meta["last_used_at"] is not None and meta["last_used_at"] >= meta["created_at"]
 
 
-async def test_an_api_key_is_a_member_of_its_own_project_only(client):
-    alice, bob = await asyncio.gather(register(client), register(client))
+async def test_an_api_key_is_a_member_of_its_own_project_only(client, container):
+    alice, bob = await asyncio.gather(quick_user(container), quick_user(container))
     key = {"X-API-Key": (await create_key(client, alice))["key"]}
     p = P.format(alice.project_id)
     assert (await client.get(p + "/agents", headers=key)).status == 200
@@ -535,7 +535,7 @@ async def test_an_api_key_is_a_member_of_its_own_project_only(client):
 
 
 async def test_key_role_failures_and_validation(client, team, container):
-    other = await register(client)
+    other = await quick_user(container)
     foreign_agent = await create_agent(client, other, "elsewhere")
     before = await snapshot(container)
     for who in (team.viewer, team.member):
@@ -573,16 +573,16 @@ async def test_a_revoked_key_fails_at_once(client, team):
     assert len(revoked_events) == 1
 
 
-async def test_a_key_of_another_project_cannot_be_revoked_through_this_one(client):
-    alice, bob = await asyncio.gather(register(client), register(client))
+async def test_a_key_of_another_project_cannot_be_revoked_through_this_one(client, container):
+    alice, bob = await asyncio.gather(quick_user(container), quick_user(container))
     bobs = await create_key(client, bob)
     resp = await client.delete(P.format(alice.project_id) + f"/keys/{bobs['id']}", headers=alice.headers)
     await error(resp, 404, "not_found")
     assert (await client.get(P.format(bob.project_id), headers={"X-API-Key": bobs["key"]})).status == 200
 
 
-async def test_a_suspended_projects_keys_stop_working(client):
-    alice = await register(client)
+async def test_a_suspended_projects_keys_stop_working(client, container):
+    alice = await quick_user(container)
     key = {"X-API-Key": (await create_key(client, alice))["key"]}
     resp = await client.patch(P.format(alice.project_id), json={"status": "suspended"}, headers=alice.headers)
     assert (resp.status, (await resp.json())["status"]) == (200, "suspended")
@@ -605,7 +605,7 @@ async def test_concurrent_registrations_of_one_email_create_one_user(client, con
 
 
 async def test_concurrent_creates_of_one_agent_name_make_one_agent(client, container):
-    alice = await register(client)
+    alice = await quick_user(container)
     url = P.format(alice.project_id) + "/agents"
     responses = await asyncio.gather(*(client.post(url, json={"name": "same"}, headers=alice.headers)
                                        for _ in range(5)))
@@ -615,8 +615,8 @@ async def test_concurrent_creates_of_one_agent_name_make_one_agent(client, conta
     assert len(events["items"]) == 1
 
 
-async def test_concurrent_adds_of_one_member_add_them_once(client):
-    alice, bob = await asyncio.gather(register(client), register(client))
+async def test_concurrent_adds_of_one_member_add_them_once(client, container):
+    alice, bob = await asyncio.gather(quick_user(container), quick_user(container))
     url = P.format(alice.project_id) + "/members"
     responses = await asyncio.gather(*(client.post(url, json={"email": bob.email}, headers=alice.headers)
                                        for _ in range(5)))
@@ -625,8 +625,8 @@ async def test_concurrent_adds_of_one_member_add_them_once(client):
     assert len(members["items"]) == 2
 
 
-async def test_two_owners_leaving_at_once_leave_one_owner(client):
-    alice, bob = await asyncio.gather(register(client), register(client))
+async def test_two_owners_leaving_at_once_leave_one_owner(client, container):
+    alice, bob = await asyncio.gather(quick_user(container), quick_user(container))
     await add_member(client, alice, bob, "owner")
     url = P.format(alice.project_id) + "/members/{}"
     responses = await asyncio.gather(client.delete(url.format(alice.id), headers=alice.headers),
@@ -637,8 +637,8 @@ async def test_two_owners_leaving_at_once_leave_one_owner(client):
     assert [(m["user_id"], m["role"]) for m in members["items"]] == [(survivor.id, "owner")]
 
 
-async def test_two_owners_demoting_each_other_at_once_leave_one_owner(client):
-    alice, bob = await asyncio.gather(register(client), register(client))
+async def test_two_owners_demoting_each_other_at_once_leave_one_owner(client, container):
+    alice, bob = await asyncio.gather(quick_user(container), quick_user(container))
     await add_member(client, alice, bob, "owner")
     url = P.format(alice.project_id) + "/members/{}"
     responses = await asyncio.gather(
@@ -651,7 +651,7 @@ async def test_two_owners_demoting_each_other_at_once_leave_one_owner(client):
 
 
 async def test_racing_revokes_and_deletes_each_happen_once(client, container):
-    alice = await register(client)
+    alice = await quick_user(container)
     key = await create_key(client, alice)
     p = P.format(alice.project_id)
     revokes = await asyncio.gather(*(client.delete(p + f"/keys/{key['id']}", headers=alice.headers)
