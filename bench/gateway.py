@@ -50,9 +50,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 async def wait_http(url: str, seconds: float = 60.0) -> None:
@@ -89,13 +95,16 @@ class Phase(msgspec.Struct):
     seconds: float
     errors: int
     cpu: float = 0.0
+    cpu_user: float = 0.0
     stages: dict[str, list[float]] = {}  # the gateway's Server-Timing, ms per stage
 
     def stage_line(self) -> str:
         if not self.stages:
             return ""
         parts = [f"{k} {sorted(v)[len(v) // 2]:.2f}" for k, v in self.stages.items()]
-        return "    server-side p50 ms per stage: " + ", ".join(parts)
+        user = f"; server CPU user {self.cpu_user * 1000 / self.done:.2f} ms/req, kernel " \
+               f"{(self.cpu - self.cpu_user) * 1000 / self.done:.2f}" if self.done else ""
+        return "    server-side p50 ms per stage: " + ", ".join(parts) + user
 
     @property
     def done(self) -> int:
@@ -510,9 +519,12 @@ async def main() -> None:
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     await asyncio.sleep(1.0)
                 cpu0 = cpu_seconds(server.pid)
+                user0 = cpu_split(server.pid)[0]
                 through = await load(gateway_url, key_headers, gw_body, concurrency=concurrency, total=total,
                                      stream=stream, max_seconds=args.phase_seconds, costs=costs)
                 through.cpu = cpu_seconds(server.pid) - cpu0
+                user1 = cpu_split(server.pid)[0]
+                through.cpu_user = user1 - user0
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(timeout=30)
