@@ -255,3 +255,44 @@ async def test_verify_walks_the_log_in_chunks(container):
     await set_event(container, project_id, bad, data={"i": -1})
     result = await verify(container, project_id)
     assert (result.ok, result.first_bad_seq, result.checked) == (False, bad, bad - 1)
+
+
+async def test_verify_while_writers_append_never_reports_a_false_alarm(container):
+    project_id, actor = await new_project(container)
+    done = asyncio.Event()
+
+    async def writer(i: int) -> None:
+        async with container.uow(actor) as scope:
+            for j in range(5):
+                scope.emit(project_id, "test.busy", {"i": i, "j": j})
+
+    async def writers() -> None:
+        try:
+            for burst in range(10):
+                await asyncio.gather(*(writer(burst * 10 + i) for i in range(10)))
+        finally:
+            done.set()
+
+    async def verifier() -> list:
+        results = []
+        while not done.is_set():
+            results.append(await verify(container, project_id))
+        return results
+
+    _, results = await asyncio.gather(writers(), verifier())
+    assert results
+    assert [r for r in results if not r.ok] == []
+    final = await verify(container, project_id)
+    assert (final.ok, final.checked) == (True, 1 + 100 * 5)
+
+
+async def test_a_tail_rewritten_with_valid_hashes_is_caught_by_the_head(container, ten_events):
+    events = await all_events(container, ten_events)
+    prev = events[5].prev_hash
+    for e in events[5:]:  # seqs 6..10 re-chained over forged data, head row left alone
+        data = {"forged": e.seq}
+        digest = chain_hash(prev, e.project_id, e.seq, e.type, e.ts, e.actor, data)
+        await set_event(container, ten_events, e.seq, data=data, prev_hash=prev, hash=digest)
+        prev = digest
+    result = await verify(container, ten_events)
+    assert (result.ok, result.first_bad_seq, result.checked) == (False, 10, 10)
