@@ -102,6 +102,7 @@ class RedisBus(LocalBus):
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self.connected = asyncio.Event()  # the listener is subscribed
         self.resyncs = 0  # completed resyncs after a lost connection (for tests and logs)
 
@@ -123,7 +124,7 @@ class RedisBus(LocalBus):
 
     async def _publish_forever(self) -> None:
         delay = 0.05
-        while True:
+        while not self._closing:
             await self._outbox_ready.wait()
             while self._outbox:
                 payload = self._outbox.popleft()
@@ -150,7 +151,7 @@ class RedisBus(LocalBus):
 
     async def _listen_forever(self) -> None:
         delay, lost = 0.05, False
-        while True:
+        while not self._closing:
             pubsub = self._listen_redis.pubsub()
             try:
                 await asyncio.wait_for(pubsub.subscribe(self.channel), self.heartbeat_seconds * 3 + 2)
@@ -174,6 +175,10 @@ class RedisBus(LocalBus):
     async def _receive(self, pubsub, *, resync: bool) -> None:
         heard = next_ping = time.monotonic()
         while True:
+            if self._closing:
+                # redis-py's read timeout can swallow a cancellation that races with it (asyncio.timeout on
+                # Python 3.11): without this check a cancelled listener could poll forever.
+                raise asyncio.CancelledError
             now = time.monotonic()
             if now >= next_ping:
                 await pubsub.ping(HEARTBEAT)
@@ -213,11 +218,13 @@ class RedisBus(LocalBus):
             await self._deliver(decoded.events)
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=5)
+            if stuck:
+                log.warning("redis bus tasks did not stop", extra={"tasks": [t.get_name() for t in stuck]})
         self._tasks = []
         # Best effort, briefly: what is still queued goes out (it is in the log either way).
         with contextlib.suppress(Exception):

@@ -120,6 +120,43 @@ async def test_local_bus_delivers_in_order_to_every_listener_even_if_one_fails()
     assert metrics.registry.get_sample_value("smartspace_events_published_total") == 3
 
 
+class LossyBus(LocalBus):
+    """The in-process bus, told to lose the next ``drop`` publishes — as pub/sub does in a Redis blip."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(metrics)
+        self.drop = 0
+
+    async def publish(self, events) -> None:
+        if self.drop:
+            self.drop -= 1
+            return
+        await super().publish(events)
+
+
+async def test_a_lost_message_is_recovered_from_the_log_and_order_is_kept(settings, db, aiohttp_client):
+    metrics = Metrics()
+    bus = LossyBus(metrics)
+    client = await aiohttp_client(create_app(settings, container=Container(settings, db, bus, metrics=metrics)))
+    alice = await register(client)
+    lc = await LiveClient(str(client.make_url("/")), alice.token).connect()
+    try:
+        await lc.subscribe(alice.project_id)
+        path = f"/api/v1/projects/{alice.project_id}"
+        assert (await client.patch(path, json={"name": "two"}, headers=alice.headers)).status == 200
+        await lc.until_seq(2)
+        bus.drop = 1
+        assert (await client.patch(path, json={"name": "three"}, headers=alice.headers)).status == 200  # lost
+        assert (await client.patch(path, json={"name": "four"}, headers=alice.headers)).status == 200  # held
+        await lc.until_seq(4)
+        assert lc.seqs() == [1, 2, 3, 4]  # 3 read from the log once the gap outlived its grace, then 4
+        assert [e["data"]["project"]["name"] for e in lc.received[1:]] == ["two", "three", "four"]
+        replayed = metrics.registry.get_sample_value("smartspace_events_replayed_total", {"namespace": "/budgets"})
+        assert replayed == 2  # the subscribe's replay of seq 1, and the recovered seq 3
+    finally:
+        await lc.disconnect()
+
+
 # ---------------------------------------------------------------- redis: buses
 async def test_redis_bus_fans_out_and_skips_its_own_messages(redis_url, buses):
     one = await buses(redis_bus(redis_url, Metrics()))
