@@ -160,3 +160,11 @@ async def test_local_provider_is_deterministic_and_respects_max_tokens(registry:
     with pytest.raises(Exception) as err:
         registry.get("nope")
     assert err.value.code == "not_found"
+
+
+async def test_max_completion_tokens_keeps_its_name_for_o_series_models(registry: Providers, fake: FakeUpstream):
+    call = ProviderCall(provider="openai", model="o4-mini", messages=[{"role": "user", "content": "hi"}],
+                        max_tokens=7, params={"max_completion_tokens": 7})
+    await registry.get("openai").complete(call)
+    sent = fake.received[-1].body
+    assert sent["max_completion_tokens"] == 7 and "max_tokens" not in sent

@@ -208,3 +208,13 @@ async def test_no_provider_key_in_any_response_event_or_log(gw, caplog):
     requests_text = await resp.text()
     for secret in (OPENAI_KEY, ANTHROPIC_KEY, "UPSTREAM-"):
         assert secret not in audit and secret not in requests_text and secret not in caplog.text
+
+
+async def test_a_fallback_is_re_checked_and_a_refused_one_leaves_the_original_error(gw):
+    await gw.put_policy(fallback_models=["anthropic/claude-3-5-haiku"], blocked_providers=["anthropic"])
+    gw.fake.plan(Behavior(status=500))
+    with pytest.raises(openai.APIStatusError) as err:
+        await gw.oai.chat.completions.create(model="openai/gpt-4o-mini", messages=USER)
+    assert err.value.status_code == 502 and err.value.code == "provider_error"
+    assert [r.path for r in gw.fake.received] == ["/v1/chat/completions"]  # the refused fallback never ran
+    await settled_state(gw)
