@@ -118,6 +118,16 @@ async def test_unknown_routes_and_methods_use_the_error_shape(client):
     assert (await resp.json())["error"]["code"] == "method_not_allowed"
 
 
+async def test_credentials_are_checked_only_on_routes_that_need_them(client):
+    bad = {"Authorization": "Bearer garbage"}
+    assert (await client.get("/health", headers=bad)).status == 200
+    assert (await client.get("/api/v1/openapi.json", headers=bad)).status == 200
+    assert (await client.get("/no/such/route", headers=bad)).status == 404
+    # Socket.IO authenticates in its connect handler; the HTTP handshake is not the middleware's to refuse.
+    resp = await client.get("/socket.io/", params={"EIO": "4", "transport": "polling"}, headers=bad)
+    assert resp.status == 200, await resp.text()
+
+
 async def test_an_unhandled_error_is_a_500_without_a_stack_trace(aiohttp_client, settings, container):
     app = create_app(settings, container=container)
 
