@@ -29,7 +29,7 @@ def serve(args: argparse.Namespace) -> None:
 
     setup_logging(settings.log_level)
     host = args.host or settings.host
-    port = args.port or settings.port
+    port = args.port if args.port is not None else settings.port
     migrate = upgrade if settings.migrate_on_start else None
     app = create_app(settings, migrate=migrate)
     print(f"smartspace: serving on http://{host}:{port} (database {settings.resolved_database_url.split('://')[0]}, "
@@ -65,12 +65,22 @@ def migrate(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+def _port(raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port between 1 and 65535")
+    return port
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="smartspace", description="SmartSpace spend control plane")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the HTTP + Socket.IO server")
     p_serve.add_argument("--host", default=None, help="bind address (default SMARTSPACE_HOST or 127.0.0.1)")
-    p_serve.add_argument("--port", type=int, default=None, help="port (default SMARTSPACE_PORT or 8080)")
+    p_serve.add_argument("--port", type=_port, default=None, help="port (default SMARTSPACE_PORT or 8080)")
     p_serve.set_defaults(func=serve)
     p_migrate = sub.add_parser("migrate", help="apply database migrations")
     p_migrate.add_argument("revision", nargs="?", default="head")

@@ -190,3 +190,10 @@ def test_serve_on_a_taken_port_exits_naming_the_port(tmp_path):
     assert result.returncode != 0
     assert f"127.0.0.1:{port}" in result.stderr and "SMARTSPACE_PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000"])
+def test_serve_refuses_a_bad_port_option(tmp_path, port):
+    result = _smartspace(["serve", "--port", port], {"SMARTSPACE_DATA_DIR": str(tmp_path / "d")}, tmp_path)
+    assert result.returncode == 2
+    assert "--port" in result.stderr and port in result.stderr
