@@ -76,6 +76,8 @@ class Hub:
         self.streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._emit_lock = asyncio.Lock()  # one emitter at a time keeps every room in seq order
+        self._pending: set[asyncio.TimerHandle | asyncio.Future] = set()  # gap look-ups, stopped by close()
+        self._closed = False
         for namespace in NAMESPACES:
             self.sio.register_namespace(ProjectNamespace(namespace, self))
         container.bus.listen(self.deliver)
@@ -101,13 +103,36 @@ class Hub:
                 await self._emit_live(stream.ahead.pop(stream.upto))
         if stream.ahead and not stream.gap_since:
             stream.gap_since = time.monotonic()
-            asyncio.get_running_loop().call_later(GAP_GRACE_SECONDS, self._spawn_catch_up, project_id)
+            self._look_later(project_id)
         elif not stream.ahead:
             stream.gap_since = 0.0
 
-    def _spawn_catch_up(self, project_id: str) -> None:
-        task = asyncio.ensure_future(self.catch_up(project_id))
-        task.add_done_callback(_log_failure)
+    def _look_later(self, project_id: str) -> None:
+        if self._closed:
+            return
+        handle: asyncio.TimerHandle
+
+        def spawn() -> None:
+            self._pending.discard(handle)
+            if self._closed:
+                return
+            task = asyncio.ensure_future(self.catch_up(project_id))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            task.add_done_callback(_log_failure)
+
+        handle = asyncio.get_running_loop().call_later(GAP_GRACE_SECONDS, spawn)
+        self._pending.add(handle)
+
+    async def close(self) -> None:
+        """Stop gap look-ups (before the database goes away)."""
+        self._closed = True
+        for item in list(self._pending):
+            item.cancel()
+        tasks = [t for t in self._pending if isinstance(t, asyncio.Future)]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self._pending.clear()
 
     async def _emit_live(self, event: Event) -> None:
         namespace = namespace_for(event.type)
@@ -127,7 +152,7 @@ class Hub:
             return
         if not force and not (stream.ahead and time.monotonic() - stream.gap_since >= GAP_GRACE_SECONDS * 0.9):
             if stream.ahead:  # the gap opened again since: look later
-                asyncio.get_running_loop().call_later(GAP_GRACE_SECONDS, self._spawn_catch_up, project_id)
+                self._look_later(project_id)
             return
         while True:
             async with self.container.reader() as scope:
@@ -296,6 +321,7 @@ def attach(app: web.Application, container: Container, metrics: Metrics) -> Hub:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
+        await hub.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(hub.sio.shutdown(), 5)
 
