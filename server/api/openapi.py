@@ -24,6 +24,8 @@ _ERROR_SCHEMA = {
 }
 
 
+_QUERY_SCHEMAS = {"limit": {"type": "integer", "minimum": 1}, "since": {"type": "string", "format": "date-time"},
+                  "until": {"type": "string", "format": "date-time"}}
 _PATH_PARAM = re.compile(r"{(\w+)(?::[^{}]*(?:{[^{}]*}[^{}]*)*)?}")
 
 
@@ -54,8 +56,8 @@ def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, A
         path = _PATH_PARAM.sub(r"{\1}", spec.path)  # aiohttp's {name:regex} -> OpenAPI's {name}
         params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
                   for n in _PATH_PARAM.findall(spec.path)]
-        params += [{"name": n, "in": "query", "required": False, "description": d, "schema": {"type": "string"}}
-                   for n, d in spec.query.items()]
+        params += [{"name": n, "in": "query", "required": False, "description": d,
+                    "schema": _QUERY_SCHEMAS.get(n, {"type": "string"})} for n, d in spec.query.items()]
         if params:
             op["parameters"] = params
         if spec.body is not None:
