@@ -3,6 +3,8 @@ credited exactly once; replayed, foreign, reverted, wrong-token and wrong-recipi
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.factories import register
@@ -257,3 +259,16 @@ async def test_a_pooled_claim_that_turns_out_foreign_fails_without_credit(client
     assert (await wallet(client, alice))["balance_micros"] == 0
     assert (await claim(client, bob, tx_hash))[0] == 201  # a failed claim does not block the rightful one
     assert (await wallet(client, bob))["balance_micros"] == USDC
+
+
+async def test_concurrent_claims_of_one_transfer_credit_it_once(client, db):
+    alice = await register(client)
+    rt = await runtime(client)
+    info = await deposit_address(client, alice)
+    tx_hash = await rt.devnet.pay(info["deposit_address"], 4 * USDC)
+    results = await asyncio.gather(*[claim(client, alice, tx_hash) for _ in range(8)])
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [201] + [409] * 7
+    assert (await wallet(client, alice))["balance_micros"] == 4 * USDC
+    assert (await event_types(db, alice.project_id)).count("deposit.credited") == 1
+    await assert_books_balance(db, alice.project_id)
