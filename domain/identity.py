@@ -252,6 +252,7 @@ class Projects:
         changes = {k: v for k, v in msgspec.structs.asdict(cmd).items() if v is not UNSET}
         if not changes:
             raise InvalidRequest("nothing to change: send at least one field")
+        await self._live(project_id)  # a racing delete wins: no update (or reactivation) after it
         project = await self.store.projects.update(project_id, **changes, updated_at=utcnow())
         if project is None:
             raise NotFound("project not found", {"project_id": project_id})
@@ -261,13 +262,18 @@ class Projects:
 
     async def delete(self, project_id: str) -> None:
         await self.require(project_id, "owner")
-        project = await self.store.projects.get(project_id, for_update=True)  # one of two racing deletes wins
-        if project is None or project.status == "deleted":
-            raise NotFound("project not found", {"project_id": project_id})
+        await self._live(project_id)  # one of two racing deletes wins
         now = utcnow()
         await self.store.projects.update(project_id, status="deleted", deleted_at=now, updated_at=now)
         await self.store.keys.revoke_all(project_id, now)
         self.scope.emit(project_id, "project.deleted", {"project_id": project_id})
+
+    async def _live(self, project_id: str) -> Project:
+        """The project row, locked until commit (PostgreSQL); NotFound once it is deleted."""
+        project = await self.store.projects.get(project_id, for_update=True)
+        if project is None or project.status == "deleted":
+            raise NotFound("project not found", {"project_id": project_id})
+        return project
 
     # --- members
     async def members(self, project_id: str, page: PageRequest) -> Page[Member]:

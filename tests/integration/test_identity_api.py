@@ -664,3 +664,19 @@ async def test_racing_revokes_and_deletes_each_happen_once(client, container):
         events = await scope.store.events.since(alice.project_id, 0, 100)
     assert [e.type for e in events].count("key.revoked") == 1
     assert [e.type for e in events].count("project.deleted") == 1
+
+
+async def test_an_update_racing_a_delete_never_revives_the_project(client, container):
+    for _ in range(3):
+        alice = await quick_user(container)
+        p = P.format(alice.project_id)
+        patch, delete = await asyncio.gather(
+            client.patch(p, json={"status": "active", "name": "revived"}, headers=alice.headers),
+            client.delete(p, headers=alice.headers))
+        assert delete.status == 204
+        assert patch.status in (200, 404)
+        await error(await client.get(p, headers=alice.headers), 404, "not_found")
+        async with container.db.read() as conn:
+            status = (await conn.execute(sa.select(models.projects.c.status).where(
+                models.projects.c.id == alice.project_id))).scalar_one()
+        assert status == "deleted"
