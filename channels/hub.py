@@ -40,6 +40,7 @@ log = logging.getLogger("smartspace.hub")
 REPLAY_PAGE = 500
 GAP_GRACE_SECONDS = 0.5
 HUB = web.AppKey("hub", object)
+_REVOKING = frozenset({"member.removed", "key.revoked"})  # events after which some subscribers must go
 
 
 def room(project_id: str) -> str:
@@ -100,7 +101,10 @@ class Hub:
                 return
             while stream.upto + 1 in stream.ahead:
                 stream.upto += 1
-                await self._emit_live(stream.ahead.pop(stream.upto))
+                event = stream.ahead.pop(stream.upto)
+                await self._emit_live(event)
+                if event.type in _REVOKING:
+                    await self._revoke(event)
         if stream.ahead and not stream.gap_since:
             stream.gap_since = time.monotonic()
             self._look_later(project_id)
@@ -144,6 +148,22 @@ class Hub:
         await self.sio.emit(event.type, event.envelope(), room=room(event.project_id), namespace=namespace,
                             skip_sid=held or None)
         self.metrics.events_delivered.labels(namespace).inc()
+
+    async def _revoke(self, event: Event) -> None:
+        """A removed member leaves the project's rooms; a revoked key's sockets are disconnected. Each still
+        gets the event that told them."""
+        data = event.data
+        for namespace in NAMESPACES:
+            for sid, _ in list(self.sio.manager.get_participants(namespace, room(event.project_id))):
+                try:
+                    actor = (await self.sio.get_session(sid, namespace=namespace))["actor"]
+                except (KeyError, TypeError):
+                    continue
+                if event.type == "member.removed" and actor.kind == "user" and actor.user_id == data.get("user_id"):
+                    await self.sio.leave_room(sid, room(event.project_id), namespace=namespace)
+                elif event.type == "key.revoked" and actor.kind == "key" and actor.id == data.get("key_id"):
+                    await self.sio.disconnect(sid, namespace=namespace)
+        self._drop_if_unused(event.project_id)
 
     async def catch_up(self, project_id: str, *, force: bool = False) -> None:
         """Emit from the log what this process has not emitted (a message dropped, late or missed)."""
@@ -276,7 +296,8 @@ class ProjectNamespace(socketio.AsyncNamespace):
         except Exception:
             log.exception("socket authentication failed")
             raise socketio.exceptions.ConnectionRefusedError("unavailable") from None
-        await self.save_session(sid, {"actor": actor})
+        # The token stays in the session so each subscribe re-checks it (a revoked key, a deleted user).
+        await self.save_session(sid, {"actor": actor, "token": str(token)})
         self.hub.metrics.sockets.labels(self.namespace).inc()
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
@@ -288,7 +309,8 @@ class ProjectNamespace(socketio.AsyncNamespace):
         try:
             project_id, since = _subscription(data)
             session = await self.get_session(sid)
-            seq = await self.hub.subscribe(self.namespace, sid, session["actor"], project_id, since)
+            actor = await self.hub.container.authenticate(session["token"])
+            seq = await self.hub.subscribe(self.namespace, sid, actor, project_id, since)
         except DomainError as exc:
             return ack_error(exc)
         except Exception:

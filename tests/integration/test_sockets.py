@@ -201,6 +201,41 @@ async def test_members_and_keys_see_their_project_viewers_too(client, live):
                                                      "project.updated"]
 
 
+async def test_a_removed_member_stops_receiving_at_once(client, live):
+    alice, bob = await register(client), await register(client)
+    await add_member(client, alice, bob, "member")
+    lc = await live(bob.token)
+    assert (await lc.subscribe(alice.project_id))["ok"] is True
+    assert (await lc.subscribe(bob.project_id))["ok"] is True
+    resp = await client.delete(f"/api/v1/projects/{alice.project_id}/members/{bob.id}", headers=alice.headers)
+    assert resp.status in (200, 204), await resp.text()
+    await lc.until_type("member.removed")  # the news itself still reaches him
+    await patch(client, alice)
+    await create_agent(client, alice)
+    await patch(client, bob)  # barrier on his own project
+    await lc.until(lambda: any(e["project_id"] == bob.project_id and e["type"] == "project.updated"
+                               for e in lc.received), what="the barrier")
+    assert [e["type"] for e in lc.received if e["project_id"] == alice.project_id] == [
+        "project.created", "member.added", "member.removed"]
+    assert (await lc.subscribe(alice.project_id))["error"]["code"] == "forbidden"
+
+
+async def test_a_revoked_key_loses_its_socket_and_cannot_subscribe(client, live):
+    alice = await register(client)
+    subscribed_key, idle_key = await create_key(client, alice), await create_key(client, alice)
+    subscribed, idle = await live(subscribed_key["key"]), await live(idle_key["key"])
+    assert (await subscribed.subscribe(alice.project_id))["ok"] is True
+    for key in (subscribed_key, idle_key):
+        resp = await client.delete(f"/api/v1/projects/{alice.project_id}/keys/{key['id']}", headers=alice.headers)
+        assert resp.status in (200, 204), await resp.text()
+    await subscribed.until_type("key.revoked")
+    async with asyncio.timeout(WAIT):
+        while subscribed.sio.connected:  # noqa: ASYNC110 - the client exposes no event for this
+            await asyncio.sleep(0.01)
+    ack = await idle.subscribe(alice.project_id)  # connected before the revocation, never subscribed
+    assert ack["ok"] is False and ack["error"]["code"] == "unauthorized"
+
+
 # ---------------------------------------------------------------- replay
 async def test_replay_after_a_disconnect_in_which_50_events_happened(client, live):
     alice = await register(client)
