@@ -13,6 +13,10 @@ joins the room before anything is read; live events for it are buffered while th
 it; then the buffer is released (only seqs above the last replayed) and the hold removed — all on
 one event loop, so no event slips between. Clients also drop any seq they have already seen.
 
+Access follows the log: each subscribe re-checks the connection's token and the membership; a
+``member.removed`` takes that user's sockets out of the project's rooms and a ``key.revoked``
+disconnects that key's sockets (on every process, since every process sees every event).
+
 Per-client state lives in the socket session and room membership; the hub itself keeps only the
 streams (one per subscribed project) and the hold buffers of subscribes in progress.
 """
