@@ -12,6 +12,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from domain.base import ROLE_RANK, Actor, Page, PageRequest, Role, new_id, utcnow
+from domain.catalog import PLATFORM_PROJECT
 from domain.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
 
 if TYPE_CHECKING:
@@ -208,6 +209,9 @@ class Projects:
             return "owner"
         if actor.kind == "key":
             have = "member" if actor.project_id == project_id else None
+        elif project_id == PLATFORM_PROJECT:
+            # The platform log (catalog prices, system policy) is readable by platform admins only.
+            have = "viewer" if actor.platform_admin else None
         else:
             have = await self.store.members.role(project_id, actor.user_id or "")
         if have is None:
