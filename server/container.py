@@ -42,6 +42,7 @@ class Container:
         # Rate limits: per process, or shared through Redis when configured. The brain peeks, spending acquires.
         self.limiter = extra.pop("limiter", None) or build_limiter(settings.redis_url)
         self.brain = SqlBrain(db, self.limiter, decide, settings.default_output_tokens)
+        self.brain.listen(bus)  # cached policies / catalog entries drop on policy.updated / catalog.updated
         extra.setdefault("limiter", self.limiter)
         extra.setdefault("brain", self.brain)
         self.deps = Deps(passwords=Passwords(), tokens=self.tokens, settings=settings, providers=self.providers,

@@ -7,9 +7,12 @@ SQLite ``PRAGMA query_only``), so even a bug in ``agentic/`` cannot write: the d
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -27,6 +30,7 @@ from domain.decisions import (
     SpendInput,
     WalletState,
 )
+from domain.events import Event
 from domain.ratelimit import RateLimit, RateLimiter
 from storage.catalog import CatalogModels
 from storage.db import Database
@@ -36,13 +40,89 @@ from storage.policies import Policies
 BASELINE_DAYS = 30
 OPEN_STATUSES = ("pending_approval", "approved", "executing")
 DecideFn = Callable[[BrainView, SpendInput, datetime], Awaitable[Decision]]
+CACHE_TTL_SECONDS = 2.0  # the longest a policy / catalog entry / activity figure is served without re-reading
+
+
+class BrainCache:
+    """Per-process cache of the brain's read-mostly inputs: policies (project + system), catalog
+    candidates, and each project's activity aggregate.
+
+    Entries live at most ``ttl`` seconds, and ``policy.updated`` / ``catalog.updated`` events from the
+    bus (every process hears them with the Redis bus) drop them at once; a lost bus connection
+    (resync) drops everything. A read that started before an invalidation is not stored (generation
+    check), so a change can never be hidden behind a stale value for longer than the read itself.
+    Concurrent misses of one key share a single read. Money is never cached: wallets and budgets are
+    read fresh and reserved with conditional UPDATEs."""
+
+    def __init__(self, ttl: float = CACHE_TTL_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._entries: dict[tuple[str, Any], tuple[float, Any]] = {}
+        self._inflight: dict[tuple[str, Any], asyncio.Future] = {}
+        self._generation = 0
+
+    async def get(self, kind: str, key: Any, fetch: Callable[[], Awaitable[Any]], *,
+                  keep: Callable[[Any], bool] = lambda _: True) -> Any:
+        slot = (kind, key)
+        hit = self._entries.get(slot)
+        if hit is not None and hit[0] > self.clock():
+            return hit[1]
+        pending = self._inflight.get(slot)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except _Miss:
+                pass  # the shared read failed or was cancelled: read ourselves
+        generation = self._generation
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[slot] = future
+        try:
+            value = await fetch()
+        except BaseException:
+            future.set_exception(_Miss())
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        finally:
+            if self._inflight.get(slot) is future:
+                del self._inflight[slot]
+        if not future.done():
+            future.set_result(value)
+        if generation == self._generation and keep(value):
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[slot] = (self.clock() + self.ttl, value)
+        return value
+
+    def drop(self, kind: str | None = None) -> None:
+        self._generation += 1
+        self._inflight.clear()
+        if kind is None:
+            self._entries.clear()
+        else:
+            for slot in [s for s in self._entries if s[0] == kind]:
+                del self._entries[slot]
+
+    async def on_event(self, event: Event) -> None:
+        if event.type == "policy.updated":
+            self.drop("policy")
+        elif event.type == "catalog.updated":
+            self.drop("catalog")
+
+    async def on_resync(self) -> None:  # events may have been missed: trust nothing cached
+        self.drop()
+
+
+class _Miss(Exception):
+    """A shared cache read did not produce a value."""
 
 
 class SqlBrainView:
-    def __init__(self, conn: AsyncConnection, limiter: RateLimiter, default_output_tokens: int = 1024) -> None:
+    def __init__(self, conn: AsyncConnection, limiter: RateLimiter, default_output_tokens: int = 1024,
+                 cache: BrainCache | None = None) -> None:
         self.conn = conn
         self.limiter = limiter
         self.default_output_tokens = default_output_tokens
+        self.cache = cache
         self._policies = Policies(conn)
         self._catalog = CatalogModels(conn)
 
@@ -64,15 +144,28 @@ class SqlBrainView:
         return AgentState(id=row.id, project_id=row.project_id, status=row.status) if row else None
 
     async def models(self, model: str) -> list[CatalogModel]:
-        return await self._catalog.candidates(model)
+        if self.cache is None:
+            return await self._catalog.candidates(model)
+        found = await self.cache.get("catalog", model, lambda: self._catalog.candidates(model), keep=bool)
+        return list(found)
 
-    async def system_policy(self) -> pol.SystemPolicy:
+    async def _system_policy(self) -> pol.SystemPolicy:
         found = await self._policies.current(pol.SYSTEM_POLICY_ID)
         return pol.load(found[0], pol.SystemPolicy) if found else pol.SystemPolicy()
 
-    async def project_policy(self, project_id: str) -> tuple[pol.ProjectPolicy, int]:
+    async def _project_policy(self, project_id: str) -> tuple[pol.ProjectPolicy, int]:
         found = await self._policies.current(project_id)
         return (pol.load(found[0]), found[1]) if found else (pol.ProjectPolicy(), 0)
+
+    async def system_policy(self) -> pol.SystemPolicy:
+        if self.cache is None:
+            return await self._system_policy()
+        return await self.cache.get("policy", pol.SYSTEM_POLICY_ID, self._system_policy)
+
+    async def project_policy(self, project_id: str) -> tuple[pol.ProjectPolicy, int]:
+        if self.cache is None:
+            return await self._project_policy(project_id)
+        return await self.cache.get("policy", project_id, lambda: self._project_policy(project_id))
 
     async def wallet(self, project_id: str) -> WalletState | None:
         row = (await self.conn.execute(
@@ -92,6 +185,14 @@ class SqlBrainView:
         return await self.limiter.peek(limits, now)
 
     async def activity(self, project_id: str, now: datetime) -> Activity:
+        """The baseline and today's counters; with a cache, reused for ``ttl`` seconds (per project and
+        ``ttl``-second slot of ``now``, so a slot never spans two UTC days)."""
+        if self.cache is None:
+            return await self._activity(project_id, now)
+        slot = int(now.timestamp() // self.cache.ttl) if self.cache.ttl > 0 else now
+        return await self.cache.get("activity", (project_id, slot), lambda: self._activity(project_id, now))
+
+    async def _activity(self, project_id: str, now: datetime) -> Activity:
         c = spend_requests.c
         since = now - timedelta(days=BASELINE_DAYS)
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -127,16 +228,16 @@ class SqlBrainView:
 
 
 @contextlib.asynccontextmanager
-async def brain_view(db: Database, limiter: RateLimiter, default_output_tokens: int = 1024
-                     ) -> AsyncIterator[SqlBrainView]:
+async def brain_view(db: Database, limiter: RateLimiter, default_output_tokens: int = 1024,
+                     cache: BrainCache | None = None) -> AsyncIterator[SqlBrainView]:
     async with db.read_only() as conn:
-        yield SqlBrainView(conn, limiter, default_output_tokens)
+        yield SqlBrainView(conn, limiter, default_output_tokens, cache)
 
 
 async def decide_for(db: Database, limiter: RateLimiter, req: SpendInput, now: datetime, *, decide: DecideFn,
-                     default_output_tokens: int = 1024) -> Decision:
+                     default_output_tokens: int = 1024, cache: BrainCache | None = None) -> Decision:
     """Open a read-only view and run the brain (``agentic.pipeline.decide``) on one spend request."""
-    async with brain_view(db, limiter, default_output_tokens) as view:
+    async with brain_view(db, limiter, default_output_tokens, cache) as view:
         return await decide(view, req, now)
 
 
@@ -149,7 +250,15 @@ class SqlBrain:
         self.limiter = limiter
         self._decide = decide
         self.default_output_tokens = default_output_tokens
+        self.cache = BrainCache()
+
+    def listen(self, bus: Any) -> None:
+        """Hear policy / catalog changes (and bus resyncs) so cached entries drop at once."""
+        bus.listen(self.cache.on_event)
+        on_resync = getattr(bus, "on_resync", None)
+        if on_resync is not None:
+            on_resync(self.cache.on_resync)
 
     async def decide(self, req: SpendInput, now: datetime) -> Decision:
         return await decide_for(self.db, self.limiter, req, now, decide=self._decide,
-                                default_output_tokens=self.default_output_tokens)
+                                default_output_tokens=self.default_output_tokens, cache=self.cache)
