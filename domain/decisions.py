@@ -66,6 +66,9 @@ class Decision(msgspec.Struct, kw_only=True):
     rate_limits: list[RateLimit] = []  # the windows to acquire atomically when reserving
     budget_ids: list[str] = []  # every budget that applies to this request
     policy_version: int = 0
+    # the resolved model's prices the estimate used (the spend service prices the receipt with them)
+    input_micros_per_mtok: int | None = None
+    output_micros_per_mtok: int | None = None
 
     @property
     def approved(self) -> bool:

@@ -383,7 +383,9 @@ class Spending:
             input_tokens = sum(tokens.count_text(t) for t in texts)
         if cmd.max_tokens is not None and not 1 <= cmd.max_tokens <= 1_000_000:
             raise InvalidRequest("max_tokens must be between 1 and 1000000", {"max_tokens": cmd.max_tokens})
-        if actor.kind != "system":
+        # An API key is a member of its own project by definition (and the brain re-checks the key, the
+        # project and the agent in its read-only pass): only a user, or an explicit agent, needs a lookup.
+        if actor.kind == "user" or (actor.kind == "key" and agent_id is not None and actor.agent_id != agent_id):
             async with self.reader(actor) as scope:
                 await scope.projects.require(project_id, "member")
                 if agent_id is not None and actor.agent_id != agent_id:
@@ -406,7 +408,12 @@ class Spending:
             row.reservation_expires_at = row.approval_expires_at
         else:
             row.reservation_expires_at = now + self.reservation_ttl
-        prices = await scope.store.spend_requests.prices(row.model)
+        # The prices the estimate used (the brain's catalog entry); read them only if the decision lacks them.
+        prices: tuple[int, int] | None = None
+        if decision.input_micros_per_mtok is not None and decision.output_micros_per_mtok is not None:
+            prices = (decision.input_micros_per_mtok, decision.output_micros_per_mtok)
+        else:
+            prices = await scope.store.spend_requests.prices(row.model)
         if prices is None:
             raise NotFound(f"the model {row.model!r} is not in the catalog", {"model": row.model})
         row.params = {**row.params, "input_micros_per_mtok": prices[0], "output_micros_per_mtok": prices[1]}
