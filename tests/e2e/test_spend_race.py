@@ -13,24 +13,17 @@ SMARTSPACE_TEST_REDIS_URL is set too (shared rate limits and event fan-out acros
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
+
+from tests.e2e.procs import Server, asyncpg_dsn, fresh_database, server_env, serving
 
 PG_URL = os.environ.get("SMARTSPACE_TEST_DATABASE_URL", "")
 REDIS_URL = os.environ.get("SMARTSPACE_TEST_REDIS_URL", "")
-ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "race-admin@smartspace.test"
 FITS = 50
 CALLS = 200
@@ -41,75 +34,6 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="needs SMARTSPACE_TEST_DATABASE_URL (PostgreSQL)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dsn(url) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@contextlib.asynccontextmanager
-async def fresh_database():
-    server = make_url(PG_URL)
-    name = f"smartspace_race_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(dsn(server))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield server.set(database=name)
-    finally:
-        admin = await asyncpg.connect(dsn(server))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-class Server:
-    def __init__(self, name: str, env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = logs / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    async def ready(self, http: aiohttp.ClientSession, within: float = 90.0) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with http.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{self.name} was not ready within {within}s:\n{self.tail()}")
-
-    def tail(self, lines: int = 40) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(15)
-        self._log.close()
 
 
 class Cluster:
@@ -125,33 +49,14 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(tmp_path):
-    servers: list[Server] = []
     connector = aiohttp.TCPConnector(limit=CALLS * 2)
-    async with fresh_database() as database, aiohttp.ClientSession(connector=connector) as http:
-        try:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("SMARTSPACE_")}
-            env.update(SMARTSPACE_DATABASE_URL=database.render_as_string(hide_password=False),
-                       SMARTSPACE_JWT_SECRET="race-" + uuid.uuid4().hex * 2, SMARTSPACE_ADMIN_EMAILS=ADMIN,
-                       SMARTSPACE_DATA_DIR=str(tmp_path / "data"), SMARTSPACE_LOG_LEVEL="WARNING",
-                       SMARTSPACE_ACCESS_LOG="false", SMARTSPACE_DATABASE_POOL_SIZE="4", PYTHONUNBUFFERED="1")
-            if REDIS_URL:
-                env["SMARTSPACE_REDIS_URL"] = REDIS_URL
-            migrate = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.cli", "migrate", cwd=ROOT, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            output, _ = await asyncio.wait_for(migrate.communicate(), 120)
-            assert migrate.returncode == 0, output.decode(errors="replace")
-            servers += [Server("A", env, tmp_path), Server("B", env, tmp_path)]
-            for server in servers:
-                await server.ready(http)
+    async with fresh_database(PG_URL, "smartspace_race_") as database, \
+            aiohttp.ClientSession(connector=connector) as http:
+        redis = {"redis_url": REDIS_URL} if REDIS_URL else {}
+        env = server_env(database, tmp_path / "data", admin_emails=ADMIN, log_level="WARNING", access_log="false",
+                         database_pool_size="4", **redis)
+        async with serving(["A", "B"], env, tmp_path, http, ready_path="/health") as servers:
             yield Cluster(servers, http, database)
-        except BaseException:
-            for server in servers:
-                print(f"----- {server.name} log tail -----\n{server.tail()}", file=sys.stderr)
-            raise
-        finally:
-            for server in servers:
-                server.stop()
 
 
 class Monitor:
@@ -166,7 +71,7 @@ class Monitor:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
-        conn = await asyncpg.connect(dsn(self.database))
+        conn = await asyncpg.connect(asyncpg_dsn(self.database))
         try:
             while not self._stop.is_set():
                 budgets = await conn.fetch("SELECT id, limit_micros, spent_micros, reserved_micros FROM budgets "
@@ -232,7 +137,7 @@ def tally(results: list[tuple[int, dict]]) -> dict[int, int]:
 
 
 async def books(cluster: Cluster, project_id: str) -> dict[str, int]:
-    conn = await asyncpg.connect(dsn(cluster.database))
+    conn = await asyncpg.connect(asyncpg_dsn(cluster.database))
     try:
         wallet = await conn.fetchrow("SELECT balance_micros, reserved_micros FROM wallets WHERE project_id = $1",
                                      project_id)

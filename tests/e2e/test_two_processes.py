@@ -12,28 +12,19 @@ Runs whenever SMARTSPACE_TEST_DATABASE_URL (PostgreSQL) and SMARTSPACE_TEST_REDI
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 from urllib.parse import urlparse
 
 import aiohttp
-import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 
+from tests.e2e.procs import Server, fresh_database, server_env, serving
 from tests.live import WAIT, LiveClient, TcpProxy
 
 PG_URL = os.environ.get("SMARTSPACE_TEST_DATABASE_URL", "")
 REDIS_URL = os.environ.get("SMARTSPACE_TEST_REDIS_URL", "")
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 90.0
 CUT_SECONDS = 1.5
 
 pytestmark = [
@@ -41,76 +32,6 @@ pytestmark = [
     pytest.mark.skipif(not (PG_URL.startswith("postgresql") and REDIS_URL),
                        reason="needs SMARTSPACE_TEST_DATABASE_URL (PostgreSQL) and SMARTSPACE_TEST_REDIS_URL"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def asyncpg_dsn(url) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@contextlib.asynccontextmanager
-async def fresh_database():
-    """A uniquely named database on the test server, dropped at the end (even if something failed)."""
-    server = make_url(PG_URL)
-    name = f"smartspace_e2e_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(asyncpg_dsn(server))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        admin = await asyncpg.connect(asyncpg_dsn(server))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-class Server:
-    def __init__(self, name: str, env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = logs / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    async def ready(self, http: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with http.get(f"{self.url}/ready", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{self.name} was not ready within {START_TIMEOUT}s:\n{self.tail()}")
-
-    def tail(self, lines: int = 40) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(15)
-        self._log.close()
 
 
 class Cluster:
@@ -138,41 +59,15 @@ class Cluster:
 async def cluster(tmp_path):
     redis = urlparse(REDIS_URL)
     proxy = await TcpProxy(redis.hostname or "127.0.0.1", redis.port or 6379).start()
-    servers: list[Server] = []
-    async with fresh_database() as database_url, aiohttp.ClientSession() as http:
-        try:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("SMARTSPACE_")}
+    try:
+        async with fresh_database(PG_URL) as database, aiohttp.ClientSession() as http:
             netloc = f"{redis.username or ''}{':' + redis.password if redis.password else ''}"
-            env.update(
-                SMARTSPACE_DATABASE_URL=database_url,
-                SMARTSPACE_REDIS_URL=redis._replace(
-                    netloc=(f"{netloc}@" if netloc else "") + f"127.0.0.1:{proxy.port}").geturl(),
-                SMARTSPACE_JWT_SECRET="e2e-" + uuid.uuid4().hex * 2,
-                SMARTSPACE_DATA_DIR=str(tmp_path / "data"),
-                SMARTSPACE_LOG_LEVEL="INFO",
-                PYTHONUNBUFFERED="1",
-            )
-            migrate = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.cli", "migrate", cwd=ROOT, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            try:
-                output, _ = await asyncio.wait_for(migrate.communicate(), 120)
-            except TimeoutError:
-                migrate.kill()
-                raise
-            assert migrate.returncode == 0, output.decode(errors="replace")
-            servers += [Server("A", env, tmp_path), Server("B", env, tmp_path)]
-            for server in servers:
-                await server.ready(http)
-            yield Cluster(servers[0], servers[1], proxy, http)
-        except BaseException:
-            for server in servers:
-                print(f"----- {server.name} log tail -----\n{server.tail()}", file=sys.stderr)
-            raise
-        finally:
-            for server in servers:
-                server.stop()
-            await proxy.close()
+            env = server_env(database, tmp_path / "data", log_level="INFO", redis_url=redis._replace(
+                netloc=(f"{netloc}@" if netloc else "") + f"127.0.0.1:{proxy.port}").geturl())
+            async with serving(["A", "B"], env, tmp_path, http) as (a, b):
+                yield Cluster(a, b, proxy, http)
+    finally:
+        await proxy.close()
 
 
 async def test_events_cross_processes_and_survive_a_redis_cut(cluster: Cluster):
