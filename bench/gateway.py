@@ -32,7 +32,9 @@ import aiohttp
 import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests.fakes.upstream, when run as a script
+sys.path.insert(0, str(ROOT))  # tests.fakes.upstream and tests.e2e.procs, when run as a script
+from tests.e2e.procs import Server, create_database, drop_database, free_port, server_env  # noqa: E402
+
 PY = sys.executable
 UPSTREAM_KEY = "sk-bench-upstream-key-0000000000000000"
 ADMIN = "bench-admin@smartspace.test"
@@ -40,14 +42,6 @@ BODY = {"model": "gpt-4o-mini", "messages": [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Summarise the plot of a short story about a lighthouse keeper in two lines."}],
     "max_tokens": 64}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_split(pid: int) -> tuple[float, float]:
@@ -74,20 +68,6 @@ async def wait_http(url: str, seconds: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"bench: {url} did not come up")
             await asyncio.sleep(0.2)
-
-
-async def create_database(admin_url: str, name: str, drop: bool = False) -> None:
-    import asyncpg
-
-    dsn = admin_url.replace("postgresql+asyncpg://", "postgresql://")
-    conn = await asyncpg.connect(dsn)
-    try:
-        if drop:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        else:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
 
 
 class Phase(msgspec.Struct):
@@ -355,9 +335,9 @@ async def breakdown(admin_url: str, requests: int) -> None:
     from tests.fakes.upstream import FakeUpstream
 
     dbname = f"bench_breakdown_{uuid.uuid4().hex[:8]}"
-    await create_database(admin_url, dbname)
+    db_url = await create_database(admin_url, dbname)
     tmp = Path(tempfile.mkdtemp(prefix="smartspace-bench-"))
-    db = Database(f"{admin_url.rsplit('/', 1)[0]}/{dbname}", pool_size=20)
+    db = Database(db_url.render_as_string(hide_password=False), pool_size=20)
     fake = await FakeUpstream(record=False).start()
     client = None
     try:
@@ -434,7 +414,7 @@ async def breakdown(admin_url: str, requests: int) -> None:
             await client.close()
         await fake.stop()
         await db.dispose()
-        await create_database(admin_url, dbname, drop=True)
+        await drop_database(admin_url, dbname)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -458,32 +438,23 @@ async def main() -> None:
 
     dbname = f"bench_gateway_{uuid.uuid4().hex[:8]}"
     admin_url = args.database_url
-    base_url = admin_url.rsplit("/", 1)[0]
-    await create_database(admin_url, dbname)
+    db_url = await create_database(admin_url, dbname)
     tmp = Path(tempfile.mkdtemp(prefix="smartspace-bench-"))
-    up_port, gw_port = free_port(), free_port()
-    procs: list[subprocess.Popen] = []
+    up_port = free_port()
+    upstream: subprocess.Popen | None = None
+    server: Server | None = None
     try:
         upstream = subprocess.Popen([PY, "-m", "tests.fakes.upstream", "--port", str(up_port)],  # noqa: ASYNC220
                                     cwd=ROOT, stdout=subprocess.DEVNULL)
-        procs.append(upstream)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SMARTSPACE_")}
-        env.update({
-            "SMARTSPACE_DATABASE_URL": f"{base_url}/{dbname}", "SMARTSPACE_PORT": str(gw_port),
-            "SMARTSPACE_ACCESS_LOG": "false", "SMARTSPACE_LOG_LEVEL": "WARNING", "SMARTSPACE_DATA_DIR": str(tmp),
-            "SMARTSPACE_JWT_SECRET": "bench-" + "x" * 40, "SMARTSPACE_ADMIN_EMAILS": ADMIN,
-            "SMARTSPACE_DATABASE_POOL_SIZE": "20",
-            "SMARTSPACE_UPSTREAMS": msgspec.json.encode([{
-                "provider": "openai", "kind": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1",
-                "api_key": UPSTREAM_KEY}]).decode(),
-        })
-        smartspace = shutil.which("smartspace", path=str(Path(PY).parent)) or "smartspace"
-        server = subprocess.Popen([smartspace, "serve"], cwd=tmp, env=env,  # noqa: ASYNC220
-                                  stdout=subprocess.DEVNULL)
-        procs.append(server)
-        gw = f"http://127.0.0.1:{gw_port}"
+        env = server_env(db_url, tmp, access_log="false", log_level="WARNING", admin_emails=ADMIN,
+                         database_pool_size="20", upstreams=msgspec.json.encode([{
+                             "provider": "openai", "kind": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1",
+                             "api_key": UPSTREAM_KEY}]).decode())
+        server = Server("gateway", env, tmp, ready_path="/health")  # its log: <tmp>/gateway.log
+        gw = server.url
         await wait_http(f"http://127.0.0.1:{up_port}/v1/chat/completions")
-        await wait_http(f"{gw}/health")
+        async with aiohttp.ClientSession() as http:
+            await server.ready(http, within=60.0)
         token, projects, key_headers = await setup_project(gw, args.projects)
         direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         gateway_url = f"{gw}/v1/chat/completions"
@@ -514,16 +485,16 @@ async def main() -> None:
                 if args.profile and concurrency > 1 and not stream:
                     spy_out = tmp / "pyspy.txt"
                     spy = subprocess.Popen(  # noqa: ASYNC220
-                        [str(Path(PY).parent / "py-spy"), "record", "--pid", str(server.pid), "--format", "raw",
+                        [str(Path(PY).parent / "py-spy"), "record", "--pid", str(server.proc.pid), "--format", "raw",
                          "--output", str(spy_out), "--rate", "250", "--nonblocking", "--nolineno"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     await asyncio.sleep(1.0)
-                cpu0 = cpu_seconds(server.pid)
-                user0 = cpu_split(server.pid)[0]
+                cpu0 = cpu_seconds(server.proc.pid)
+                user0 = cpu_split(server.proc.pid)[0]
                 through = await load(gateway_url, key_headers, gw_body, concurrency=concurrency, total=total,
                                      stream=stream, max_seconds=args.phase_seconds, costs=costs)
-                through.cpu = cpu_seconds(server.pid) - cpu0
-                user1 = cpu_split(server.pid)[0]
+                through.cpu = cpu_seconds(server.proc.pid) - cpu0
+                user1 = cpu_split(server.proc.pid)[0]
                 through.cpu_user = user1 - user0
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
@@ -547,15 +518,16 @@ async def main() -> None:
         print("\naccounting:", await accounting(gw, token, projects, costs))
         print(f"load average after: {os.getloadavg()[0]:.1f} (other processes on this machine skew every figure)")
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGINT)
-        for p in procs:
+        if server is not None:
+            server.stop()
+        if upstream is not None:
+            upstream.send_signal(signal.SIGINT)
             try:
-                p.wait(timeout=15)
+                upstream.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                p.kill()
+                upstream.kill()
         await asyncio.sleep(0.5)
-        await create_database(admin_url, dbname, drop=True)
+        await drop_database(admin_url, dbname)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
