@@ -12,7 +12,10 @@ import sqlalchemy as sa
 from server.chain.workers import CHAIN, ChainRuntime
 from server.settings import Settings
 from storage.models import events as events_table
-from tests.factories import UserHandle
+from storage.models import payments
+from tests.factories import UserHandle, register
+
+USDC = 1_000_000
 
 
 def payment_settings(settings: Settings, **changes: Any) -> Settings:
@@ -54,6 +57,15 @@ async def deposit(client, user: UserHandle, amount: int, project_id: str | None 
     return body
 
 
+async def funded(client, amount: int) -> tuple[UserHandle, ChainRuntime, str]:
+    """A new user whose project holds ``amount`` from a real deposit, the chain runtime, and a fresh account to
+    pay out to."""
+    user = await register(client)
+    rt = await runtime(client)
+    await deposit(client, user, amount)
+    return user, rt, rt.devnet.new_account()
+
+
 async def withdraw(client, user: UserHandle, to_address: str, amount: int, key: str | None,
                    project_id: str | None = None):
     headers = {**user.headers, **({"Idempotency-Key": key} if key is not None else {})}
@@ -69,6 +81,11 @@ async def run_worker(rt: ChainRuntime, *, rounds: int = 50) -> None:
         if not changed:
             return
     pytest.fail("the payments worker kept changing things")
+
+
+async def payment_row(db, payment_id: str):
+    async with db.engine.connect() as conn:
+        return (await conn.execute(sa.select(payments).where(payments.c.id == payment_id))).first()
 
 
 async def event_types(db, project_id: str) -> list[str]:

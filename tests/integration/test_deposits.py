@@ -9,6 +9,7 @@ import pytest
 
 from tests.factories import register
 from tests.integration.payments_support import (
+    USDC,
     claim,
     deposit,
     deposit_address,
@@ -19,8 +20,6 @@ from tests.integration.payments_support import (
     runtime,
 )
 from tests.integration.spend_helpers import assert_books_balance, wallet
-
-USDC = 1_000_000
 
 
 @pytest.fixture

@@ -12,19 +12,20 @@ import sqlalchemy as sa
 from server.chain.workers import PaymentWorker
 from server.container import Container
 from storage.bus import LocalBus
-from storage.models import ledger_entries, payments
+from storage.models import ledger_entries
 from tests.factories import register
 from tests.integration.payments_support import (
+    USDC,
     deposit,
     event_types,
+    funded,
+    payment_row,
     payment_settings,
     run_worker,
     runtime,
     withdraw,
 )
 from tests.integration.spend_helpers import assert_books_balance, wallet
-
-USDC = 1_000_000
 
 
 @pytest.fixture
@@ -47,11 +48,6 @@ async def drain(worker: PaymentWorker) -> None:
     pytest.fail("the worker kept changing things")
 
 
-async def payment_row(db, payment_id: str):
-    async with db.engine.connect() as conn:
-        return (await conn.execute(sa.select(payments).where(payments.c.id == payment_id))).first()
-
-
 async def withdrawal_entries(db, project_id: str) -> list[int]:
     async with db.engine.connect() as conn:
         rows = (await conn.execute(sa.select(ledger_entries.c.amount_micros).where(
@@ -60,10 +56,7 @@ async def withdrawal_entries(db, project_id: str) -> list[int]:
 
 
 async def test_a_worker_stopped_after_signing_is_resumed_and_pays_exactly_once(client, db, container):
-    alice = await register(client)
-    rt = await runtime(client)
-    await deposit(client, alice, 10 * USDC)
-    to = rt.devnet.new_account()
+    alice, rt, to = await funded(client, 10 * USDC)
     status, created, _ = await withdraw(client, alice, to, 4 * USDC, key="crash-after-sign")
     assert status == 201
     nonce_before = await rt.chain.next_nonce(rt.chain.treasury_address)
@@ -87,10 +80,7 @@ async def test_a_worker_stopped_after_signing_is_resumed_and_pays_exactly_once(c
 
 
 async def test_a_worker_killed_after_broadcast_before_bookkeeping_resumes_exactly_once(client, db, container):
-    alice = await register(client)
-    rt = await runtime(client)
-    await deposit(client, alice, 10 * USDC)
-    to = rt.devnet.new_account()
+    alice, rt, to = await funded(client, 10 * USDC)
     status, created, _ = await withdraw(client, alice, to, 3 * USDC, key="crash-after-send")
     assert status == 201
     stored = await payment_row(db, created["id"])
@@ -108,10 +98,7 @@ async def test_a_worker_killed_after_broadcast_before_bookkeeping_resumes_exactl
 
 
 async def test_two_workers_racing_on_the_same_payouts_finalise_each_once(client, db, container):
-    alice = await register(client)
-    rt = await runtime(client)
-    await deposit(client, alice, 10 * USDC)
-    to = rt.devnet.new_account()
+    alice, rt, to = await funded(client, 10 * USDC)
     for i in range(5):
         assert (await withdraw(client, alice, to, USDC, key=f"race-{i}"))[0] == 201
     a, b = restarted_worker(container, rt.chain), restarted_worker(container, rt.chain)
@@ -133,10 +120,7 @@ class TestBeforeConfirmation:
         return payment_settings(settings, confirmations=2)
 
     async def test_a_worker_killed_while_waiting_for_confirmations_is_resumed(self, client, db, container):
-        alice = await register(client)
-        rt = await runtime(client)
-        await deposit(client, alice, 10 * USDC)
-        to = rt.devnet.new_account()
+        alice, rt, to = await funded(client, 10 * USDC)
         status, created, _ = await withdraw(client, alice, to, 2 * USDC, key="crash-before-confirm")
         assert status == 201
         first = restarted_worker(container, rt.chain)
@@ -160,10 +144,7 @@ class TestBackgroundLoop:
         return payment_settings(settings, chain_worker=True, chain_poll_seconds=0.05)
 
     async def test_the_running_worker_confirms_a_payout_without_help(self, client, db):
-        alice = await register(client)
-        rt = await runtime(client)
-        await deposit(client, alice, 5 * USDC)
-        to = rt.devnet.new_account()
+        alice, rt, to = await funded(client, 5 * USDC)
         status, created, _ = await withdraw(client, alice, to, USDC, key="background")
         assert status == 201
 

@@ -17,9 +17,12 @@ from domain.payments import Payment
 from storage.models import chain_nonces, payments
 from tests.factories import add_member, register
 from tests.integration.payments_support import (
+    USDC,
     deposit,
     event_data,
     event_types,
+    funded,
+    payment_row,
     payment_settings,
     run_worker,
     runtime,
@@ -28,8 +31,6 @@ from tests.integration.payments_support import (
 from tests.integration.spend_helpers import assert_books_balance, wallet
 from tests.live import LiveClient
 
-USDC = 1_000_000
-
 
 @pytest.fixture
 def settings(settings):
@@ -37,10 +38,7 @@ def settings(settings):
 
 
 async def test_a_withdrawal_needs_an_idempotency_key_and_changes_nothing_without_one(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    await deposit(client, alice, 5 * USDC)
-    to = rt.devnet.new_account()
+    alice, _, to = await funded(client, 5 * USDC)
     status, body, _ = await withdraw(client, alice, to, USDC, key=None)
     assert status == 422 and body["error"]["code"] == "invalid_request"
     assert body["error"]["details"]["header"] == "Idempotency-Key"
@@ -53,10 +51,7 @@ async def test_a_withdrawal_needs_an_idempotency_key_and_changes_nothing_without
 
 
 async def test_a_payout_is_held_then_confirmed_and_debited(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    await deposit(client, alice, 10 * USDC)
-    to = rt.devnet.new_account()
+    alice, rt, to = await funded(client, 10 * USDC)
     treasury_before = await rt.devnet.balance_micros(rt.chain.treasury_address)
 
     status, created, _ = await withdraw(client, alice, to, 4 * USDC, key="payout-1")
@@ -88,10 +83,7 @@ async def test_a_payout_is_held_then_confirmed_and_debited(client, db):
 
 
 async def test_an_idempotent_retry_sends_nothing_new(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    await deposit(client, alice, 10 * USDC)
-    to = rt.devnet.new_account()
+    alice, rt, to = await funded(client, 10 * USDC)
     status, first, _ = await withdraw(client, alice, to, 3 * USDC, key="same-key")
     assert status == 201
     status, again, headers = await withdraw(client, alice, to, 3 * USDC, key="same-key")
@@ -172,10 +164,7 @@ async def test_a_reverted_payout_fails_and_credits_the_wallet_back(client, db):
 
 
 async def test_a_payout_beyond_the_available_balance_is_refused_without_using_a_nonce(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    await deposit(client, alice, 2 * USDC)
-    to = rt.devnet.new_account()
+    alice, rt, to = await funded(client, 2 * USDC)
     status, body, _ = await withdraw(client, alice, to, 3 * USDC, key="too-much")
     assert status == 402 and body["error"]["code"] == "insufficient_funds"
     status, ok, _ = await withdraw(client, alice, to, 2 * USDC, key="fits")
@@ -207,14 +196,10 @@ async def test_only_admins_withdraw_and_strangers_see_no_payments(client, db):
 
 
 async def test_the_stored_transaction_is_signed_by_the_treasury_for_the_configured_chain_and_token(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    await deposit(client, alice, 2 * USDC)
-    to = rt.devnet.new_account()
+    alice, rt, to = await funded(client, 2 * USDC)
     status, created, _ = await withdraw(client, alice, to, USDC, key="inspect")
     assert status == 201
-    async with db.engine.connect() as conn:
-        row = (await conn.execute(sa.select(payments).where(payments.c.id == created["id"]))).first()
+    row = await payment_row(db, created["id"])
     raw = HexBytes(row.raw_tx)
     tx = TypedTransaction.from_bytes(raw).as_dict()
     assert tx["chainId"] == rt.chain.chain_id and tx["nonce"] == row.nonce == created["nonce"]
