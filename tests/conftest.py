@@ -23,7 +23,8 @@ REDIS_URL = os.environ.get("SMARTSPACE_TEST_REDIS_URL", "")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 
 
-async def make_database(backend: str, tmp_path) -> tuple[Database, str | None]:
+async def make_database(backend: str, tmp_path, *, tables: bool = True) -> tuple[Database, str | None]:
+    """A fresh database (SQLite file, or a new PostgreSQL schema) with the models' tables unless ``tables=False``."""
     if backend == "sqlite":
         db = Database(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
         schema = None
@@ -34,8 +35,9 @@ async def make_database(backend: str, tmp_path) -> tuple[Database, str | None]:
             await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
         await admin.dispose()
         db = Database(PG_URL, schema=schema, pool_size=30)
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    if tables:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
     return db, schema
 
 

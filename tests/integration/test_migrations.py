@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,21 +19,13 @@ from alembic.script import ScriptDirectory
 from storage.db import Database
 from storage.migrate import alembic_config, current, upgrade
 from storage.models import metadata
-from tests.conftest import PG_URL, drop_database
+from tests.conftest import drop_database, make_database
 
 
 @pytest.fixture
 async def empty_db(backend: str, tmp_path) -> AsyncIterator[Database]:
     """A database with no tables at all (the shared ``db`` fixture creates them from metadata)."""
-    if backend == "sqlite":
-        database, schema = Database(f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"), None
-    else:
-        schema = f"m_{uuid.uuid4().hex[:12]}"
-        admin = Database(PG_URL)
-        async with admin.engine.begin() as conn:
-            await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-        await admin.dispose()
-        database = Database(PG_URL, schema=schema)
+    database, schema = await make_database(backend, tmp_path, tables=False)
     yield database
     await drop_database(database, schema)
 
