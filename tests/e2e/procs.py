@@ -35,22 +35,22 @@ def asyncpg_dsn(url: URL | str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def create_database(server: URL | str, name: str) -> URL:
-    """Create database ``name`` on the server of ``server`` (a URL to any database there); its URL."""
+async def _on_server(server: URL | str, statement: str) -> None:
     admin = await asyncpg.connect(asyncpg_dsn(server))
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(statement)
     finally:
         await admin.close()
+
+
+async def create_database(server: URL | str, name: str) -> URL:
+    """Create database ``name`` on the server of ``server`` (a URL to any database there); its URL."""
+    await _on_server(server, f'CREATE DATABASE "{name}"')
     return make_url(server).set(database=name)
 
 
 async def drop_database(server: URL | str, name: str) -> None:
-    admin = await asyncpg.connect(asyncpg_dsn(server))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _on_server(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.asynccontextmanager
