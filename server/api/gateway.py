@@ -283,6 +283,20 @@ class GatewayCall:
         # Shielded: the money must be released even if this task is being cancelled.
         await asyncio.shield(self.spending.fail(prepared, error, usage))
 
+    async def call_failed(self, prepared: Prepared, exc: Exception, log_message: str) -> DomainError:
+        """The provider call raised before answering: fail the request (its reservation released) and return the
+        error to raise — ``exc`` itself, with the request id added, if it is a DomainError; otherwise a
+        ProviderError, and ``exc`` is logged."""
+        if isinstance(exc, DomainError):
+            exc.details = {**exc.details, "request_id": prepared.request_id}
+            error = exc
+        else:
+            log.exception(log_message, extra={"request_id": prepared.request_id}, exc_info=exc)
+            error = ProviderError(f"the provider call failed: {type(exc).__name__}",
+                                  {"request_id": prepared.request_id})
+        await self.fail(prepared, error, None)
+        return error
+
     async def run(self, attempt) -> web.StreamResponse:
         """prepare → attempt; on a 429/5xx/timeout upstream, retry on the policy's fallback models."""
         prepared = await self.prepare(self.cmd)
@@ -320,15 +334,9 @@ class GatewayCall:
                 completion = await provider.embed(call)
             else:
                 completion = await provider.complete(call)
-        except DomainError as exc:
-            exc.details = {**exc.details, "request_id": prepared.request_id}
-            await self.fail(prepared, exc, None)
-            raise
         except Exception as exc:
-            log.exception("provider call failed", extra={"request_id": prepared.request_id})
-            error = ProviderError(f"the provider call failed: {type(exc).__name__}",
-                                  {"request_id": prepared.request_id})
-            await self.fail(prepared, error, None)
+            if (error := await self.call_failed(prepared, exc, "provider call failed")) is exc:
+                raise
             raise error from None
         self.lap("upstream")
         body = completion.body
@@ -366,15 +374,9 @@ class GatewayCall:
             first = await iterator.__anext__()
         except StopAsyncIteration:
             first = None
-        except DomainError as exc:
-            exc.details = {**exc.details, "request_id": prepared.request_id}
-            await self.fail(prepared, exc, None)
-            raise
         except Exception as exc:
-            log.exception("provider stream failed", extra={"request_id": prepared.request_id})
-            error = ProviderError(f"the provider call failed: {type(exc).__name__}",
-                                  {"request_id": prepared.request_id})
-            await self.fail(prepared, error, None)
+            if (error := await self.call_failed(prepared, exc, "provider stream failed")) is exc:
+                raise
             raise error from None
         return await self.forward(prepared, call, iterator, first)
 
