@@ -32,6 +32,12 @@ async def wallet(client, user: UserHandle, project_id: str | None = None) -> dic
     return await resp.json()
 
 
+async def get_budget(client, user: UserHandle, budget_id: str) -> dict[str, Any]:
+    resp = await client.get(f"/api/v1/projects/{user.project_id}/budgets/{budget_id}", headers=user.headers)
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
 async def create_budget(client, user: UserHandle, limit: int, period: str = "total", **extra: Any) -> dict[str, Any]:
     resp = await client.post(f"/api/v1/projects/{user.project_id}/budgets",
                              json={"name": f"{period} budget", "limit_micros": limit, "period": period, **extra},

@@ -22,6 +22,7 @@ from tests.integration.spend_helpers import (
     create_budget,
     events,
     funded_project,
+    get_budget,
     own_spend,
     set_policy,
     wallet,
@@ -60,8 +61,7 @@ async def test_a_held_request_keeps_its_reservation_and_runs_when_approved(clien
     assert done["resolved_by"] == f"user:{alice.id}" and done["response"]["object"] == "chat.completion"
     w = await wallet(client, alice)
     assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000 - COST, 0)
-    b = await (await client.get(f"/api/v1/projects/{alice.project_id}/budgets/{budget['id']}",
-                                headers=alice.headers)).json()
+    b = await get_budget(client, alice, budget["id"])
     assert (b["spent_micros"], b["reserved_micros"]) == (COST, 0)
     resolved = await events(client, alice, "approval.resolved")
     assert [(e["data"]["request_id"], e["data"]["resolution"]) for e in resolved] == [(held["id"], "approved")]
@@ -81,8 +81,7 @@ async def test_reject_releases_the_reservation(client, db):
     assert body["status"] == "rejected" and "not today" in body["error"]["message"]
     w = await wallet(client, alice)
     assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000, 0)
-    b = await (await client.get(f"/api/v1/projects/{alice.project_id}/budgets/{budget['id']}",
-                                headers=alice.headers)).json()
+    b = await get_budget(client, alice, budget["id"])
     assert (b["spent_micros"], b["reserved_micros"]) == (0, 0)
     resolved = await events(client, alice, "approval.resolved")
     assert [(e["data"]["resolution"], e["data"]["reason"]) for e in resolved] == [("rejected", "not today")]

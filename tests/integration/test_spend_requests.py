@@ -18,6 +18,7 @@ from tests.integration.spend_helpers import (
     create_budget,
     events,
     funded_project,
+    get_budget,
     own_spend,
     set_policy,
     spend,
@@ -68,8 +69,7 @@ async def test_actual_cost_below_the_estimate_releases_the_rest(client, db):
     assert cost == 8 * 1000 + body["output_tokens"] * 2000
     w = await wallet(client, alice)
     assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000 - cost, 0)
-    b = await (await client.get(f"/api/v1/projects/{alice.project_id}/budgets/{budget['id']}",
-                                headers=alice.headers)).json()
+    b = await get_budget(client, alice, budget["id"])
     assert (b["spent_micros"], b["reserved_micros"]) == (cost, 0)
     assert body["budget_ids"] == [budget["id"]]
     await assert_books_balance(db, alice.project_id)
@@ -179,8 +179,7 @@ async def test_a_failure_after_reserving_releases_the_reservation(client, db):
     assert stored["reserved_micros"] > 0  # it did reserve before failing
     w = await wallet(client, alice)
     assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000, 0)
-    b = await (await client.get(f"/api/v1/projects/{alice.project_id}/budgets/{budget['id']}",
-                                headers=alice.headers)).json()
+    b = await get_budget(client, alice, budget["id"])
     assert (b["spent_micros"], b["reserved_micros"]) == (0, 0)
     assert [e["data"]["request_id"] for e in await events(client, alice, "request.failed")] == [request_id]
     await assert_books_balance(db, alice.project_id)

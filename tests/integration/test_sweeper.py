@@ -23,6 +23,7 @@ from tests.integration.spend_helpers import (
     create_budget,
     events,
     funded_project,
+    get_budget,
     wallet,
 )
 
@@ -54,8 +55,7 @@ async def test_an_abandoned_reservation_is_released(client, db, container):
     assert stored["status"] == "failed" and stored["error"]["code"] == "reservation_expired"
     w = await wallet(client, alice)
     assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000, 0)
-    b = await (await client.get(f"/api/v1/projects/{alice.project_id}/budgets/{budget['id']}",
-                                headers=alice.headers)).json()
+    b = await get_budget(client, alice, budget["id"])
     assert b["reserved_micros"] == 0
     assert [e["data"]["request_id"] for e in await events(client, alice, "request.failed")] == [prepared.request_id]
     # The late settlement finds the reservation gone: nothing is charged.
