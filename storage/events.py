@@ -2,8 +2,10 @@
 
 Appending takes the project's head row with ``UPDATE … SET seq = seq + n RETURNING`` — on PostgreSQL
 that row lock serialises writers of one project until commit, so seqs are gap-free and commit in
-order; on SQLite the single writer (BEGIN IMMEDIATE) does the same. Events are appended at the very
-end of a unit of work to keep that lock short.
+order; on SQLite the single writer (BEGIN IMMEDIATE) does the same. The chain hashes are computed
+from the returned head, then one more statement stores the new head hash and inserts the rows (on
+PostgreSQL a single ``WITH … UPDATE event_heads … INSERT INTO events VALUES …``): two round trips.
+Events are appended at the very end of a unit of work to keep that lock short.
 """
 
 from __future__ import annotations
@@ -69,9 +71,13 @@ class EventLog:
                 rows.append({c.name: getattr(event, c.name) for c in _COLUMNS})
                 out.append(event)
                 prev = digest
-            await self.conn.execute(
-                sa.update(event_heads).where(event_heads.c.project_id == project_id).values(hash=prev))
-            await self.conn.execute(sa.insert(events), rows)
+            set_hash = sa.update(event_heads).where(event_heads.c.project_id == project_id).values(hash=prev)
+            if self.conn.dialect.name == "postgresql":
+                # One round trip: the head's new hash (a data-modifying CTE runs exactly once) and every row.
+                await self.conn.execute(sa.insert(events).values(rows).add_cte(set_hash.cte("set_head_hash")))
+            else:
+                await self.conn.execute(set_hash)
+                await self.conn.execute(sa.insert(events), rows)
         out.sort(key=lambda e: (e.project_id, e.seq))
         return out
 
