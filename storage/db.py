@@ -4,7 +4,7 @@
   lock and ``BEGIN IMMEDIATE`` (SQLite has one writer; DESIGN.md §9), on PostgreSQL a plain
   transaction whose conditional UPDATEs take row locks.
 - ``read()``: a plain read transaction, no lock.
-- ``read_only()``: the agentic brain's view — PostgreSQL ``SET TRANSACTION READ ONLY``, SQLite
+- ``read_only()``: the agentic brain's view — PostgreSQL ``BEGIN … READ ONLY``, SQLite
   ``PRAGMA query_only``. Any write through it fails in the database itself.
 """
 
@@ -40,6 +40,14 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def _drop_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Checkout hook: a pooled asyncpg connection the server already closed (restart, idle timeout,
+    pg_terminate_backend) is discarded and the pool connects afresh — no round trip, unlike pre-ping."""
+    raw = getattr(dbapi_connection, "_connection", None)
+    if raw is not None and raw.is_closed():
+        raise sa.exc.DisconnectionError("the pooled connection was closed by the server")
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10, schema: str | None = None, echo: bool = False):
         self.url = make_url(url)
@@ -50,7 +58,10 @@ class Database:
                 Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            # No pool_pre_ping: it costs a round trip per checkout. A connection the server closed is
+            # caught at checkout instead (_drop_closed, no round trip) and replaced; one that dies in
+            # use fails its transaction, and SQLAlchemy then invalidates the pool's older connections.
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
             server_settings = {"application_name": "smartspace"}
             if schema:
                 server_settings["search_path"] = schema
@@ -60,7 +71,10 @@ class Database:
             _sqlite_setup(self.engine)
             self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         else:
+            event.listen(self.engine.sync_engine, "checkout", _drop_closed)
             self._write_engine = self.engine
+            # BEGIN READ ONLY in the BEGIN itself (asyncpg), not a separate SET TRANSACTION round trip.
+            self._read_only_engine = self.engine.execution_options(postgresql_readonly=True)
         # SQLite: one writer per process at a time (cross-process: BEGIN IMMEDIATE + busy_timeout).
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
@@ -81,18 +95,17 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def read_only(self) -> AsyncIterator[AsyncConnection]:
+        if not self.is_sqlite:
+            async with self._read_only_engine.begin() as conn:
+                yield conn
+            return
         async with self.engine.connect() as conn:
-            if self.is_sqlite:
-                try:
-                    async with conn.begin():
-                        await conn.exec_driver_sql("PRAGMA query_only = ON")
-                        yield conn
-                finally:
-                    await conn.exec_driver_sql("PRAGMA query_only = OFF")
-            else:
+            try:
                 async with conn.begin():
-                    await conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                    await conn.exec_driver_sql("PRAGMA query_only = ON")
                     yield conn
+            finally:
+                await conn.exec_driver_sql("PRAGMA query_only = OFF")
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
