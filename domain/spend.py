@@ -419,14 +419,21 @@ class Spending:
         row.params = {**row.params, "input_micros_per_mtok": prices[0], "output_micros_per_mtok": prices[1]}
         self._created(scope, row)
         if amount > 0:
-            # Reads first, then the row locks in the same order on every path: wallet, budgets by id,
-            # event head (appended at commit) — short lock windows, no deadlocks between processes.
+            # Reads and the request's own row first, then the contended row locks, as late as possible and
+            # in the same order on every path: wallet, budgets by id, event head (appended at commit) —
+            # short lock windows, no deadlocks between processes. A failed hold rolls the insert back too.
             applicable = await scope.budgets.applicable(row.project_id, row.agent_id)
+            row.budget_ids = sorted(b.id for b in applicable)
+            await scope.store.spend_requests.insert(row)
             await scope.wallets.hold(row.project_id, amount, ref=row.id)
             budgets = await scope.budgets.reserve_all(row.project_id, row.agent_id, amount, ref=row.id, now=now,
                                                       budgets=applicable)
-            row.budget_ids = [b.id for b in budgets]
-        await scope.store.spend_requests.insert(row)
+            reserved_on = [b.id for b in budgets]
+            if reserved_on != row.budget_ids:  # a budget was deleted since it was read: it no longer applies
+                row.budget_ids = reserved_on
+                await scope.store.spend_requests.update(row.id, budget_ids=reserved_on)
+        else:
+            await scope.store.spend_requests.insert(row)
         if held:
             scope.emit(row.project_id, "approval.requested", {
                 "request_id": row.id, "model": row.model, "agent_id": row.agent_id, "actor": row.actor,
