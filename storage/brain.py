@@ -116,6 +116,30 @@ class _Miss(Exception):
     """A shared cache read did not produce a value."""
 
 
+def _prefetch_statement() -> sa.Select:
+    """Built once (the hot path only binds parameters): project, key, agent, wallet, active budgets."""
+    k, a, wl, bu = api_keys.alias("k"), agents.alias("a"), wallets.alias("w"), budgets.alias("b")
+    agent_id = sa.func.coalesce(sa.bindparam("agent_id", type_=sa.String), k.c.agent_id)
+    return (
+        sa.select(projects.c.status.label("p_status"), k.c.id.label("k_id"), k.c.project_id.label("k_project"),
+                  k.c.agent_id.label("k_agent"), k.c.revoked_at.label("k_revoked"), a.c.id.label("a_id"),
+                  a.c.project_id.label("a_project"), a.c.status.label("a_status"),
+                  wl.c.balance_micros.label("w_balance"), wl.c.reserved_micros.label("w_reserved"),
+                  bu.c.id.label("b_id"), bu.c.name.label("b_name"), bu.c.agent_id.label("b_agent"),
+                  bu.c.period.label("b_period"), bu.c.limit_micros.label("b_limit"),
+                  bu.c.spent_micros.label("b_spent"), bu.c.reserved_micros.label("b_reserved"),
+                  bu.c.period_start.label("b_start"))
+        .select_from(projects
+                     .outerjoin(k, k.c.id == sa.bindparam("key_id", type_=sa.String))
+                     .outerjoin(a, a.c.id == agent_id)
+                     .outerjoin(wl, wl.c.project_id == projects.c.id)
+                     .outerjoin(bu, sa.and_(bu.c.project_id == projects.c.id, bu.c.active.is_(True))))
+        .where(projects.c.id == sa.bindparam("project_id", type_=sa.String)).order_by(bu.c.id))
+
+
+_PREFETCH = _prefetch_statement()
+
+
 class SqlBrainView:
     def __init__(self, conn: AsyncConnection, limiter: RateLimiter, default_output_tokens: int = 1024,
                  cache: BrainCache | None = None) -> None:
@@ -123,15 +147,51 @@ class SqlBrainView:
         self.limiter = limiter
         self.default_output_tokens = default_output_tokens
         self.cache = cache
+        self._snap: dict[str, Any] | None = None  # what prefetch() read
         self._policies = Policies(conn)
         self._catalog = CatalogModels(conn)
 
+    async def prefetch(self, req: SpendInput) -> None:
+        """Read the request's project, key, agent (the one named, else the key's), wallet and active
+        budgets in ONE statement; the getters below answer from it (and query only for other ids)."""
+        rows = (await self.conn.execute(_PREFETCH, {"project_id": req.project_id, "key_id": req.key_id,
+                                                    "agent_id": req.agent_id})).all()
+        snap: dict[str, Any] = {"project_id": req.project_id, "key_id": req.key_id, "agent_id": None}
+        if rows:
+            r = rows[0]
+            snap["project"] = ProjectState(id=req.project_id, status=r.p_status)
+            if r.k_id is not None:
+                snap["key"] = KeyState(id=r.k_id, project_id=r.k_project, agent_id=r.k_agent,
+                                       revoked=r.k_revoked is not None)
+            snap["agent_id"] = req.agent_id or r.k_agent
+            if r.a_id is not None:
+                snap["agent"] = AgentState(id=r.a_id, project_id=r.a_project, status=r.a_status)
+            if r.w_balance is not None:
+                snap["wallet"] = WalletState(balance_micros=r.w_balance, reserved_micros=r.w_reserved)
+            snap["budgets"] = [BudgetState(id=r.b_id, name=r.b_name, agent_id=r.b_agent, period=r.b_period,
+                                           limit_micros=r.b_limit, spent_micros=r.b_spent,
+                                           reserved_micros=r.b_reserved, period_start=r.b_start)
+                               for r in rows if r.b_id is not None]
+        self._snap = snap
+
+    def _from_snapshot(self, what: str, **ids: str | None) -> tuple[bool, Any]:
+        snap = self._snap
+        if snap is None or any(snap.get(k) != v for k, v in ids.items()):
+            return False, None
+        return True, snap.get(what)
+
     async def project(self, project_id: str) -> ProjectState | None:
+        hit, value = self._from_snapshot("project", project_id=project_id)
+        if hit:
+            return value
         row = (await self.conn.execute(
             sa.select(projects.c.id, projects.c.status).where(projects.c.id == project_id))).first()
         return ProjectState(id=row.id, status=row.status) if row else None
 
     async def key(self, key_id: str) -> KeyState | None:
+        hit, value = self._from_snapshot("key", key_id=key_id)
+        if hit:
+            return value
         row = (await self.conn.execute(
             sa.select(api_keys.c.id, api_keys.c.project_id, api_keys.c.agent_id, api_keys.c.revoked_at)
             .where(api_keys.c.id == key_id))).first()
@@ -139,6 +199,9 @@ class SqlBrainView:
                         revoked=row.revoked_at is not None) if row else None
 
     async def agent(self, agent_id: str) -> AgentState | None:
+        hit, value = self._from_snapshot("agent", agent_id=agent_id)
+        if hit:
+            return value
         row = (await self.conn.execute(
             sa.select(agents.c.id, agents.c.project_id, agents.c.status).where(agents.c.id == agent_id))).first()
         return AgentState(id=row.id, project_id=row.project_id, status=row.status) if row else None
@@ -168,12 +231,18 @@ class SqlBrainView:
         return await self.cache.get("policy", project_id, lambda: self._project_policy(project_id))
 
     async def wallet(self, project_id: str) -> WalletState | None:
+        hit, value = self._from_snapshot("wallet", project_id=project_id)
+        if hit:
+            return value
         row = (await self.conn.execute(
             sa.select(wallets.c.balance_micros, wallets.c.reserved_micros)
             .where(wallets.c.project_id == project_id))).first()
         return WalletState(balance_micros=row.balance_micros, reserved_micros=row.reserved_micros) if row else None
 
     async def budgets(self, project_id: str) -> list[BudgetState]:
+        hit, value = self._from_snapshot("budgets", project_id=project_id)
+        if hit and value is not None:
+            return list(value)
         c = budgets.c
         rows = (await self.conn.execute(
             sa.select(c.id, c.name, c.agent_id, c.period, c.limit_micros, c.spent_micros, c.reserved_micros,
@@ -238,6 +307,8 @@ async def decide_for(db: Database, limiter: RateLimiter, req: SpendInput, now: d
                      default_output_tokens: int = 1024, cache: BrainCache | None = None) -> Decision:
     """Open a read-only view and run the brain (``agentic.pipeline.decide``) on one spend request."""
     async with brain_view(db, limiter, default_output_tokens, cache) as view:
+        if req.project_id:
+            await view.prefetch(req)
         return await decide(view, req, now)
 
 
