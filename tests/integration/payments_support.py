@@ -35,6 +35,13 @@ async def deposit_address(client, user: UserHandle, project_id: str | None = Non
     return await resp.json()
 
 
+async def depositor(client) -> tuple[UserHandle, ChainRuntime, dict[str, Any]]:
+    """A new user, the chain runtime, and the user's project's deposit address (with token and confirmations)."""
+    user = await register(client)
+    rt = await runtime(client)
+    return user, rt, await deposit_address(client, user)
+
+
 async def claim(client, user: UserHandle, tx_hash: str, project_id: str | None = None):
     resp = await client.post(f"/api/v1/projects/{project_id or user.project_id}/deposits", json={"tx_hash": tx_hash},
                              headers=user.headers)

@@ -13,6 +13,7 @@ from tests.integration.payments_support import (
     claim,
     deposit,
     deposit_address,
+    depositor,
     event_data,
     event_types,
     payment_settings,
@@ -37,9 +38,7 @@ async def test_each_project_has_its_own_deposit_address_stored_in_its_wallet(cli
 
 
 async def test_a_deposit_is_credited_once(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    info = await deposit_address(client, alice)
+    alice, rt, info = await depositor(client)
     tx_hash = await rt.devnet.pay(info["deposit_address"], 5 * USDC)
 
     status, body = await claim(client, alice, tx_hash)
@@ -90,9 +89,7 @@ async def test_another_project_cannot_claim_a_transfer(client, db):
 
 
 async def test_a_reverted_transfer_is_refused(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    info = await deposit_address(client, alice)
+    alice, rt, info = await depositor(client)
     payer = await rt.devnet.fund_new_account()  # holds no USDC: the transfer reverts, and is mined anyway
     tx_hash = await rt.devnet.pay(info["deposit_address"], 3 * USDC, payer=payer, mint=False, gas=100_000)
     lookup = await rt.chain.lookup(tx_hash)
@@ -105,9 +102,7 @@ async def test_a_reverted_transfer_is_refused(client, db):
 
 
 async def test_a_transfer_of_another_token_is_refused(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    info = await deposit_address(client, alice)
+    alice, rt, info = await depositor(client)
     fake = await rt.devnet.deploy_other_token()  # same code, same 6 decimals, different contract
     tx_hash = await rt.devnet.pay(info["deposit_address"], 4 * USDC, token=fake)
 
@@ -181,9 +176,7 @@ class TestPendingDeposits:
         return payment_settings(settings, confirmations=3)
 
     async def test_a_deposit_waits_for_confirmations_then_the_watcher_credits_it(self, client, db):
-        alice = await register(client)
-        rt = await runtime(client)
-        info = await deposit_address(client, alice)
+        alice, rt, info = await depositor(client)
         tx_hash = await rt.devnet.pay(info["deposit_address"], 6 * USDC)
 
         status, body = await claim(client, alice, tx_hash)
@@ -216,9 +209,7 @@ async def test_deposits_add_up_in_the_ledger(client, db):
 
 
 async def test_a_deposit_claimed_while_in_the_pool_is_verified_and_credited_once_mined(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    info = await deposit_address(client, alice)
+    alice, rt, info = await depositor(client)
     payer = await rt.devnet.fund_new_account()
     await rt.devnet.mint(payer, 8 * USDC)
     rt.devnet.auto_mine(False)
@@ -261,9 +252,7 @@ async def test_a_pooled_claim_that_turns_out_foreign_fails_without_credit(client
 
 
 async def test_concurrent_claims_of_one_transfer_credit_it_once(client, db):
-    alice = await register(client)
-    rt = await runtime(client)
-    info = await deposit_address(client, alice)
+    alice, rt, info = await depositor(client)
     tx_hash = await rt.devnet.pay(info["deposit_address"], 4 * USDC)
     results = await asyncio.gather(*[claim(client, alice, tx_hash) for _ in range(8)])
     statuses = sorted(status for status, _ in results)
