@@ -35,10 +35,10 @@ async def deposit_address(client, user: UserHandle, project_id: str | None = Non
     return await resp.json()
 
 
-async def depositor(client) -> tuple[UserHandle, ChainRuntime, dict[str, Any]]:
+async def depositor(client, *, devnet: bool = True) -> tuple[UserHandle, ChainRuntime, dict[str, Any]]:
     """A new user, the chain runtime, and the user's project's deposit address (with token and confirmations)."""
     user = await register(client)
-    rt = await runtime(client)
+    rt = await runtime(client, devnet=devnet)
     return user, rt, await deposit_address(client, user)
 
 

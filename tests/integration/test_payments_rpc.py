@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import msgspec
 import pytest
@@ -15,9 +14,10 @@ from server.chain import open_chain
 from server.chain.workers import CHAIN
 from server.settings import SettingsError
 from storage.models import payments
+from tests.e2e.procs import free_port
 from tests.factories import register
 from tests.fakes.evm_node import FakeEvmNode
-from tests.integration.payments_support import claim, deposit_address, run_worker, runtime, withdraw
+from tests.integration.payments_support import claim, deposit_address, depositor, run_worker, runtime, withdraw
 from tests.integration.spend_helpers import assert_books_balance, wallet
 
 USDC = 1_000_000
@@ -65,9 +65,7 @@ async def test_rpc_mode_deposits_count_arc_double_transfers_once_and_payouts_con
 
 
 async def test_rpc_mode_a_re_sent_transaction_is_recognised_by_its_hash(client, db, node):
-    alice = await register(client)
-    rt = await runtime(client, devnet=False)
-    info = await deposit_address(client, alice)
+    alice, rt, info = await depositor(client, devnet=False)
     assert (await claim(client, alice, await node.devnet.pay(info["deposit_address"], 3 * USDC)))[0] == 201
     status, created, _ = await withdraw(client, alice, node.devnet.new_account(), USDC, key="resend")
     assert status == 201
@@ -93,12 +91,6 @@ async def test_rpc_mode_refuses_a_node_on_another_chain_and_a_missing_key(settin
         await open_chain(msgspec.structs.replace(settings, treasury_private_key=""))
     with pytest.raises(SettingsError, match="SMARTSPACE_USDC_ADDRESS"):
         await open_chain(msgspec.structs.replace(settings, usdc_address=""))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TestNodeDownAtStartUp:
@@ -134,9 +126,7 @@ class TestNodeDownAtStartUp:
 
 async def test_the_treasury_key_is_never_logged_or_returned(client, db, node, caplog, settings):
     caplog.set_level(logging.DEBUG)
-    alice = await register(client)
-    rt = await runtime(client, devnet=False)
-    info = await deposit_address(client, alice)
+    alice, rt, info = await depositor(client, devnet=False)
     bodies = [str(info)]
     status, body = await claim(client, alice, await node.devnet.pay(info["deposit_address"], 2 * USDC))
     assert status == 201
