@@ -17,10 +17,17 @@ from storage.models import payments
 from tests.e2e.procs import free_port
 from tests.factories import register
 from tests.fakes.evm_node import FakeEvmNode
-from tests.integration.payments_support import claim, deposit_address, depositor, run_worker, runtime, withdraw
+from tests.integration.payments_support import (
+    USDC,
+    claim,
+    deposit_address,
+    depositor,
+    run_worker,
+    runtime,
+    withdraw,
+)
 from tests.integration.spend_helpers import assert_books_balance, wallet
 
-USDC = 1_000_000
 TREASURY_KEY = "0x" + "7a" * 32
 
 

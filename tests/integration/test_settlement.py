@@ -9,10 +9,8 @@ import sqlalchemy as sa
 
 from storage.models import settlement_batches, spend_requests
 from tests.factories import register
-from tests.integration.payments_support import payment_settings, run_worker, runtime, withdraw
+from tests.integration.payments_support import USDC, payment_settings, run_worker, runtime, withdraw
 from tests.integration.spend_helpers import COST, fund, funded_project, own_spend
-
-USDC = 1_000_000
 
 
 async def set_settlement(client, user, mode: str) -> None:
