@@ -103,6 +103,12 @@ def usage_from_openai(raw: Mapping[str, Any] | None) -> Usage | None:
     return Usage(input_tokens=int(prompt or 0), output_tokens=int(completion or 0))
 
 
+def usage_to_openai(usage: Usage) -> dict[str, int]:
+    """:class:`Usage` → OpenAI's ``usage`` object (prompt, completion and total tokens)."""
+    return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens}
+
+
 def input_text(call: ProviderCall) -> list[str]:
     if call.input is None:
         return []

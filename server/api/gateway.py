@@ -38,7 +38,14 @@ from domain.errors import (
 from domain.events import Event
 from domain.identity import KEY_PREFIX, parse_key
 from domain.policies import Policies
-from domain.providers import ProviderCall, UpstreamError, Usage, conservative_usage, usage_from_openai
+from domain.providers import (
+    ProviderCall,
+    UpstreamError,
+    Usage,
+    conservative_usage,
+    usage_from_openai,
+    usage_to_openai,
+)
 from domain.spend import Prepared, SpendCommand
 from server.container import Container
 from server.http import REQUEST_ID, routes
@@ -359,8 +366,7 @@ class GatewayCall:
             raw = None
         if raw is None or completion.usage is None:
             if completion.usage is None:
-                body["usage"] = {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-                                 "total_tokens": usage.input_tokens + usage.output_tokens}
+                body["usage"] = usage_to_openai(usage)
             raw = _encode(body)
         return web.Response(body=raw, content_type="application/json", headers=headers)
 
@@ -447,9 +453,8 @@ class GatewayCall:
                 "id": (template or {}).get("id", prepared.request_id), "object": "chat.completion.chunk",
                 "created": (template or {}).get("created", int(time.time())),
                 "model": (template or {}).get("model", prepared.upstream_model), "choices": []}
-            final["usage"] = {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-                              "total_tokens": usage.input_tokens + usage.output_tokens,
-                              "cost_micros": receipt.cost_micros, "request_id": prepared.request_id}
+            final["usage"] = {**usage_to_openai(usage), "cost_micros": receipt.cost_micros,
+                              "request_id": prepared.request_id}
             tail = b"data: " + _encode(final) + b"\n\n"
         tail += (f": smartspace cost_micros={receipt.cost_micros} request_id={prepared.request_id} "
                  f"timing={self.server_timing().replace(' ', '')}\n\n".encode() + b"data: [DONE]\n\n")

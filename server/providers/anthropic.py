@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from domain.errors import InvalidRequest
-from domain.providers import Completion, ProviderCall, UpstreamError, Usage
+from domain.providers import Completion, ProviderCall, UpstreamError, Usage, usage_to_openai
 from server.providers.wire import post_json, redact, sse_events
 
 if TYPE_CHECKING:
@@ -176,11 +176,6 @@ def finish_reason(stop_reason: str | None) -> str | None:
     return STOP_REASONS.get(stop_reason, "stop")
 
 
-def _usage_json(usage: Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens}
-
-
 def from_anthropic(message: Mapping[str, Any]) -> tuple[dict[str, Any], Usage | None]:
     """An Anthropic Messages response → (OpenAI chat.completion body, usage)."""
     text: list[str] = []
@@ -204,7 +199,7 @@ def from_anthropic(message: Mapping[str, Any]) -> tuple[dict[str, Any], Usage | 
                      "finish_reason": finish_reason(message.get("stop_reason")) or "stop"}],
     }
     if usage is not None:
-        body["usage"] = _usage_json(usage)
+        body["usage"] = usage_to_openai(usage)
     return body, usage
 
 
@@ -284,7 +279,7 @@ class StreamTranslator:
             if usage is None:
                 return []
             return [{"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                     "choices": [], "usage": _usage_json(usage)}]
+                     "choices": [], "usage": usage_to_openai(usage)}]
         return []  # ping, content_block_stop, unknown future events
 
 

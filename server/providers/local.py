@@ -17,7 +17,7 @@ from typing import Any
 
 from domain import tokens
 from domain.base import new_id
-from domain.providers import Completion, ProviderCall, Usage, input_text
+from domain.providers import Completion, ProviderCall, Usage, input_text, usage_to_openai
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_DIMENSIONS = 16
@@ -70,11 +70,6 @@ def embedding_for(text: str, dimensions: int = DEFAULT_DIMENSIONS) -> list[float
     return [round(v / norm, 8) for v in values]
 
 
-def _usage_json(usage: Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens}
-
-
 class LocalProvider:
     name = "local"
 
@@ -85,7 +80,7 @@ class LocalProvider:
             "model": call.model, "system_fingerprint": "smartspace-local",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": finish}],
-            "usage": _usage_json(usage),
+            "usage": usage_to_openai(usage),
         }
         return Completion(body=body, usage=usage)
 
@@ -105,7 +100,7 @@ class LocalProvider:
         yield chunk({}, finish)
         if (call.params.get("stream_options") or {}).get("include_usage", True):
             yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": call.model,
-                   "system_fingerprint": "smartspace-local", "choices": [], "usage": _usage_json(usage)}
+                   "system_fingerprint": "smartspace-local", "choices": [], "usage": usage_to_openai(usage)}
 
     async def embed(self, call: ProviderCall) -> Completion:
         texts = input_text(call)
