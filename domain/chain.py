@@ -35,23 +35,23 @@ def units_to_micros(units: int, decimals: int) -> int:
     return units * 10 ** (MICROS_DECIMALS - decimals)
 
 
-def normalize_address(value: str) -> str:
-    """Lower-case 0x-prefixed 20-byte hex; raises InvalidRequest otherwise. Compare addresses only in this form."""
+def _normalize_hex(value: str, digits: int, what: str, field: str) -> str:
+    """Lower-case 0x-prefixed hex of exactly ``digits`` digits; raises InvalidRequest naming ``what`` otherwise."""
     text = value.strip().lower() if isinstance(value, str) else ""
     if not text.startswith("0x"):
         text = "0x" + text
-    if len(text) != 42 or any(c not in "0123456789abcdef" for c in text[2:]):
-        raise InvalidRequest("not an EVM address (0x + 40 hex digits)", {"address": value})
+    if len(text) != 2 + digits or any(c not in "0123456789abcdef" for c in text[2:]):
+        raise InvalidRequest(f"not {what} (0x + {digits} hex digits)", {field: value})
     return text
+
+
+def normalize_address(value: str) -> str:
+    """Lower-case 0x-prefixed 20-byte hex; raises InvalidRequest otherwise. Compare addresses only in this form."""
+    return _normalize_hex(value, 40, "an EVM address", "address")
 
 
 def normalize_tx_hash(value: str) -> str:
-    text = value.strip().lower() if isinstance(value, str) else ""
-    if not text.startswith("0x"):
-        text = "0x" + text
-    if len(text) != 66 or any(c not in "0123456789abcdef" for c in text[2:]):
-        raise InvalidRequest("not a transaction hash (0x + 64 hex digits)", {"tx_hash": value})
-    return text
+    return _normalize_hex(value, 64, "a transaction hash", "tx_hash")
 
 
 class TokenTransfer(msgspec.Struct, frozen=True, kw_only=True):
