@@ -96,11 +96,17 @@ def encode(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
-async def decode(request: web.Request, type_: type[T]) -> T:
-    """Decode and validate the JSON body (msgspec errors are rendered by the error middleware)."""
+async def read_body(request: web.Request) -> bytes:
+    """The request body; an empty (or all-whitespace) one is refused."""
     body = await request.read()
     if not body.strip():
         raise InvalidRequest("a JSON request body is required")
+    return body
+
+
+async def decode(request: web.Request, type_: type[T]) -> T:
+    """Decode and validate the JSON body (msgspec errors are rendered by the error middleware)."""
+    body = await read_body(request)
     decoder = _decoders.get(type_)
     if decoder is None:
         decoder = _decoders[type_] = msgspec.json.Decoder(type_)

@@ -48,7 +48,7 @@ from domain.providers import (
 )
 from domain.spend import Prepared, SpendCommand
 from server.container import Container
-from server.http import REQUEST_ID, routes
+from server.http import REQUEST_ID, read_body, routes
 from server.http import container as _c
 from server.middleware import bearer, render_domain_error
 
@@ -125,10 +125,7 @@ async def key_actor(request: web.Request) -> Actor:
 
 # ---------------------------------------------------------------- request parsing
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw.strip():
-        raise InvalidRequest("a JSON request body is required")
-    body = _decode(raw)
+    body = _decode(await read_body(request))
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body

@@ -6,18 +6,14 @@ from aiohttp import web
 
 from domain import policies as pol
 from domain.base import Page
-from domain.errors import InvalidRequest
-from server.http import PAGE_QUERY, actor, json_response, page_request, routes
+from server.http import PAGE_QUERY, actor, json_response, page_request, read_body, routes
 from server.http import container as _c
 
 P = "/api/v1/projects/{project_id}/policy"
 
 
 async def _body(request: web.Request, type_: type) -> pol.ProjectPolicy | pol.SystemPolicy:
-    raw = await request.read()
-    if not raw.strip():
-        raise InvalidRequest("a JSON request body is required")
-    return pol.parse(raw, type_)
+    return pol.parse(await read_body(request), type_)
 
 
 @routes.get(P, summary="The project's policy in force (version 0 = the defaults)", tag="policies",
