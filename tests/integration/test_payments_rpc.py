@@ -22,6 +22,7 @@ from tests.integration.payments_support import (
     claim,
     deposit_address,
     depositor,
+    payment_settings,
     run_worker,
     runtime,
     withdraw,
@@ -38,12 +39,16 @@ async def node():
     await node.close()
 
 
+def rpc_settings(settings, node: FakeEvmNode, **changes):
+    """The app on ``chain="rpc"`` against the fake node, its background worker off."""
+    return payment_settings(settings, chain="rpc", chain_rpc_url=node.url, chain_id=node.devnet.chain.chain_id,
+                            usdc_address=node.devnet.chain.token_address, treasury_private_key=TREASURY_KEY,
+                            **changes)
+
+
 @pytest.fixture
 def settings(settings, node):
-    return msgspec.structs.replace(
-        settings, chain="rpc", chain_rpc_url=node.url, chain_id=node.devnet.chain.chain_id,
-        usdc_address=node.devnet.chain.token_address, treasury_private_key=TREASURY_KEY,
-        revenue_address="0x" + "9e" * 20, chain_worker=False)
+    return rpc_settings(settings, node, revenue_address="0x" + "9e" * 20)
 
 
 async def test_rpc_mode_deposits_count_arc_double_transfers_once_and_payouts_confirm(client, db, node):
@@ -109,10 +114,7 @@ class TestNodeDownAtStartUp:
 
     @pytest.fixture
     def settings(self, settings, node):
-        return msgspec.structs.replace(
-            settings, chain="rpc", chain_rpc_url=node.url, chain_id=node.devnet.chain.chain_id,
-            usdc_address=node.devnet.chain.token_address, treasury_private_key=TREASURY_KEY,
-            chain_worker=False, chain_poll_seconds=0.01)
+        return rpc_settings(settings, node, chain_poll_seconds=0.01)
 
     async def test_the_server_starts_answers_503_and_connects_once_the_node_is_up(self, client, db, node):
         alice = await register(client)
