@@ -57,7 +57,12 @@ class Repository(Generic[S]):
 
     async def insert(self, entity: S) -> S:
         values = {f: getattr(entity, f) for f in self._fields()}
-        await self.conn.execute(sa.insert(self.table).values(**values))
+        # The bare INSERT construct is built once per table; values go as parameters (no per-call
+        # statement building, and the compiled form comes from SQLAlchemy's cache).
+        stmt = self.__class__.__dict__.get("_insert_stmt")
+        if stmt is None:
+            stmt = self.__class__._insert_stmt = sa.insert(self.table)
+        await self.conn.execute(stmt, values)
         return entity
 
     async def update(self, id_: str, **values: Any) -> S | None:

@@ -16,6 +16,21 @@ from storage.models import ledger_entries, wallets
 
 w = wallets.c
 
+# The two hot conditional UPDATEs of the spend path, built once (only parameters are bound per call).
+_HOLD = (sa.update(wallets)
+         .where(w.project_id == sa.bindparam("p_project"),
+                w.balance_micros - w.reserved_micros >= sa.bindparam("p_amount", type_=sa.BigInteger))
+         .values(reserved_micros=w.reserved_micros + sa.bindparam("p_amount", type_=sa.BigInteger),
+                 updated_at=sa.bindparam("p_now"))
+         .returning(wallets))
+_CAPTURE = (sa.update(wallets)
+            .where(w.project_id == sa.bindparam("p_project"),
+                   w.reserved_micros >= sa.bindparam("p_held", type_=sa.BigInteger))
+            .values(reserved_micros=w.reserved_micros - sa.bindparam("p_held", type_=sa.BigInteger),
+                    balance_micros=w.balance_micros - sa.bindparam("p_charge", type_=sa.BigInteger),
+                    updated_at=sa.bindparam("p_now"))
+            .returning(wallets))
+
 
 def insert_ignore(conn: AsyncConnection, table: sa.Table, index: list[str]) -> Any:
     """INSERT … ON CONFLICT DO NOTHING on either dialect."""
@@ -64,10 +79,8 @@ class Wallets:
         return await self._one(stmt.values(balance_micros=w.balance_micros + delta, updated_at=now))
 
     async def hold(self, project_id: str, amount: int, now: datetime) -> Wallet | None:
-        return await self._one(
-            sa.update(wallets)
-            .where(w.project_id == project_id, w.balance_micros - w.reserved_micros >= amount)
-            .values(reserved_micros=w.reserved_micros + amount, updated_at=now))
+        row = (await self.conn.execute(_HOLD, {"p_project": project_id, "p_amount": amount, "p_now": now})).first()
+        return _wallet(row) if row else None
 
     async def release(self, project_id: str, amount: int, now: datetime) -> Wallet | None:
         return await self._one(
@@ -78,11 +91,9 @@ class Wallets:
     async def capture(self, project_id: str, held: int, charge: int, now: datetime) -> Wallet | None:
         """reserved -= held, balance -= charge (charge <= held, so available never goes negative)."""
         assert 0 <= charge <= held
-        return await self._one(
-            sa.update(wallets)
-            .where(w.project_id == project_id, w.reserved_micros >= held)
-            .values(reserved_micros=w.reserved_micros - held, balance_micros=w.balance_micros - charge,
-                    updated_at=now))
+        row = (await self.conn.execute(_CAPTURE, {"p_project": project_id, "p_held": held, "p_charge": charge,
+                                                  "p_now": now})).first()
+        return _wallet(row) if row else None
 
     async def set_deposit_address(self, project_id: str, address: str, now: datetime) -> Wallet | None:
         return await self._one(sa.update(wallets).where(w.project_id == project_id)
