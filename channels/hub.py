@@ -43,6 +43,9 @@ from server.metrics import Metrics
 log = logging.getLogger("smartspace.hub")
 REPLAY_PAGE = 500
 GAP_GRACE_SECONDS = 0.5
+# How often each watched project's log tail is read: catches an event whose publisher died between
+# commit and publish when no later event arrives to reveal the gap.
+TAIL_CHECK_SECONDS = 5.0
 HUB = web.AppKey("hub", object)
 _REVOKING = frozenset({"member.removed", "key.revoked"})  # events after which some subscribers must go
 
@@ -83,6 +86,7 @@ class Hub:
         self._emit_lock = asyncio.Lock()  # one emitter at a time keeps every room in seq order
         self._pending: set[asyncio.TimerHandle | asyncio.Future] = set()  # gap look-ups, stopped by close()
         self._closed = False
+        self.tail_check_seconds = TAIL_CHECK_SECONDS
         for namespace in NAMESPACES:
             self.sio.register_namespace(ProjectNamespace(namespace, self))
         container.bus.listen(self.deliver)
@@ -195,6 +199,12 @@ class Hub:
             await self._drain(project_id, stream)
             if len(missing) < REPLAY_PAGE:
                 return
+
+    async def check_tails(self) -> None:
+        """Forever: read each watched project's log past what was emitted (see TAIL_CHECK_SECONDS)."""
+        while not self._closed:
+            await asyncio.sleep(self.tail_check_seconds)
+            await self.catch_up_all()
 
     async def catch_up_all(self) -> None:
         for project_id in list(self.streams):
@@ -346,7 +356,11 @@ def attach(app: web.Application, container: Container, metrics: Metrics) -> Hub:
     app[HUB] = hub
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        tails = asyncio.create_task(hub.check_tails(), name="hub-tail-check")
         yield
+        tails.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tails
         await hub.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(hub.sio.shutdown(), 5)

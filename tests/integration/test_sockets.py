@@ -331,3 +331,29 @@ async def test_socket_gauge_and_delivery_counters_move(client, live, metrics):
     await until_metric(metrics, "smartspace_socket_connections", 0, namespace="/chat")
     body = await (await client.get("/metrics")).text()
     assert 'smartspace_socket_connections{namespace="/budgets"} 0.0' in body
+
+
+# ---------------------------------------------------------------- a publisher that died after commit
+@pytest.fixture
+def fast_tail_checks(monkeypatch):
+    import channels.hub
+
+    monkeypatch.setattr(channels.hub, "TAIL_CHECK_SECONDS", 0.2)
+
+
+async def test_an_event_committed_but_never_published_still_reaches_subscribers(fast_tail_checks, client, live,
+                                                                              container):
+    from domain.events import PendingEvent
+    from storage.uow import SqlStore
+
+    owner = await register(client)
+    watcher = await live(owner.token)
+    ack = await watcher.subscribe(owner.project_id)
+    # Commit straight to the log and never publish: as if the writing process died right after commit.
+    async with container.db.write() as conn:
+        [event] = await SqlStore(conn).events.append(
+            [PendingEvent(project_id=owner.project_id, type="project.updated", data={"changes": ["name"]})],
+            "system:test")
+    assert event.seq == ack["seq"] + 1
+    await watcher.until_seq(event.seq)
+    assert watcher.seqs(owner.project_id).count(event.seq) == 1
