@@ -40,6 +40,11 @@ class GatewayEnv:
     def sdk(self, api_key: str | None = None, **kw: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key or self.key["key"], max_retries=0, **kw)
 
+    async def close(self) -> None:
+        """Close the SDK client and stop the fake upstream."""
+        await self.oai.close()
+        await self.fake.stop()
+
     async def credit(self, amount: int) -> None:
         async with self.container.uow() as scope:
             await scope.wallets.credit(self.project_id, amount, kind="admin_credit", ref=None, memo="test funds")

@@ -20,8 +20,7 @@ COMMENT = re.compile(rb": smartspace cost_micros=(\d+) request_id=(\S+)")
 async def gw(aiohttp_client, settings, db, metrics):
     env = await start_gateway(aiohttp_client, settings, db, metrics)
     yield env
-    await env.oai.close()
-    await env.fake.stop()
+    await env.close()
 
 
 async def call(gw, model: str, *, stream: bool = False, embedding: bool = False, i: int = 0) -> tuple[str, int]:

@@ -15,8 +15,7 @@ from tests.fakes.gateway import ANTHROPIC_KEY, OPENAI_KEY, start_gateway
 async def gw(aiohttp_client, settings, db, metrics):
     env = await start_gateway(aiohttp_client, settings, db, metrics)
     yield env
-    await env.oai.close()
-    await env.fake.stop()
+    await env.close()
 
 
 async def test_chat_non_streaming_with_receipt_headers(gw):

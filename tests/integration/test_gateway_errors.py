@@ -19,8 +19,7 @@ USER = [{"role": "user", "content": "hello gateway"}]
 async def gw(aiohttp_client, settings, db, metrics):
     env = await start_gateway(aiohttp_client, settings, db, metrics, provider_timeout=0.5)
     yield env
-    await env.oai.close()
-    await env.fake.stop()
+    await env.close()
 
 
 async def settled_state(gw):
@@ -38,8 +37,7 @@ async def test_insufficient_funds_is_402(aiohttp_client, settings, db, metrics):
         assert err.value.response.headers["x-smartspace-request-id"].startswith("req_")
         assert env.fake.received == []  # never called upstream
     finally:
-        await env.oai.close()
-        await env.fake.stop()
+        await env.close()
 
 
 async def test_budget_exceeded_is_402(gw):
