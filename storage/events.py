@@ -4,12 +4,14 @@ Appending takes the project's head row with ``UPDATE … SET seq = seq + n RETUR
 that row lock serialises writers of one project until commit, so seqs are gap-free and commit in
 order; on SQLite the single writer (BEGIN IMMEDIATE) does the same. The chain hashes are computed
 from the returned head, then one more statement stores the new head hash and inserts the rows (on
-PostgreSQL a single ``WITH … UPDATE event_heads … INSERT INTO events VALUES …``): two round trips.
+PostgreSQL a single ``WITH … UPDATE event_heads … INSERT INTO events SELECT … FROM unnest(…)``, the
+rows as arrays, so the statement is compiled once): two round trips.
 Events are appended at the very end of a unit of work to keep that lock short.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from itertools import groupby
@@ -26,6 +28,15 @@ from storage.models import event_heads, events
 
 _COLUMNS = (events.c.id, events.c.project_id, events.c.seq, events.c.type, events.c.ts, events.c.actor,
             events.c.data, events.c.prev_hash, events.c.hash)
+
+
+_PG_APPEND = sa.text(
+    "WITH set_head_hash AS (UPDATE event_heads SET hash = :head_hash WHERE project_id = :project_id) "
+    "INSERT INTO events (id, project_id, seq, type, actor, data, ts, prev_hash, hash) "
+    "SELECT t.id, :project_id, t.seq, t.type, :actor, CAST(t.data AS JSONB), :ts, t.prev_hash, t.hash "
+    "FROM unnest(CAST(:ids AS VARCHAR[]), CAST(:seqs AS BIGINT[]), CAST(:types AS VARCHAR[]), "
+    "CAST(:datas AS TEXT[]), CAST(:prevs AS VARCHAR[]), CAST(:hashes AS VARCHAR[])) "
+    "AS t(id, seq, type, data, prev_hash, hash)")
 
 
 def _event(row: sa.Row) -> Event:
@@ -71,12 +82,17 @@ class EventLog:
                 rows.append({c.name: getattr(event, c.name) for c in _COLUMNS})
                 out.append(event)
                 prev = digest
-            set_hash = sa.update(event_heads).where(event_heads.c.project_id == project_id).values(hash=prev)
             if self.conn.dialect.name == "postgresql":
-                # One round trip: the head's new hash (a data-modifying CTE runs exactly once) and every row.
-                await self.conn.execute(sa.insert(events).values(rows).add_cte(set_hash.cte("set_head_hash")))
+                # One round trip, one fixed (compiled-once) statement: the head's new hash (a data-modifying
+                # CTE runs exactly once) and every row, passed as arrays.
+                await self.conn.execute(_PG_APPEND, {
+                    "head_hash": prev, "project_id": project_id, "actor": actor, "ts": ts,
+                    "ids": [r["id"] for r in rows], "seqs": [r["seq"] for r in rows],
+                    "types": [r["type"] for r in rows], "datas": [json.dumps(r["data"]) for r in rows],
+                    "prevs": [r["prev_hash"] for r in rows], "hashes": [r["hash"] for r in rows]})
             else:
-                await self.conn.execute(set_hash)
+                await self.conn.execute(
+                    sa.update(event_heads).where(event_heads.c.project_id == project_id).values(hash=prev))
                 await self.conn.execute(sa.insert(events), rows)
         out.sort(key=lambda e: (e.project_id, e.seq))
         return out
