@@ -332,8 +332,8 @@ class GatewayCall:
     # ------------------------------------------------------------ non-streaming chat / embeddings
     async def complete(self, prepared: Prepared) -> web.Response:
         call = self.call(prepared)
-        provider = self.container.providers.get(prepared.provider)
         try:
+            provider = self.container.providers.get(prepared.provider)  # inside: an unknown one releases too
             if call.operation == "embedding":
                 completion = await provider.embed(call)
             else:
@@ -372,8 +372,8 @@ class GatewayCall:
         """Start the upstream stream and pull its first chunk, so an immediate failure is still a
         plain 502/504 answer (and can fall back) rather than an error inside a 200 stream."""
         call = self.call(prepared)
-        iterator = self.container.providers.get(prepared.provider).stream(call).__aiter__()
         try:
+            iterator = self.container.providers.get(prepared.provider).stream(call).__aiter__()
             first = await iterator.__anext__()
         except StopAsyncIteration:
             first = None

@@ -216,3 +216,24 @@ async def test_a_fallback_is_re_checked_and_a_refused_one_leaves_the_original_er
     assert err.value.status_code == 502 and err.value.code == "provider_error"
     assert [r.path for r in gw.fake.received] == ["/v1/chat/completions"]  # the refused fallback never ran
     await settled_state(gw)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_catalog_model_whose_provider_is_not_configured_is_404_and_releases(gw, stream):
+    import sqlalchemy as sa
+
+    from domain.base import utcnow
+    from storage.models import catalog_models
+
+    async with gw.container.db.write() as conn:
+        await conn.execute(sa.insert(catalog_models).values(
+            id="mistral/mistral-small", provider="mistral", name="mistral-small", kind="chat",
+            input_micros_per_mtok=200_000, output_micros_per_mtok=600_000, context_window=32_000,
+            max_output_tokens=8_000, active=True, updated_at=utcnow()))
+    before = await gw.wallet()
+    with pytest.raises(openai.NotFoundError) as err:
+        await gw.oai.chat.completions.create(model="mistral/mistral-small", messages=USER, max_tokens=50,
+                                             stream=stream)
+    assert err.value.code == "not_found"
+    after = await settled_state(gw)
+    assert after.balance_micros == before.balance_micros
