@@ -10,15 +10,18 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 from storage.db import Database
+from tests.conftest import PG_URL
+
+pytestmark = pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SMARTSPACE_TEST_DATABASE_URL is not set")
 
 
-def _postgres(db: Database) -> None:
-    if db.is_sqlite:
-        pytest.skip("PostgreSQL connection handling")
+@pytest.fixture
+def backend() -> str:
+    """These tests are about PostgreSQL connections: no SQLite variant (the conftest one is parametrised)."""
+    return "postgresql"
 
 
 async def test_the_read_only_transaction_refuses_writes_and_does_not_leak_into_the_pool(db):
-    _postgres(db)
     async with db.read_only() as conn:
         assert (await conn.execute(sa.text("SHOW transaction_read_only"))).scalar_one() == "on"
         with pytest.raises(DBAPIError):
@@ -29,7 +32,6 @@ async def test_the_read_only_transaction_refuses_writes_and_does_not_leak_into_t
 
 
 async def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(db):
-    _postgres(db)
     async with db.read() as conn:
         pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
         raw = (await conn.get_raw_connection()).driver_connection
