@@ -204,9 +204,6 @@ class PaymentStore:
             sa.select(settlement_batches).where(settlement_batches.c.payment_id == payment_id))).first()
         return self._batches.to_entity(row) if row else None
 
-    async def get_batch(self, batch_id: str) -> SettlementBatch | None:
-        return await self._batches.get(batch_id)
-
     async def move_batch(self, batch_id: str, status: str, now: datetime) -> None:
         await self.conn.execute(sa.update(settlement_batches).where(settlement_batches.c.id == batch_id)
                                 .values(status=status, updated_at=now))

@@ -105,12 +105,6 @@ class Wallets:
     async def entries(self, project_id: str, page: PageRequest) -> Page[LedgerEntry]:
         return await self.ledger.paginate(page, ledger_entries.c.project_id == project_id)
 
-    async def ledger_sum(self, project_id: str) -> int:
-        total = (await self.conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(ledger_entries.c.amount_micros), 0))
-            .where(ledger_entries.c.project_id == project_id))).scalar_one()
-        return int(total)
-
     async def ledger_totals(self, project_id: str, since: datetime, until: datetime) -> dict[str, int]:
         c = ledger_entries.c
         rows = await self.conn.execute(
