@@ -6,6 +6,12 @@
 - ``read()``: a plain read transaction, no lock.
 - ``read_only()``: the agentic brain's view — PostgreSQL ``BEGIN … READ ONLY``, SQLite
   ``PRAGMA query_only``. Any write through it fails in the database itself.
+
+On PostgreSQL the spend hot path also talks to asyncpg directly (``raw()`` / ``raw_read_only()``:
+two small pools beside SQLAlchemy's, same server settings and schema): a handful of fixed statements
+run per request there, and SQLAlchemy's per-execute overhead was most of the request's CPU
+(bench/README.md). The read-only pool's sessions default to ``default_transaction_read_only``, so
+the brain's reads through it cannot write either.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -66,6 +74,7 @@ class Database:
             if schema:
                 server_settings["search_path"] = schema
             kwargs["connect_args"] = {"server_settings": server_settings}
+            self._server_settings = server_settings
         self.engine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             _sqlite_setup(self.engine)
@@ -77,6 +86,8 @@ class Database:
             self._read_only_engine = self.engine.execution_options(postgresql_readonly=True)
         # SQLite: one writer per process at a time (cross-process: BEGIN IMMEDIATE + busy_timeout).
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._pool_size = pool_size
+        self._raw_pools: dict[bool, asyncio.Task[asyncpg.Pool]] = {}
 
     @property
     def dialect(self) -> str:
@@ -107,9 +118,61 @@ class Database:
             finally:
                 await conn.exec_driver_sql("PRAGMA query_only = OFF")
 
+    async def _raw_pool(self, read_only: bool) -> asyncpg.Pool:
+        if self.is_sqlite:
+            raise RuntimeError("raw asyncpg pools exist on PostgreSQL only")
+        task = self._raw_pools.get(read_only)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            settings = dict(self._server_settings, application_name="smartspace-hot")
+            if read_only:
+                settings["default_transaction_read_only"] = "on"
+            url = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+            task = self._raw_pools[read_only] = asyncio.ensure_future(asyncpg.create_pool(
+                url, min_size=1, max_size=self._pool_size, server_settings=settings, init=_raw_init,
+                max_inactive_connection_lifetime=1800))
+        return await asyncio.shield(task)
+
+    def raw(self, *, read_only: bool = False) -> Any:
+        """A pooled asyncpg connection (``async with db.raw() as conn``); PostgreSQL only."""
+        return _RawAcquire(self, read_only)
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
 
     async def dispose(self) -> None:
+        pools, self._raw_pools = list(self._raw_pools.values()), {}
+        for task in pools:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                await task.result().close()
+            else:
+                task.cancel()
         await self.engine.dispose()
+
+
+class _RawAcquire:
+    """``async with db.raw() as conn``: the pool is created on first use."""
+
+    __slots__ = ("conn", "db", "pool", "read_only")
+
+    def __init__(self, db: Database, read_only: bool) -> None:
+        self.db = db
+        self.read_only = read_only
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self.pool = await self.db._raw_pool(self.read_only)
+        self.conn = await self.pool.acquire()
+        return self.conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pool.release(self.conn)
+
+
+def _json_text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+async def _raw_init(conn: asyncpg.Connection) -> None:
+    # json / jsonb in and out as Python values, like SQLAlchemy's JSON type.
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=_json_text, decoder=msgspec.json.decode, schema="pg_catalog")
