@@ -1,7 +1,13 @@
-"""The brain's read-only view of a project, over ``Database.read_only()``.
+"""The brain's read-only view of a project.
 
-The session is opened read-only in the database itself (PostgreSQL ``SET TRANSACTION READ ONLY``,
-SQLite ``PRAGMA query_only``), so even a bug in ``agentic/`` cannot write: the database refuses.
+Every session the view reads through is read-only in the database itself, so even a bug in
+``agentic/`` cannot write: the database refuses. On PostgreSQL the per-request prefetch (project, key,
+agent, wallet, budgets) is one hand-written statement on a raw asyncpg connection from
+``Database.raw(read_only=True)`` (sessions with ``default_transaction_read_only``; a single statement
+is its own snapshot, so no BEGIN / COMMIT round trips); the SQLAlchemy ``Database.read_only()``
+transaction (``BEGIN … READ ONLY`` / SQLite ``PRAGMA query_only``) is opened only when the pipeline
+needs something the prefetch and the cache do not answer (a cache miss, another id). On SQLite the
+prefetch runs on that SQLAlchemy connection.
 ``decide_for`` is what the spend service calls: open the view, run the pipeline, close.
 """
 
@@ -10,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,6 +42,7 @@ from storage.catalog import CatalogModels
 from storage.db import Database
 from storage.models import agents, api_keys, budgets, projects, spend_requests, wallets
 from storage.policies import Policies
+from storage.policies import Row as PolicyRow
 
 BASELINE_DAYS = 30
 OPEN_STATUSES = ("pending_approval", "approved", "executing")
@@ -139,39 +146,103 @@ def _prefetch_statement() -> sa.Select:
 
 _PREFETCH = _prefetch_statement()
 
+# The same read for asyncpg ($1 project, $2 key, $3 agent; the tables resolve through search_path).
+_PREFETCH_SQL = """
+SELECT p.status AS p_status, k.id AS k_id, k.project_id AS k_project, k.agent_id AS k_agent,
+       k.revoked_at AS k_revoked, a.id AS a_id, a.project_id AS a_project, a.status AS a_status,
+       w.balance_micros AS w_balance, w.reserved_micros AS w_reserved,
+       b.id AS b_id, b.name AS b_name, b.agent_id AS b_agent, b.period AS b_period, b.limit_micros AS b_limit,
+       b.spent_micros AS b_spent, b.reserved_micros AS b_reserved, b.period_start AS b_start
+FROM projects p
+LEFT OUTER JOIN api_keys k ON k.id = $2
+LEFT OUTER JOIN agents a ON a.id = coalesce($3, k.agent_id)
+LEFT OUTER JOIN wallets w ON w.project_id = p.id
+LEFT OUTER JOIN budgets b ON b.project_id = p.id AND b.active IS true
+WHERE p.id = $1
+ORDER BY b.id
+"""
+
 
 class SqlBrainView:
-    def __init__(self, conn: AsyncConnection, limiter: RateLimiter, default_output_tokens: int = 1024,
+    """Over an open read-only connection (``SqlBrainView(conn, …)``), or over a database
+    (``SqlBrainView(db, …)``, what ``brain_view`` does): then ``db.read_only()`` is opened on first use
+    and closed with the view (``async with view`` / ``aclose()``), and on PostgreSQL ``prefetch`` reads
+    through ``db.raw(read_only=True)``."""
+
+    def __init__(self, source: AsyncConnection | Database, limiter: RateLimiter, default_output_tokens: int = 1024,
                  cache: BrainCache | None = None) -> None:
-        self.conn = conn
+        if isinstance(source, Database):
+            self.db: Database | None = source
+            self.conn: AsyncConnection | None = None  # opened by connection() on first use
+        else:
+            self.db, self.conn = None, source
         self.limiter = limiter
         self.default_output_tokens = default_output_tokens
         self.cache = cache
         self._snap: dict[str, Any] | None = None  # what prefetch() read
-        self._policies = Policies(conn)
-        self._catalog = CatalogModels(conn)
+        self._stack = contextlib.AsyncExitStack()
+        self._opening = asyncio.Lock()
+
+    async def connection(self) -> AsyncConnection:
+        """The SQLAlchemy read-only connection, opened on first call when the view was given a database."""
+        if self.conn is None:
+            async with self._opening:
+                if self.conn is None:
+                    if self.db is None:
+                        raise RuntimeError("the brain's view is closed")
+                    self.conn = await self._stack.enter_async_context(self.db.read_only())
+        return self.conn
+
+    def raw(self) -> Any:
+        """``async with view.raw() as conn``: a read-only asyncpg connection (PostgreSQL, database-backed views)."""
+        if self.db is None or self.db.is_sqlite:
+            raise RuntimeError("raw connections exist for a database-backed view on PostgreSQL only")
+        return self.db.raw(read_only=True)
+
+    async def __aenter__(self) -> SqlBrainView:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._close(*exc)
+
+    async def aclose(self) -> None:
+        await self._close(None, None, None)
+
+    async def _close(self, *exc: Any) -> None:
+        """Close what the view opened (the transaction commits, or rolls back on an exception)."""
+        if self.db is None:
+            return  # the caller's connection: the caller closes it
+        self.db, self.conn = None, None
+        await self._stack.__aexit__(*exc)
 
     async def prefetch(self, req: SpendInput) -> None:
         """Read the request's project, key, agent (the one named, else the key's), wallet and active
         budgets in ONE statement; the getters below answer from it (and query only for other ids)."""
-        rows = (await self.conn.execute(_PREFETCH, {"project_id": req.project_id, "key_id": req.key_id,
-                                                    "agent_id": req.agent_id})).all()
+        rows: Sequence[Mapping[str, Any]]
+        if self.db is not None and not self.db.is_sqlite:
+            async with self.raw() as raw:  # no transaction: one statement is its own snapshot
+                rows = await raw.fetch(_PREFETCH_SQL, req.project_id, req.key_id, req.agent_id)
+        else:
+            conn = await self.connection()
+            rows = (await conn.execute(_PREFETCH, {"project_id": req.project_id, "key_id": req.key_id,
+                                                   "agent_id": req.agent_id})).mappings().all()
         snap: dict[str, Any] = {"project_id": req.project_id, "key_id": req.key_id, "agent_id": None}
         if rows:
             r = rows[0]
-            snap["project"] = ProjectState(id=req.project_id, status=r.p_status)
-            if r.k_id is not None:
-                snap["key"] = KeyState(id=r.k_id, project_id=r.k_project, agent_id=r.k_agent,
-                                       revoked=r.k_revoked is not None)
-            snap["agent_id"] = req.agent_id or r.k_agent
-            if r.a_id is not None:
-                snap["agent"] = AgentState(id=r.a_id, project_id=r.a_project, status=r.a_status)
-            if r.w_balance is not None:
-                snap["wallet"] = WalletState(balance_micros=r.w_balance, reserved_micros=r.w_reserved)
-            snap["budgets"] = [BudgetState(id=r.b_id, name=r.b_name, agent_id=r.b_agent, period=r.b_period,
-                                           limit_micros=r.b_limit, spent_micros=r.b_spent,
-                                           reserved_micros=r.b_reserved, period_start=r.b_start)
-                               for r in rows if r.b_id is not None]
+            snap["project"] = ProjectState(id=req.project_id, status=r["p_status"])
+            if r["k_id"] is not None:
+                snap["key"] = KeyState(id=r["k_id"], project_id=r["k_project"], agent_id=r["k_agent"],
+                                       revoked=r["k_revoked"] is not None)
+            snap["agent_id"] = req.agent_id or r["k_agent"]
+            if r["a_id"] is not None:
+                snap["agent"] = AgentState(id=r["a_id"], project_id=r["a_project"], status=r["a_status"])
+            if r["w_balance"] is not None:
+                snap["wallet"] = WalletState(balance_micros=r["w_balance"], reserved_micros=r["w_reserved"])
+            snap["budgets"] = [  # period_start: aware UTC on both paths (asyncpg: aware, maybe another zone)
+                BudgetState(id=r["b_id"], name=r["b_name"], agent_id=r["b_agent"], period=r["b_period"],
+                            limit_micros=r["b_limit"], spent_micros=r["b_spent"], reserved_micros=r["b_reserved"],
+                            period_start=r["b_start"].astimezone(UTC))
+                for r in rows if r["b_id"] is not None]
         self._snap = snap
 
     def _from_snapshot(self, what: str, **ids: str | None) -> tuple[bool, Any]:
@@ -184,7 +255,7 @@ class SqlBrainView:
         hit, value = self._from_snapshot("project", project_id=project_id)
         if hit:
             return value
-        row = (await self.conn.execute(
+        row = (await (await self.connection()).execute(
             sa.select(projects.c.id, projects.c.status).where(projects.c.id == project_id))).first()
         return ProjectState(id=row.id, status=row.status) if row else None
 
@@ -192,7 +263,7 @@ class SqlBrainView:
         hit, value = self._from_snapshot("key", key_id=key_id)
         if hit:
             return value
-        row = (await self.conn.execute(
+        row = (await (await self.connection()).execute(
             sa.select(api_keys.c.id, api_keys.c.project_id, api_keys.c.agent_id, api_keys.c.revoked_at)
             .where(api_keys.c.id == key_id))).first()
         return KeyState(id=row.id, project_id=row.project_id, agent_id=row.agent_id,
@@ -202,22 +273,28 @@ class SqlBrainView:
         hit, value = self._from_snapshot("agent", agent_id=agent_id)
         if hit:
             return value
-        row = (await self.conn.execute(
+        row = (await (await self.connection()).execute(
             sa.select(agents.c.id, agents.c.project_id, agents.c.status).where(agents.c.id == agent_id))).first()
         return AgentState(id=row.id, project_id=row.project_id, status=row.status) if row else None
 
     async def models(self, model: str) -> list[CatalogModel]:
         if self.cache is None:
-            return await self._catalog.candidates(model)
-        found = await self.cache.get("catalog", model, lambda: self._catalog.candidates(model), keep=bool)
+            return await self._candidates(model)
+        found = await self.cache.get("catalog", model, lambda: self._candidates(model), keep=bool)
         return list(found)
 
+    async def _candidates(self, model: str) -> list[CatalogModel]:
+        return await CatalogModels(await self.connection()).candidates(model)
+
+    async def _policy(self, project_id: str) -> PolicyRow | None:
+        return await Policies(await self.connection()).current(project_id)
+
     async def _system_policy(self) -> pol.SystemPolicy:
-        found = await self._policies.current(pol.SYSTEM_POLICY_ID)
+        found = await self._policy(pol.SYSTEM_POLICY_ID)
         return pol.load(found[0], pol.SystemPolicy) if found else pol.SystemPolicy()
 
     async def _project_policy(self, project_id: str) -> tuple[pol.ProjectPolicy, int]:
-        found = await self._policies.current(project_id)
+        found = await self._policy(project_id)
         return (pol.load(found[0]), found[1]) if found else (pol.ProjectPolicy(), 0)
 
     async def system_policy(self) -> pol.SystemPolicy:
@@ -234,7 +311,7 @@ class SqlBrainView:
         hit, value = self._from_snapshot("wallet", project_id=project_id)
         if hit:
             return value
-        row = (await self.conn.execute(
+        row = (await (await self.connection()).execute(
             sa.select(wallets.c.balance_micros, wallets.c.reserved_micros)
             .where(wallets.c.project_id == project_id))).first()
         return WalletState(balance_micros=row.balance_micros, reserved_micros=row.reserved_micros) if row else None
@@ -244,7 +321,7 @@ class SqlBrainView:
         if hit and value is not None:
             return list(value)
         c = budgets.c
-        rows = (await self.conn.execute(
+        rows = (await (await self.connection()).execute(
             sa.select(c.id, c.name, c.agent_id, c.period, c.limit_micros, c.spent_micros, c.reserved_micros,
                       c.period_start)
             .where(c.project_id == project_id, c.active.is_(True)).order_by(c.id))).all()
@@ -262,13 +339,14 @@ class SqlBrainView:
         return await self.cache.get("activity", (project_id, slot), lambda: self._activity(project_id, now))
 
     async def _activity(self, project_id: str, now: datetime) -> Activity:
+        conn = await self.connection()
         c = spend_requests.c
         since = now - timedelta(days=BASELINE_DAYS)
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         settled = c.status == "settled"
         in_baseline = sa.and_(settled, c.created_at >= since, c.created_at < now)
         today = c.created_at >= day_start
-        totals = (await self.conn.execute(
+        totals = (await conn.execute(
             sa.select(
                 sa.func.count().filter(in_baseline).label("samples"),
                 sa.func.coalesce(sa.func.sum(c.cost_micros).filter(in_baseline), 0).label("cost"),
@@ -285,7 +363,7 @@ class SqlBrainView:
                             spent_today_micros=int(totals.spent), recent_rejections=int(totals.rejections))
         if samples:
             hour = sa.extract("hour", c.created_at)
-            groups = (await self.conn.execute(
+            groups = (await conn.execute(
                 sa.select(c.provider, c.model, c.agent_id, hour.label("hour"))
                 .where(c.project_id == project_id, in_baseline)
                 .group_by(c.provider, c.model, c.agent_id, hour))).all()
@@ -299,8 +377,9 @@ class SqlBrainView:
 @contextlib.asynccontextmanager
 async def brain_view(db: Database, limiter: RateLimiter, default_output_tokens: int = 1024,
                      cache: BrainCache | None = None) -> AsyncIterator[SqlBrainView]:
-    async with db.read_only() as conn:
-        yield SqlBrainView(conn, limiter, default_output_tokens, cache)
+    """A view over ``db``: its read-only connection is opened on first use and closed on exit."""
+    async with SqlBrainView(db, limiter, default_output_tokens, cache) as view:
+        yield view
 
 
 async def decide_for(db: Database, limiter: RateLimiter, req: SpendInput, now: datetime, *, decide: DecideFn,

@@ -2,12 +2,16 @@
 
 The view cannot write — the database itself refuses — and decisions read the real tables:
 catalog, policies, wallet, budgets, the spend-request history (risk baseline) and the rate limiter.
+On PostgreSQL the prefetch goes through a raw read-only asyncpg connection and the SQLAlchemy
+read-only transaction is opened only on a cache miss (tests at the end).
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 
@@ -23,9 +27,16 @@ from storage.catalog import seed_catalog
 from storage.db import Database
 from storage.models import budgets, catalog_models, policies, spend_requests
 from storage.ratelimit import MemoryLimiter, RedisLimiter
+from tests.conftest import PG_URL
 from tests.factories import create_agent, create_key, register
 
 USDC = 1_000_000
+
+
+def postgresql_only(test):
+    """Only the PostgreSQL variant of a test (the conftest ``backend`` fixture is parametrised over both)."""
+    test = pytest.mark.parametrize("backend", ["postgresql"])(test)
+    return pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SMARTSPACE_TEST_DATABASE_URL is not set")(test)
 
 
 def spend(project_id: str, **kw) -> SpendInput:
@@ -56,7 +67,7 @@ async def test_a_write_through_the_brains_view_fails_in_the_database(db):
     async with brain_view(db, MemoryLimiter()) as view:
         assert len(await view.models("openai/gpt-4o-mini")) == 1  # reading works
         with pytest.raises(sa.exc.DBAPIError) as exc:
-            await view.conn.execute(sa.update(catalog_models).values(input_micros_per_mtok=0))
+            await (await view.connection()).execute(sa.update(catalog_models).values(input_micros_per_mtok=0))
     message = str(exc.value).lower()
     assert "readonly" in message or "read-only" in message or "read only" in message
     async with db.read() as conn:
@@ -220,3 +231,135 @@ async def test_the_container_uses_redis_for_rate_limits_when_configured(db, tmp_
         assert isinstance(container.brain, SqlBrain) and container.deps.brain is container.brain
     finally:
         await container.limiter.close()
+
+
+# ---------------------------------------------------------------- PostgreSQL: raw prefetch, lazy SQLAlchemy
+def read_only_message(exc: BaseException) -> bool:
+    message = str(exc).lower()
+    return "readonly" in message or "read-only" in message or "read only" in message
+
+
+@postgresql_only
+async def test_a_write_through_the_brains_raw_connection_fails_in_the_database(db):
+    await seed_catalog(db)
+    async with brain_view(db, MemoryLimiter()) as view:
+        for _ in range(3):  # every pooled session, each time it is handed out again
+            async with view.raw() as conn:
+                assert await conn.fetchval("SHOW transaction_read_only") == "on"
+                assert await conn.fetchval("SELECT count(*) FROM catalog_models") > 0  # reading works
+                with pytest.raises(asyncpg.exceptions.ReadOnlySQLTransactionError) as exc:
+                    await conn.execute("UPDATE catalog_models SET input_micros_per_mtok = 0")
+                assert read_only_message(exc.value)
+                with pytest.raises(asyncpg.exceptions.ReadOnlySQLTransactionError):
+                    await conn.execute("INSERT INTO policies (project_id, version, rules, created_by, created_at) "
+                                       "VALUES ('prj_x', 1, '{}', 'brain', now())")
+    async with db.read() as conn:
+        prices = (await conn.execute(sa.select(catalog_models.c.input_micros_per_mtok))).scalars().all()
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(policies))).scalar_one() == 0
+    assert prices and 0 not in prices
+
+
+@postgresql_only
+async def test_the_raw_prefetch_reads_what_the_sqlalchemy_prefetch_reads(client, container):
+    owner = await register(client)
+    agent = await create_agent(client, owner)
+    other = await create_agent(client, owner)
+    key = await create_key(client, owner, agent_id=agent["id"])
+    plain_key = await create_key(client, owner)
+    await fund(container, owner.project_id, 3 * USDC)
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    rows = [dict(id=bid, project_id=owner.project_id, agent_id=aid, name=bid, period="month", limit_micros=USDC,
+                 spent_micros=spent, reserved_micros=7, period_start=start, alert_thresholds=[], alerted=[],
+                 active=active, created_at=start, updated_at=start)
+            for bid, aid, spent, active in (("bud_b", None, 5, True), ("bud_a", agent["id"], 6, True),
+                                            ("bud_c", other["id"], 8, True), ("bud_off", None, 9, False))]
+    async with container.db.write() as conn:
+        await conn.execute(sa.insert(budgets), rows)
+    db, limiter = container.db, MemoryLimiter()
+    requests = [spend(owner.project_id), spend(owner.project_id, key_id=key["id"]),
+                spend(owner.project_id, key_id=key["id"], agent_id=other["id"]),
+                spend(owner.project_id, key_id=plain_key["id"]), spend(owner.project_id, agent_id="agt_nope"),
+                spend(owner.project_id, key_id="key_nope"), spend("prj_nope", key_id=key["id"])]
+    for req in requests:
+        async with brain_view(db, limiter) as raw_view:
+            await raw_view.prefetch(req)
+            assert raw_view.conn is None  # the prefetch did not need the SQLAlchemy connection
+        async with db.read_only() as conn:
+            orm_view = SqlBrainView(conn, limiter)
+            await orm_view.prefetch(req)
+        assert raw_view._snap == orm_view._snap, req
+        for budget in raw_view._snap.get("budgets", []):
+            assert budget.period_start == start and budget.period_start.tzinfo is UTC
+    snap = raw_view._snap  # the last request named an unknown project
+    assert "project" not in snap and snap["agent_id"] is None
+    async with brain_view(db, limiter) as view:
+        await view.prefetch(spend(owner.project_id, key_id=key["id"]))
+        snap = view._snap
+    assert snap["key"].agent_id == agent["id"] and snap["agent_id"] == agent["id"] and not snap["key"].revoked
+    assert snap["agent"].id == agent["id"] and snap["wallet"].balance_micros == 3 * USDC
+    assert [b.id for b in snap["budgets"]] == ["bud_a", "bud_b", "bud_c"]  # active ones, by id
+
+
+class SqlCheckouts:
+    """Counts SQLAlchemy pool checkouts made by the current task (the app's background tasks are not counted)."""
+
+    def __init__(self, db: Database) -> None:
+        self.engine = db.engine.sync_engine
+        self.task = asyncio.current_task()
+        self.count = 0
+
+    def _on_checkout(self, *_: object) -> None:
+        if asyncio.current_task() is self.task:
+            self.count += 1
+
+    def __enter__(self) -> SqlCheckouts:
+        sa.event.listen(self.engine, "checkout", self._on_checkout)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        sa.event.remove(self.engine, "checkout", self._on_checkout)
+
+
+@postgresql_only
+async def test_a_warm_decision_on_postgresql_opens_no_sqlalchemy_connection(client, container):
+    owner = await register(client)
+    agent = await create_agent(client, owner)
+    key = await create_key(client, owner, agent_id=agent["id"])
+    container.brain.cache.ttl = 60.0  # the cache stays warm however slow the machine
+    now = datetime.now(UTC)
+    req = spend(owner.project_id, key_id=key["id"])
+    with SqlCheckouts(container.db) as checkouts:
+        decision = await container.brain.decide(req, now)  # cold: policies, catalog, activity are read
+    assert decision.error_code == "insufficient_funds" and checkouts.count == 1
+    await fund(container, owner.project_id, USDC)
+    with SqlCheckouts(container.db) as checkouts:
+        decision = await container.brain.decide(req, now)  # warm: the raw prefetch only, money read fresh
+        again = await container.brain.decide(req, now)
+    assert decision.outcome == "APPROVED" and again.outcome == "APPROVED", decision.reasons
+    assert checkouts.count == 0
+
+
+@postgresql_only
+async def test_a_cache_miss_on_postgresql_opens_the_read_only_connection_and_closes_it(client, container):
+    owner = await register(client)
+    await fund(container, owner.project_id, USDC)
+    container.brain.cache.ttl = 60.0
+    now = datetime.now(UTC)
+    pool = container.db.engine.pool
+    assert (await container.brain.decide(spend(owner.project_id), now)).outcome == "APPROVED"  # warm
+    resp = await client.put(f"/api/v1/projects/{owner.project_id}/policy", headers=owner.headers,
+                            json={"blocked_providers": ["openai"]})  # policy.updated: the policies are dropped
+    assert resp.status == 200
+    in_use = pool.checkedout()
+    with SqlCheckouts(container.db) as checkouts:
+        decision = await container.brain.decide(spend(owner.project_id), now)
+    assert decision.reasons[0].code == "provider_blocked" and decision.policy_version == 1
+    assert checkouts.count == 1 and pool.checkedout() == in_use  # opened once, returned to the pool
+    container.brain.cache.drop()  # everything missing: one connection serves every read
+    with SqlCheckouts(container.db) as checkouts:
+        decision = await container.brain.decide(spend(owner.project_id, model="local/echo-1"), now)
+    assert decision.outcome == "APPROVED" and decision.policy_version == 1, decision.reasons
+    assert checkouts.count == 1 and pool.checkedout() == in_use
+    with SqlCheckouts(container.db) as checkouts:  # warm again
+        decision = await container.brain.decide(spend(owner.project_id, model="local/echo-1"), now)
+    assert decision.outcome == "APPROVED" and checkouts.count == 0
