@@ -264,22 +264,33 @@ class Budgets:
     async def check_thresholds(self, budget: Budget) -> None:
         """Emit budget.threshold for each threshold the settled spending has reached and that was not
         alerted yet this period. The row is locked by the caller's UPDATE, so this cannot double-fire."""
-        if budget.limit_micros <= 0:
-            return
-        crossed = [t for t in budget.alert_thresholds
-                   if t not in budget.alerted and budget.spent_micros * 100 >= t * budget.limit_micros]
+        crossed = crossed_thresholds(budget)
         if not crossed:
             return
         await self.repo.update(budget.id, alerted=sorted({*budget.alerted, *crossed}))
         for threshold in crossed:
-            self.scope.emit(budget.project_id, "budget.threshold", {
-                "budget_id": budget.id, "name": budget.name, "agent_id": budget.agent_id,
-                "threshold": threshold, "period": budget.period,
-                "period_start": budget.period_start.isoformat(), "limit_micros": budget.limit_micros,
-                "spent_micros": budget.spent_micros, "reserved_micros": budget.reserved_micros,
-                "percent_used": round(budget.spent_micros * 100 / budget.limit_micros, 2),
-            })
+            self.scope.emit(budget.project_id, "budget.threshold", threshold_reached(budget, threshold))
 
     def _updated(self, budget: Budget, change: str, **extra: Any) -> None:
-        self.scope.emit(budget.project_id, "budget.updated",
-                        {"budget": _figures(budget), "change": {"kind": change, **extra}})
+        self.scope.emit(budget.project_id, "budget.updated", budget_updated(budget, change, **extra))
+
+
+# ---------------------------------------------------------------- event data (shared by every money path)
+def budget_updated(budget: Budget, change: str, **extra: Any) -> dict[str, Any]:
+    return {"budget": _figures(budget), "change": {"kind": change, **extra}}
+
+
+def crossed_thresholds(budget: Budget) -> list[int]:
+    """Alert thresholds (percent) the settled spending has reached and that were not alerted this period."""
+    if budget.limit_micros <= 0:
+        return []
+    return [t for t in budget.alert_thresholds
+            if t not in budget.alerted and budget.spent_micros * 100 >= t * budget.limit_micros]
+
+
+def threshold_reached(budget: Budget, threshold: int) -> dict[str, Any]:
+    return {"budget_id": budget.id, "name": budget.name, "agent_id": budget.agent_id,
+            "threshold": threshold, "period": budget.period,
+            "period_start": budget.period_start.isoformat(), "limit_micros": budget.limit_micros,
+            "spent_micros": budget.spent_micros, "reserved_micros": budget.reserved_micros,
+            "percent_used": round(budget.spent_micros * 100 / budget.limit_micros, 2)}

@@ -46,6 +46,7 @@ from domain.errors import (
     RateLimited,
     Unauthorized,
 )
+from domain.events import PendingEvent
 from domain.providers import Completion, ProviderCall, ProviderRegistry, Usage, conservative_usage
 
 if TYPE_CHECKING:
@@ -213,6 +214,35 @@ class Brain(Protocol):
     async def decide(self, req: SpendInput, now: datetime) -> Decision: ...
 
 
+class HotPath(Protocol):
+    """A faster implementation of the two transactions every spend request runs (storage/hot.py, on
+    PostgreSQL): the reservation, and the closing of an executing request (settle or fail).
+
+    Each method either does the whole job in one transaction — the same rows, the same events as
+    the service's own path — and returns True, or changes nothing and returns False, and the service
+    runs its own path (any unusual case: a budget to roll into a new period, no room, a row in an
+    unexpected state, a database error). The events it is given are appended around the money events
+    it builds itself (``domain.wallet.wallet_updated``, ``domain.budgets.budget_updated`` …)."""
+
+    async def reserve(self, row: SpendRequest, actor: str, before: list[PendingEvent],
+                      after: list[PendingEvent], now: datetime) -> bool: ...
+
+    async def close(self, request: Prepared, from_statuses: tuple[str, ...], values: CloseValues, actor: str,
+                    after: list[PendingEvent], now: datetime) -> bool: ...
+
+
+class CloseValues(msgspec.Struct, kw_only=True):
+    """What closing an executing request writes on it (settle or fail)."""
+
+    status: str
+    cost_micros: int
+    input_tokens: int | None
+    output_tokens: int | None
+    response: dict | None = None
+    error: dict | None = None
+    settled_at: datetime | None = None
+
+
 class ApprovalRejected(PolicyViolation):
     """A held request an owner/admin rejected (the gateway's waiting caller gets this)."""
 
@@ -256,6 +286,39 @@ def _decision_json(decision: Decision) -> dict:
             "error_code": decision.error_code, "policy_version": decision.policy_version}
 
 
+def _created(row: SpendRequest) -> list[PendingEvent]:
+    decision = row.decision or {}
+    return [
+        PendingEvent(row.project_id, "request.created", {
+            "request_id": row.id, "model": row.model, "operation": row.operation, "agent_id": row.agent_id,
+            "key_id": row.key_id, "source": row.source, "actor": row.actor}),
+        PendingEvent(row.project_id, "request.decided", {
+            "request_id": row.id, "outcome": decision.get("outcome"), "reasons": decision.get("reasons", []),
+            "risk_score": decision.get("risk_score"), "risk_factors": decision.get("risk_factors", []),
+            "estimated_cost_micros": row.estimated_cost_micros, "tier": decision.get("tier"),
+            "error_code": decision.get("error_code"), "status": row.status, "error": row.error}),
+    ]
+
+
+def _approval_requested(row: SpendRequest, decision: Decision) -> list[PendingEvent]:
+    return [PendingEvent(row.project_id, "approval.requested", {
+        "request_id": row.id, "model": row.model, "agent_id": row.agent_id, "actor": row.actor,
+        "estimated_cost_micros": row.reserved_micros, "risk_score": decision.risk_score,
+        "reasons": msgspec.to_builtins(decision.reasons),
+        "expires_at": row.approval_expires_at.isoformat() if row.approval_expires_at else None})]
+
+
+def _settled(row: SpendRequest | Prepared, receipt: Receipt) -> PendingEvent:
+    cost = receipt.cost_micros
+    return PendingEvent(row.project_id, "request.settled", {
+        "request_id": receipt.request_id, "receipt": msgspec.to_builtins(receipt), "agent_id": row.agent_id,
+        "variance_micros": row.estimated_cost_micros - cost, "released_micros": row.reserved_micros - cost})
+
+
+def _failed(project_id: str, request_id: str, error: dict, cost: int) -> PendingEvent:
+    return PendingEvent(project_id, "request.failed", {"request_id": request_id, "error": error, "cost_micros": cost})
+
+
 def output_text(body: dict) -> str:
     try:
         return str(body["choices"][0]["message"].get("content") or "")
@@ -273,8 +336,10 @@ class Spending:
     def __init__(self, *, uow: UowFactory, reader: UowFactory, brain: Brain, providers: ProviderRegistry,
                  limiter: RateLimiter | None = None, reservation_ttl_seconds: int = 600,
                  approval_ttl_seconds: int = 3600, provider_timeout_seconds: float = 60.0,
-                 default_output_tokens: int = 1024, clock: Callable[[], datetime] = utcnow) -> None:
+                 default_output_tokens: int = 1024, clock: Callable[[], datetime] = utcnow,
+                 hot: HotPath | None = None) -> None:
         self.uow = uow
+        self.hot = hot
         self.reader = reader
         self.brain = brain
         self.providers = providers
@@ -330,9 +395,12 @@ class Spending:
                 await self._record_rejection(actor, row, decision, exc)
                 raise
         held = decision.outcome == "REQUIRES_REVIEW"
+        self._plan(row, decision, held, now)
         try:
-            async with self.uow(actor) as scope:
-                row = await self._reserve(scope, row, decision, held, now)
+            if self.hot is None or row.reserved_micros <= 0 or not await self.hot.reserve(
+                    row, actor.label, _created(row), _approval_requested(row, decision) if held else [], now):
+                async with self.uow(actor) as scope:
+                    row = await self._reserve(scope, row, decision, held)
         except (BudgetExceeded, InsufficientFunds) as exc:
             exc.details = {**exc.details, "request_id": request_id}
             await self._record_rejection(actor, row, decision, exc)
@@ -398,26 +466,29 @@ class Spending:
         provider, _, name = resolved.partition("/")
         return decision.provider or (provider if name else ""), decision.upstream_model or name or resolved
 
-    async def _reserve(self, scope: Scope, row: SpendRequest, decision: Decision, held: bool,
-                       now: datetime) -> SpendRequest:
-        amount = decision.estimated_cost_micros
+    def _plan(self, row: SpendRequest, decision: Decision, held: bool, now: datetime) -> None:
+        """The reservation's terms on the request row: status, amount, expiry, the prices it is charged at."""
         row.status = "pending_approval" if held else "executing"
-        row.reserved_micros = amount
+        row.reserved_micros = decision.estimated_cost_micros
         if held:
             row.approval_expires_at = now + self.approval_ttl
             row.reservation_expires_at = row.approval_expires_at
         else:
             row.reservation_expires_at = now + self.reservation_ttl
-        # The prices the estimate used (the brain's catalog entry); read them only if the decision lacks them.
-        prices: tuple[int, int] | None = None
         if decision.input_micros_per_mtok is not None and decision.output_micros_per_mtok is not None:
-            prices = (decision.input_micros_per_mtok, decision.output_micros_per_mtok)
-        else:
+            row.params = {**row.params, "input_micros_per_mtok": decision.input_micros_per_mtok,
+                          "output_micros_per_mtok": decision.output_micros_per_mtok}
+
+    async def _reserve(self, scope: Scope, row: SpendRequest, decision: Decision, held: bool) -> SpendRequest:
+        amount = row.reserved_micros
+        now = row.created_at
+        if "input_micros_per_mtok" not in row.params:
+            # The prices the estimate used come with the brain's catalog entry; read them only if missing.
             prices = await scope.store.spend_requests.prices(row.model)
-        if prices is None:
-            raise NotFound(f"the model {row.model!r} is not in the catalog", {"model": row.model})
-        row.params = {**row.params, "input_micros_per_mtok": prices[0], "output_micros_per_mtok": prices[1]}
-        self._created(scope, row)
+            if prices is None:
+                raise NotFound(f"the model {row.model!r} is not in the catalog", {"model": row.model})
+            row.params = {**row.params, "input_micros_per_mtok": prices[0], "output_micros_per_mtok": prices[1]}
+        scope.pending.extend(_created(row))
         if amount > 0:
             # Reads and the request's own row first, then the contended row locks, as late as possible and
             # in the same order on every path: wallet, budgets by id, event head (appended at commit) —
@@ -435,23 +506,8 @@ class Spending:
         else:
             await scope.store.spend_requests.insert(row)
         if held:
-            scope.emit(row.project_id, "approval.requested", {
-                "request_id": row.id, "model": row.model, "agent_id": row.agent_id, "actor": row.actor,
-                "estimated_cost_micros": amount, "risk_score": decision.risk_score,
-                "reasons": msgspec.to_builtins(decision.reasons),
-                "expires_at": row.approval_expires_at.isoformat() if row.approval_expires_at else None})
+            scope.pending.extend(_approval_requested(row, decision))
         return row
-
-    def _created(self, scope: Scope, row: SpendRequest) -> None:
-        scope.emit(row.project_id, "request.created", {
-            "request_id": row.id, "model": row.model, "operation": row.operation, "agent_id": row.agent_id,
-            "key_id": row.key_id, "source": row.source, "actor": row.actor})
-        decision = row.decision or {}
-        scope.emit(row.project_id, "request.decided", {
-            "request_id": row.id, "outcome": decision.get("outcome"), "reasons": decision.get("reasons", []),
-            "risk_score": decision.get("risk_score"), "risk_factors": decision.get("risk_factors", []),
-            "estimated_cost_micros": row.estimated_cost_micros, "tier": decision.get("tier"),
-            "error_code": decision.get("error_code"), "status": row.status, "error": row.error})
 
     async def _record_rejection(self, actor: Actor, row: SpendRequest, decision: Decision,
                                 error: DomainError) -> None:
@@ -462,7 +518,7 @@ class Spending:
         row.error = _error_json(error)
         async with self.uow(actor) as scope:
             await scope.store.spend_requests.insert(row)
-            self._created(scope, row)
+            scope.pending.extend(_created(row))
 
     def _prepared(self, row: SpendRequest, decision: Decision | None = None) -> Prepared:
         p = row.params
@@ -487,38 +543,50 @@ class Spending:
                                "reserved_micros": prepared.reserved_micros})
             cost = prepared.reserved_micros
         now = self.clock()
+        values = CloseValues(status="settled", cost_micros=cost, input_tokens=usage.input_tokens,
+                             output_tokens=usage.output_tokens, response=response, settled_at=now)
+        receipt = Receipt(request_id=prepared.request_id, model=prepared.model, input_tokens=usage.input_tokens,
+                          output_tokens=usage.output_tokens, estimated_cost_micros=prepared.estimated_cost_micros,
+                          cost_micros=cost, settled_at=now)
+        if prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
+                prepared, ("executing",), values, prepared.actor, [_settled(prepared, receipt)], now):
+            return receipt
         async with self.uow(_actor_from_label(prepared.actor)) as scope:
-            row = await scope.store.spend_requests.transition(
-                prepared.request_id, ("executing",), status="settled", cost_micros=cost,
-                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, response=response,
-                settled_at=now, reservation_expires_at=None)
+            row = await self._close(scope, prepared.request_id, ("executing",), values)
             if row is None:
                 current = await scope.store.spend_requests.get(prepared.request_id)
                 raise Conflict("the request is no longer executing (its reservation expired or it was settled)",
                                {"request_id": prepared.request_id, "status": current.status if current else None})
-            await self._move_money(scope, row, cost)
             receipt = row.receipt
             assert receipt is not None
-            scope.emit(row.project_id, "request.settled", {
-                "request_id": row.id, "receipt": msgspec.to_builtins(receipt), "agent_id": row.agent_id,
-                "variance_micros": row.estimated_cost_micros - cost, "released_micros": row.reserved_micros - cost})
+            scope.pending.append(_settled(row, receipt))
         return receipt
 
     async def fail(self, prepared: Prepared, error: DomainError, usage: Usage | None = None) -> None:
         """The call failed after reserving: charge what was consumed (if the upstream reported usage),
         release the rest."""
         cost = min(prepared.cost(usage), prepared.reserved_micros) if usage is not None else 0
+        now = self.clock()
+        values = CloseValues(status="failed", cost_micros=cost, error=_error_json(error),
+                             input_tokens=usage.input_tokens if usage else None,
+                             output_tokens=usage.output_tokens if usage else None, settled_at=now if cost else None)
+        failed = _failed(prepared.project_id, prepared.request_id, values.error or {}, cost)
+        if prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
+                prepared, ("executing", "approved"), values, prepared.actor, [failed], now):
+            return
         async with self.uow(_actor_from_label(prepared.actor)) as scope:
-            row = await scope.store.spend_requests.transition(
-                prepared.request_id, ("executing", "approved"), status="failed", error=_error_json(error),
-                cost_micros=cost, input_tokens=usage.input_tokens if usage else None,
-                output_tokens=usage.output_tokens if usage else None, reservation_expires_at=None,
-                settled_at=self.clock() if cost else None)
+            row = await self._close(scope, prepared.request_id, ("executing", "approved"), values)
             if row is None:
                 return  # already released (expired by the sweeper, or failed before)
-            await self._move_money(scope, row, cost)
-            scope.emit(row.project_id, "request.failed", {"request_id": row.id, "error": _error_json(error),
-                                                          "cost_micros": cost})
+            scope.pending.append(failed)
+
+    async def _close(self, scope: Scope, request_id: str, from_statuses: tuple[str, ...],
+                     values: CloseValues) -> SpendRequest | None:
+        row = await scope.store.spend_requests.transition(request_id, from_statuses, reservation_expires_at=None,
+                                                          **msgspec.structs.asdict(values))
+        if row is not None:
+            await self._move_money(scope, row, values.cost_micros)
+        return row
 
     async def _move_money(self, scope: Scope, row: SpendRequest, cost: int) -> None:
         """Charge ``cost`` of the request's reservation and release the rest (wallet + its budgets)."""

@@ -188,14 +188,19 @@ class Wallets:
 
     def _updated(self, wallet: Wallet, change: str, amount: int, ref: str | None, *,
                  entry: LedgerEntry | None = None, **extra: Any) -> None:
-        if entry is not None:
-            extra["entry_id"] = entry.id
-            extra["memo"] = entry.memo
-        self.scope.emit(wallet.project_id, "wallet.updated", {
-            "project_id": wallet.project_id, "balance_micros": wallet.balance_micros,
+        self.scope.emit(wallet.project_id, "wallet.updated", wallet_updated(wallet, change, amount, ref, entry=entry,
+                                                                            **extra))
+
+
+def wallet_updated(wallet: Wallet, change: str, amount: int, ref: str | None, *, entry: LedgerEntry | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """The data of a ``wallet.updated`` event (every path that moves a wallet's money builds it here)."""
+    if entry is not None:
+        extra["entry_id"] = entry.id
+        extra["memo"] = entry.memo
+    return {"project_id": wallet.project_id, "balance_micros": wallet.balance_micros,
             "reserved_micros": wallet.reserved_micros, "available_micros": wallet.available_micros,
-            "change": {"kind": change, "amount_micros": amount, "ref": ref, **extra},
-        })
+            "change": {"kind": change, "amount_micros": amount, "ref": ref, **extra}}
 
 
 async def open_wallet(scope: Scope, project: Any) -> None:

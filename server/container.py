@@ -26,6 +26,7 @@ from server.security import Passwords, Tokens
 from server.settings import Settings
 from storage.brain import SqlBrain
 from storage.db import Database
+from storage.hot import PgHotPath
 from storage.ratelimit import build_limiter
 from storage.uow import SqlStore
 
@@ -55,7 +56,8 @@ class Container:
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
             approval_ttl_seconds=settings.approval_ttl_seconds,
             provider_timeout_seconds=settings.provider_timeout_seconds,
-            default_output_tokens=settings.default_output_tokens)
+            default_output_tokens=settings.default_output_tokens,
+            hot=None if db.is_sqlite or not settings.hot_path else PgHotPath(db, bus.publish))
         self.deps.spending = self.spending
 
     @contextlib.asynccontextmanager

@@ -7,7 +7,7 @@
 - ``read_only()``: the agentic brain's view — PostgreSQL ``BEGIN … READ ONLY``, SQLite
   ``PRAGMA query_only``. Any write through it fails in the database itself.
 
-On PostgreSQL the spend hot path also talks to asyncpg directly (``raw()`` / ``raw_read_only()``:
+On PostgreSQL the spend hot path also talks to asyncpg directly (``raw()`` / ``raw(read_only=True)``:
 two small pools beside SQLAlchemy's, same server settings and schema): a handful of fixed statements
 run per request there, and SQLAlchemy's per-execute overhead was most of the request's CPU
 (bench/README.md). The read-only pool's sessions default to ``default_transaction_read_only``, so
@@ -129,7 +129,7 @@ class Database:
             url = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
             task = self._raw_pools[read_only] = asyncio.ensure_future(asyncpg.create_pool(
                 url, min_size=1, max_size=self._pool_size, server_settings=settings, init=_raw_init,
-                max_inactive_connection_lifetime=1800))
+                reset=_keep_session, max_inactive_connection_lifetime=1800))
         return await asyncio.shield(task)
 
     def raw(self, *, read_only: bool = False) -> Any:
@@ -166,6 +166,12 @@ class _RawAcquire:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.pool.release(self.conn)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's default reset query (UNLISTEN, RESET ALL …: a round trip per use).
+    Nothing here changes session state — no SET, LISTEN or advisory locks — and asyncpg still rolls
+    back a transaction left open before this runs."""
 
 
 def _json_text(value: Any) -> str:

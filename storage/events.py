@@ -49,6 +49,38 @@ def rfc3339(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# The same statement for a raw asyncpg connection (storage/hot.py), arguments from append_arguments().
+PG_APPEND_RAW = (
+    "WITH set_head_hash AS (UPDATE event_heads SET hash = $1 WHERE project_id = $2) "
+    "INSERT INTO events (id, project_id, seq, type, actor, data, ts, prev_hash, hash) "
+    "SELECT t.id, $2, t.seq, t.type, $3, t.data, $4, t.prev_hash, t.hash "
+    "FROM unnest($5::varchar[], $6::bigint[], $7::varchar[], $8::jsonb[], $9::varchar[], $10::varchar[]) "
+    "AS t(id, seq, type, data, prev_hash, hash)")
+
+
+def link(batch: Sequence[PendingEvent], project_id: str, actor: str, seq: int, prev: str) -> list[Event]:
+    """Chain ``batch`` (one project's) after its head ``(seq, prev)`` as it was before the batch took it:
+    ids, consecutive seqs, one timestamp, hashes. Called with the head row locked, so ts never goes
+    backwards as seq goes forwards."""
+    ts = rfc3339(utcnow())
+    out = []
+    for item in batch:
+        seq += 1
+        digest = chain_hash(prev, project_id, seq, item.type, ts, actor, item.data)
+        out.append(Event(id=new_id("evt"), project_id=project_id, seq=seq, type=item.type, ts=ts, actor=actor,
+                         data=item.data, prev_hash=prev, hash=digest))
+        prev = digest
+    return out
+
+
+def append_arguments(chained: Sequence[Event]) -> tuple:
+    """PG_APPEND_RAW's arguments for one project's chained events."""
+    first = chained[0]
+    return (chained[-1].hash, first.project_id, first.actor, first.ts, [e.id for e in chained],
+            [e.seq for e in chained], [e.type for e in chained], [e.data for e in chained],
+            [e.prev_hash for e in chained], [e.hash for e in chained])
+
+
 class EventLog:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
@@ -70,30 +102,21 @@ class EventLog:
             )).first()
             if row is None:
                 raise NotFound("project has no event log", {"project_id": project_id})
-            seq, prev = row.seq - len(batch), row.hash
-            # Stamped after taking the head lock, so ts never goes backwards as seq goes forwards.
-            ts = rfc3339(utcnow())
-            rows = []
-            for item in batch:
-                seq += 1
-                digest = chain_hash(prev, project_id, seq, item.type, ts, actor, item.data)
-                event = Event(id=new_id("evt"), project_id=project_id, seq=seq, type=item.type, ts=ts,
-                              actor=actor, data=item.data, prev_hash=prev, hash=digest)
-                rows.append({c.name: getattr(event, c.name) for c in _COLUMNS})
-                out.append(event)
-                prev = digest
+            chained = link(batch, project_id, actor, row.seq - len(batch), row.hash)
+            out.extend(chained)
             if self.conn.dialect.name == "postgresql":
                 # One round trip, one fixed (compiled-once) statement: the head's new hash (a data-modifying
                 # CTE runs exactly once) and every row, passed as arrays.
+                head_hash, _, _, ts, ids, seqs, types, datas, prevs, hashes = append_arguments(chained)
                 await self.conn.execute(_PG_APPEND, {
-                    "head_hash": prev, "project_id": project_id, "actor": actor, "ts": ts,
-                    "ids": [r["id"] for r in rows], "seqs": [r["seq"] for r in rows],
-                    "types": [r["type"] for r in rows], "datas": [json.dumps(r["data"]) for r in rows],
-                    "prevs": [r["prev_hash"] for r in rows], "hashes": [r["hash"] for r in rows]})
+                    "head_hash": head_hash, "project_id": project_id, "actor": actor, "ts": ts, "ids": ids,
+                    "seqs": seqs, "types": types, "datas": [json.dumps(d) for d in datas], "prevs": prevs,
+                    "hashes": hashes})
             else:
-                await self.conn.execute(
-                    sa.update(event_heads).where(event_heads.c.project_id == project_id).values(hash=prev))
-                await self.conn.execute(sa.insert(events), rows)
+                await self.conn.execute(sa.update(event_heads).where(event_heads.c.project_id == project_id)
+                                        .values(hash=chained[-1].hash))
+                await self.conn.execute(sa.insert(events), [{c.name: getattr(e, c.name) for c in _COLUMNS}
+                                                            for e in chained])
         out.sort(key=lambda e: (e.project_id, e.seq))
         return out
 

@@ -1,0 +1,215 @@
+"""storage/hot.py — the PostgreSQL hot path for reserve and settle/fail — against the generic path.
+
+The same scenario runs twice on fresh PostgreSQL schemas, once with ``hot_path`` on and once off; the
+audit logs must match event for event (types and data, ids and times aside), and so must the books.
+Then the cases the hot path must hand back to the generic path untouched: no room in a budget or the
+wallet, a budget whose period ended, a request that is no longer executing.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import pytest
+import sqlalchemy as sa
+
+from domain.base import Actor, utcnow
+from domain.errors import Conflict, InsufficientFunds
+from domain.providers import Usage
+from domain.spend import SpendCommand
+from server.app import create_app
+from server.container import Container
+from server.metrics import Metrics
+from storage.bus import LocalBus
+from storage.hot import PgHotPath
+from storage.models import budgets, spend_requests
+from tests.conftest import PG_URL, drop_database, make_database
+from tests.factories import bearer, create_agent, create_key
+from tests.integration.spend_helpers import (
+    COST,
+    assert_books_balance,
+    create_budget,
+    funded_project,
+    spend,
+    wallet,
+)
+
+pytestmark = pytest.mark.skipif(not PG_URL, reason="the hot path is PostgreSQL's (SMARTSPACE_TEST_DATABASE_URL)")
+
+_ID = re.compile(r"^(req|led|evt|bud|prj|key|agt|usr|pol)_[0-9a-f]+$")
+_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+
+
+class _Normaliser:
+    """Ids become their order of first appearance, timestamps a placeholder: two runs compare equal."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, str] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if isinstance(value, str):
+            kind, colon, rest = value.partition(":")
+            if colon and kind in ("user", "key") and _ID.match(rest):  # an actor label
+                return f"{kind}:{self(rest)}"
+            if value.startswith("sk-"):  # a key's random prefix
+                return "sk-…"
+            if _ID.match(value):
+                return self.ids.setdefault(value, f"{value[:3]}#{len(self.ids)}")
+            if _TS.match(value):
+                return "<ts>"
+        return value
+
+
+@pytest.fixture
+async def app_for(aiohttp_client, settings, tmp_path):
+    made: list = []
+
+    async def build(hot: bool):
+        db, schema = await make_database("postgresql", tmp_path)
+        made.append((db, schema))
+        metrics = Metrics()
+        container = Container(msgspec.structs.replace(settings, hot_path=hot), db, LocalBus(metrics),
+                              metrics=metrics)
+        return await aiohttp_client(create_app(settings, container=container)), container
+
+    yield build
+    for db, schema in made:
+        await drop_database(db, schema)
+
+
+async def _scenario(client) -> tuple[list[Any], dict[str, Any]]:
+    """Settles (with a threshold crossed), a provider failure, a rejection; returns (audit, books)."""
+    _, owner = await funded_project(client, 1_000_000)
+    agent = await create_agent(client, owner, name="bot")
+    key = await create_key(client, owner, agent_id=agent["id"])
+    await create_budget(client, owner, 4 * COST, "total", alert_thresholds=[50, 100])
+    await create_budget(client, owner, 100 * COST, "day", agent_id=agent["id"])
+    headers = bearer(key["key"])
+    outcomes = []
+    for _ in range(2):
+        outcomes.append(await spend(client, headers))
+    # A catalog model whose provider this server has not configured: reserved, then failed and released.
+    outcomes.append(await spend(client, headers, model="openai/gpt-4o-mini", max_tokens=5))
+    outcomes.append(await spend(client, headers))
+    outcomes.append(await spend(client, headers, max_tokens=500))  # no room left in the total budget
+    audit = (await (await client.get(f"/api/v1/projects/{owner.project_id}/audit?limit=200",
+                                     headers=owner.headers)).json())["items"]
+    normalise = _Normaliser()
+    books = {"statuses": [status for status, _ in outcomes],
+             "codes": [body.get("status") or body.get("error", {}).get("code") for _, body in outcomes],
+             "wallet": {k: v for k, v in (await wallet(client, owner)).items() if k.endswith("_micros")}}
+    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
+                                     headers=owner.headers)).json()
+    books["verify"] = verify["ok"]
+    events = [normalise({"seq": e["seq"], "type": e["type"], "actor": e["actor"], "data": e["data"]})
+              for e in reversed(audit)]
+    return events, books
+
+
+async def test_the_hot_path_writes_what_the_generic_path_writes(app_for):
+    hot_client, hot_container = await app_for(True)
+    cold_client, cold_container = await app_for(False)
+    assert isinstance(hot_container.spending.hot, PgHotPath) and cold_container.spending.hot is None
+    hot_events, hot_books = await _scenario(hot_client)
+    cold_events, cold_books = await _scenario(cold_client)
+
+    assert hot_books == cold_books
+    assert hot_books["statuses"] == [200, 200, 404, 200, 402] and hot_books["verify"] is True
+    assert [e["type"] for e in hot_events] == [e["type"] for e in cold_events]
+    for hot, cold in zip(hot_events, cold_events, strict=True):
+        assert hot == cold
+    types = [e["type"] for e in hot_events]
+    assert "budget.threshold" in types and "request.failed" in types and "request.settled" in types
+    # Every spend went through the hot path: 4 reservations, 3 settlements + 1 failure (the brain refused
+    # the last request before any reservation: it saw the budget had no room).
+    assert hot_container.spending.hot.outcomes == {"reserve": 4, "close": 4}
+    await assert_books_balance(hot_container.db, (await _project_of(hot_container)))
+
+
+async def _project_of(container: Container) -> str:
+    async with container.db.engine.connect() as conn:
+        return (await conn.execute(sa.select(spend_requests.c.project_id).limit(1))).scalar_one()
+
+
+async def test_a_budget_whose_period_ended_is_rolled_by_the_generic_path(app_for):
+    client, container = await app_for(True)
+    _, owner = await funded_project(client, 1_000_000)
+    day = await create_budget(client, owner, 3 * COST, "day")
+    async with container.db.engine.begin() as conn:  # yesterday's spending, never rolled
+        await conn.execute(sa.update(budgets).where(budgets.c.id == day["id"]).values(
+            spent_micros=3 * COST, period_start=day_start() - timedelta(days=1)))
+    status, body = await spend(client, owner.headers, project_id=owner.project_id)
+    assert status == 200, body
+    assert container.spending.hot.outcomes["declined"] == 1 and container.spending.hot.outcomes["close"] == 1
+    resets = (await (await client.get(f"/api/v1/projects/{owner.project_id}/audit?type=budget.reset",
+                                      headers=owner.headers)).json())["items"]
+    assert len(resets) == 1
+    async with container.db.engine.connect() as conn:
+        row = (await conn.execute(sa.select(budgets).where(budgets.c.id == day["id"]))).one()
+    assert (row.spent_micros, row.reserved_micros, row.period_start) == (COST, 0, day_start())
+    await assert_books_balance(container.db, owner.project_id)
+
+
+def day_start():
+    return utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+async def test_a_wallet_emptied_after_the_decision_is_refused_by_the_generic_path(app_for):
+    """The brain saw room; another request took it before this one reserved. The hot path changes
+    nothing and declines; the generic path answers insufficient_funds and records the rejection."""
+    client, container = await app_for(True)
+    _, owner = await funded_project(client, COST)
+    actor = Actor(kind="user", id=owner.id, user_id=owner.id)
+    brain = container.spending.brain
+    rival = []
+
+    class RivalFirst:
+        async def decide(self, req, now):
+            decision = await brain.decide(req, now)
+            if not rival:  # between this decision and its reservation, a rival reserves the whole wallet
+                container.spending.brain = brain
+                rival.append(await container.spending.prepare(actor, _command(owner)))
+            return decision
+
+    container.spending.brain = RivalFirst()
+    with pytest.raises(InsufficientFunds):
+        await container.spending.prepare(actor, _command(owner))
+    assert container.spending.hot.outcomes == {"reserve": 1, "declined": 1}
+    w = await wallet(client, owner)
+    assert (w["balance_micros"], w["reserved_micros"]) == (COST, COST)  # only the rival's hold
+    async with container.db.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(spend_requests.c.status, spend_requests.c.reserved_micros)
+                                   .order_by(spend_requests.c.id))).all()
+    assert sorted((r.status, r.reserved_micros) for r in rows) == [("executing", COST), ("rejected", 0)]
+    await container.spending.settle(rival[0], Usage(input_tokens=8, output_tokens=1))
+    assert (await wallet(client, owner))["balance_micros"] == 0
+    await assert_books_balance(container.db, owner.project_id)
+
+
+def _command(owner) -> SpendCommand:
+    return SpendCommand(model="local/echo-1", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                        project_id=owner.project_id)
+
+
+async def test_settling_a_request_the_sweeper_expired_is_a_conflict_and_charges_nothing(app_for):
+    client, container = await app_for(True)
+    _, owner = await funded_project(client, 1_000_000)
+    actor = Actor(kind="user", id=owner.id, user_id=owner.id)
+    prepared = await container.spending.prepare(actor, _command(owner))
+    async with container.db.engine.begin() as conn:
+        await conn.execute(sa.update(spend_requests).where(spend_requests.c.id == prepared.request_id)
+                           .values(reservation_expires_at=utcnow() - timedelta(seconds=1)))
+    assert await container.spending.sweep() == 1
+    with pytest.raises(Conflict):
+        await container.spending.settle(prepared, Usage(input_tokens=8, output_tokens=1))
+    assert container.spending.hot.outcomes["declined"] == 1
+    w = await wallet(client, owner)
+    assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000, 0)
+    await assert_books_balance(container.db, owner.project_id)
