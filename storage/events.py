@@ -49,13 +49,14 @@ def rfc3339(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-# The same statement for a raw asyncpg connection (storage/hot.py), arguments from append_arguments().
-PG_APPEND_RAW = (
-    "WITH set_head_hash AS (UPDATE event_heads SET hash = $1 WHERE project_id = $2) "
+# Many projects' events in one statement on a raw asyncpg connection (storage/hot.py's batches): each
+# head's new hash, every row. Arguments from append_arguments().
+PG_APPEND_MANY = (
+    "WITH set_head_hash AS (UPDATE event_heads SET hash = h.hash "
+    "FROM unnest($1::varchar[], $2::varchar[]) AS h(project_id, hash) WHERE event_heads.project_id = h.project_id) "
     "INSERT INTO events (id, project_id, seq, type, actor, data, ts, prev_hash, hash) "
-    "SELECT t.id, $2, t.seq, t.type, $3, t.data, $4, t.prev_hash, t.hash "
-    "FROM unnest($5::varchar[], $6::bigint[], $7::varchar[], $8::jsonb[], $9::varchar[], $10::varchar[]) "
-    "AS t(id, seq, type, data, prev_hash, hash)")
+    "SELECT * FROM unnest($3::varchar[], $4::varchar[], $5::bigint[], $6::varchar[], $7::varchar[], $8::jsonb[], "
+    "$9::varchar[], $10::varchar[], $11::varchar[])")
 
 
 def link(batch: Sequence[PendingEvent], project_id: str, actor: str, seq: int, prev: str) -> list[Event]:
@@ -74,11 +75,12 @@ def link(batch: Sequence[PendingEvent], project_id: str, actor: str, seq: int, p
 
 
 def append_arguments(chained: Sequence[Event]) -> tuple:
-    """PG_APPEND_RAW's arguments for one project's chained events."""
-    first = chained[0]
-    return (chained[-1].hash, first.project_id, first.actor, first.ts, [e.id for e in chained],
-            [e.seq for e in chained], [e.type for e in chained], [e.data for e in chained],
-            [e.prev_hash for e in chained], [e.hash for e in chained])
+    """PG_APPEND_MANY's arguments: chained events of any projects, each project's in seq order."""
+    heads = {e.project_id: e.hash for e in chained}  # the last event's hash of each project
+    return (list(heads), list(heads.values()), [e.id for e in chained], [e.project_id for e in chained],
+            [e.seq for e in chained], [e.type for e in chained], [e.actor for e in chained],
+            [e.data for e in chained], [e.ts for e in chained], [e.prev_hash for e in chained],
+            [e.hash for e in chained])
 
 
 class EventLog:
@@ -107,11 +109,11 @@ class EventLog:
             if self.conn.dialect.name == "postgresql":
                 # One round trip, one fixed (compiled-once) statement: the head's new hash (a data-modifying
                 # CTE runs exactly once) and every row, passed as arrays.
-                head_hash, _, _, ts, ids, seqs, types, datas, prevs, hashes = append_arguments(chained)
                 await self.conn.execute(_PG_APPEND, {
-                    "head_hash": head_hash, "project_id": project_id, "actor": actor, "ts": ts, "ids": ids,
-                    "seqs": seqs, "types": types, "datas": [json.dumps(d) for d in datas], "prevs": prevs,
-                    "hashes": hashes})
+                    "head_hash": chained[-1].hash, "project_id": project_id, "actor": actor, "ts": chained[0].ts,
+                    "ids": [e.id for e in chained], "seqs": [e.seq for e in chained],
+                    "types": [e.type for e in chained], "datas": [json.dumps(e.data) for e in chained],
+                    "prevs": [e.prev_hash for e in chained], "hashes": [e.hash for e in chained]})
             else:
                 await self.conn.execute(sa.update(event_heads).where(event_heads.c.project_id == project_id)
                                         .values(hash=chained[-1].hash))

@@ -1,13 +1,15 @@
-"""The spend hot path on PostgreSQL: each of a request's two money transactions in four round trips
-on a raw asyncpg connection (``domain.spend.HotPath``).
+"""The spend hot path on PostgreSQL: a request's two money transactions as fixed statements on a raw
+asyncpg connection (``domain.spend.HotPath``), group-committed.
 
-A reservation is ``BEGIN``; one statement that holds the wallet, reserves every applicable budget,
-advances the project's event head and inserts the request; one statement that appends the events
-(``storage.events.PG_APPEND_RAW``); ``COMMIT``. Closing an executing request (settle or fail) is the
-same shape: the status transition, the wallet capture and release, the ledger entry, the budgets and
-the head in one statement, then the events. The statements are fixed texts, prepared once per
-connection by asyncpg; the generic path (SQLAlchemy, ``domain.spend.Spending``) issues ~12 statements
-for the same work and spent most of a gateway request's CPU doing it (bench/README.md).
+A reservation is one statement that holds the wallet, reserves every applicable budget, advances the
+project's event head and inserts the request. Closing an executing request (settle or fail) is one
+statement too: the status transition, the wallet capture and release, the ledger entry, the budgets
+and the head. Operations that arrive together share a transaction: ``BEGIN``, one such statement per
+operation, one statement appending every operation's events (``storage.events.PG_APPEND_MANY``),
+``COMMIT`` — four round trips for a lone request, two plus one statement each for a batch. The
+statements are fixed texts, prepared once per connection by asyncpg; the generic path (SQLAlchemy,
+``domain.spend.Spending``) issues ~12 statements for the same work and spent most of a gateway
+request's CPU doing it (bench/README.md).
 
 Only the common case is handled here; anything else changes nothing and returns False so the
 service runs its generic path, which knows every case and builds the exact error: a wallet or budget
@@ -23,10 +25,12 @@ wallet, budgets, event head (each CTE depends on the one before, so PostgreSQL r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 
@@ -36,7 +40,7 @@ from domain.events import Event, PendingEvent
 from domain.spend import CloseValues, Prepared, SpendRequest
 from domain.wallet import LedgerEntry, Wallet, wallet_updated
 from storage.db import Database
-from storage.events import PG_APPEND_RAW, append_arguments, link
+from storage.events import PG_APPEND_MANY, append_arguments, link
 
 log = logging.getLogger("smartspace.hot")
 
@@ -153,13 +157,44 @@ def _budgets(rows: Sequence[asyncpg.Record]) -> list[Budget]:
     return [Budget(**{c: r["b_" + c] for c in _BUDGET_COLUMNS}) for r in rows if r["b_id"] is not None]
 
 
-class PgHotPath:
-    """``domain.spend.HotPath`` for PostgreSQL. ``publish`` gets the committed events (the bus)."""
+class _Done(NamedTuple):
+    """One operation's part of a batch: its events, and the head as its statement left it."""
 
-    def __init__(self, db: Database, publish: Callable[[list[Event]], Awaitable[None]]) -> None:
+    pending: list[PendingEvent]
+    actor: str
+    head_seq: int  # the project's seq after this operation's events
+    head_hash: str  # the head's hash as the statement read it (the batch writes the new hashes at the end)
+
+
+class _Op(NamedTuple):
+    kind: str  # "reserve" | "close"
+    project_id: str
+    ref: str
+    work: Callable[[asyncpg.Connection], Awaitable[_Done]]
+    future: asyncio.Future[bool]
+
+
+class PgHotPath:
+    """``domain.spend.HotPath`` for PostgreSQL. ``publish`` gets the committed events (the bus).
+
+    Group commit: operations that arrive while a transaction is in flight wait and then run together
+    — ordered by project, so every batch takes row locks in one global order — in ONE transaction
+    with ONE event append (``PG_APPEND_MANY``) and one commit. Under load a hot project's wallet and
+    event-head rows are then locked once per batch instead of once per request, and the commits'
+    fsyncs are shared. If any operation of a batch declines or fails, the batch rolls back and each of
+    its operations runs again alone, so one request's trouble is never another's."""
+
+    def __init__(self, db: Database, publish: Callable[[list[Event]], Awaitable[None]], *, workers: int = 2,
+                 max_batch: int = 64) -> None:
         self.db = db
         self.publish = publish
-        self.outcomes: Counter[str] = Counter()  # "reserve", "close", "declined", "error": how often each happened
+        self.workers = workers
+        self.max_batch = max_batch
+        # How often each happened: reserve, close, declined, error; batches committed; batches split after a failure.
+        self.outcomes: Counter[str] = Counter()
+        self._queue: list[_Op] = []
+        self._active = 0
+        self._tasks: set[asyncio.Task] = set()
 
     async def reserve(self, row: SpendRequest, actor: str, before: list[PendingEvent], after: list[PendingEvent],
                       now: datetime) -> bool:
@@ -167,7 +202,7 @@ class PgHotPath:
         starts = [period_start(p, now) for p in ("day", "week", "month")]
         args = [getattr(row, c) for c in _REQUEST_COLUMNS]
 
-        async def work(conn: asyncpg.Connection) -> list[Event]:
+        async def work(conn: asyncpg.Connection) -> _Done:
             rows = await conn.fetch(_RESERVE, row.project_id, amount, now, row.agent_id, *starts,
                                     len(before) + 1 + len(after), *args)
             first = rows[0]
@@ -181,9 +216,9 @@ class PgHotPath:
                                   wallet_updated(_wallet(first), "hold", amount, row.id))]
             money += [PendingEvent(row.project_id, "budget.updated",
                                    budget_updated(b, "reserved", amount=amount, ref=row.id)) for b in budgets]
-            return await self._append(conn, [*before, *money, *after], actor, first["head_seq"], first["head_hash"])
+            return _Done([*before, *money, *after], actor, first["head_seq"], first["head_hash"])
 
-        return await self._run("reserve", work, row.id)
+        return await self._submit("reserve", row.project_id, row.id, work)
 
     async def close(self, request: Prepared, from_statuses: tuple[str, ...], values: CloseValues, actor: str,
                     after: list[PendingEvent], now: datetime) -> bool:
@@ -192,7 +227,7 @@ class PgHotPath:
         project_id = request.project_id
         entry_id = new_id("led")
 
-        async def work(conn: asyncpg.Connection) -> list[Event]:
+        async def work(conn: asyncpg.Connection) -> _Done:
             rows = await conn.fetch(_CLOSE, request.request_id, list(from_statuses), values.status, cost,
                                     values.input_tokens, values.output_tokens, values.response, values.error,
                                     values.settled_at, now, entry_id, actor, 1 + len(after))
@@ -207,46 +242,113 @@ class PgHotPath:
             events = [PendingEvent(project_id, "wallet.updated",
                                    wallet_updated(_wallet(first), "spend", -cost, request.request_id, entry=entry,
                                                   released_micros=held - cost))]
-            alerts: list[PendingEvent] = []
+            alerts = 0
             for budget in _budgets(rows):
                 events.append(PendingEvent(project_id, "budget.updated", budget_updated(
                     budget, "settled", amount=cost, released_micros=held - cost, ref=request.request_id)))
                 crossed = crossed_thresholds(budget)
                 if crossed:  # rare: once per threshold per period
                     await conn.execute(_SET_ALERTED, budget.id, sorted({*budget.alerted, *crossed}))
-                    reached = [PendingEvent(project_id, "budget.threshold", threshold_reached(budget, t))
+                    events += [PendingEvent(project_id, "budget.threshold", threshold_reached(budget, t))
                                for t in crossed]
-                    events += reached
-                    alerts += reached
-            head_seq, head_hash = first["head_seq"], first["head_hash"]
+                    alerts += len(crossed)
+            head_seq = first["head_seq"]
             if alerts:
-                head = await conn.fetchrow(_MORE_EVENTS, project_id, len(alerts))
-                head_seq = head["seq"]
-            return await self._append(conn, [*events, *after], actor, head_seq, head_hash)
+                head_seq = (await conn.fetchrow(_MORE_EVENTS, project_id, alerts))["seq"]
+            return _Done([*events, *after], actor, head_seq, first["head_hash"])
 
-        return await self._run("close", work, request.request_id)
+        return await self._submit("close", project_id, request.request_id, work)
 
-    # ------------------------------------------------------------ plumbing
-    async def _append(self, conn: asyncpg.Connection, pending: list[PendingEvent], actor: str, head_seq: int,
-                      head_hash: str) -> list[Event]:
-        """Chain ``pending`` after the head the statement advanced to ``head_seq`` (its old hash
-        ``head_hash``), and insert them with the head's new hash."""
-        chained = link(pending, pending[0].project_id, actor, head_seq - len(pending), head_hash)
-        await conn.execute(PG_APPEND_RAW, *append_arguments(chained))
-        return chained
+    # ------------------------------------------------------------ group commit
+    async def _submit(self, kind: str, project_id: str, ref: str,
+                      work: Callable[[asyncpg.Connection], Awaitable[_Done]]) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        op = _Op(kind, project_id, ref, work, future)
+        if self._queue or self._active >= self.workers:
+            self._queue.append(op)  # a transaction is in flight: wait for the next batch
+            self._start_worker()
+            return await future
+        # Nothing in flight: run at once in the caller's task (no hand-over), as a batch of one.
+        self._active += 1
+        try:
+            await self._commit([op])
+        finally:
+            self._active -= 1
+            self._start_worker()  # operations that queued meanwhile
+        return future.result()
 
-    async def _run(self, op: str, work: Callable[[asyncpg.Connection], Awaitable[list[Event]]], ref: str) -> bool:
+    def _start_worker(self) -> None:
+        if self._queue and self._active < self.workers:
+            self._active += 1
+            task = asyncio.create_task(self._worker(), name="smartspace-hot-path")
+            self._tasks.add(task)  # held until it ends (it does when the queue is drained)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _worker(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[:self.max_batch]
+                del self._queue[:self.max_batch]
+                batch.sort(key=lambda op: op.project_id)  # stable: each project's operations keep their order
+                if len(batch) == 1 or not await self._commit(batch):
+                    for op in batch:  # alone: a decline or failure is that operation's own
+                        await self._commit([op])
+        finally:
+            self._active -= 1
+
+    async def _commit(self, ops: list[_Op]) -> bool:
+        """Run ``ops`` in one transaction. True: committed, published, every future resolved True.
+        False for a batch of several: rolled back, nothing resolved (the caller retries them alone)."""
         try:
             async with self.db.raw() as conn, conn.transaction():
-                events = await work(conn)
-        except _Decline:
-            self.outcomes["declined"] += 1
+                done = [await op.work(conn) for op in ops]
+                events = self._chain(ops, done)
+                await conn.execute(PG_APPEND_MANY, *append_arguments(events))
+        except (_Decline, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            if len(ops) > 1:
+                self.outcomes["split"] += 1
+                return False
+            if isinstance(exc, _Decline):
+                self.outcomes["declined"] += 1
+            else:  # rolled back: the generic path retries it (and reports what it finds)
+                self.outcomes["error"] += 1
+                log.warning("hot path rolled back after a database error", extra={"ref": ops[0].ref,
+                                                                                  "error": repr(exc)})
+            _resolve(ops[0].future, False)
             return False
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            # Rolled back: the generic path retries it (and reports what it finds).
-            self.outcomes["error"] += 1
-            log.warning("hot path rolled back after a database error", extra={"ref": ref, "error": repr(exc)})
-            return False
-        self.outcomes[op] += 1
-        await self.publish(events)
+        except BaseException as exc:  # a bug or a cancellation: nobody may wait forever
+            for op in ops:
+                if op.future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    op.future.set_exception(exc)
+                else:
+                    op.future.cancel()
+            raise
+        self.outcomes["batches"] += 1
+        for op in ops:
+            self.outcomes[op.kind] += 1
+        try:
+            await self.publish(events)
+        finally:
+            for op in ops:
+                _resolve(op.future, True)
         return True
+
+    @staticmethod
+    def _chain(ops: list[_Op], done: list[_Done]) -> list[Event]:
+        """Hash-chain every operation's events after its project's head: the first operation of a project
+        links to the head's stored hash, each next one to the previous operation's last event."""
+        last: dict[str, str] = {}
+        out: list[Event] = []
+        for op, result in zip(ops, done, strict=True):
+            prev = last.get(op.project_id, result.head_hash)
+            chained = link(result.pending, op.project_id, result.actor, result.head_seq - len(result.pending), prev)
+            last[op.project_id] = chained[-1].hash
+            out += chained
+        return out
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():  # the waiting caller may have been cancelled meanwhile
+        future.set_result(value)

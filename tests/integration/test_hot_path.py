@@ -8,6 +8,7 @@ wallet, a budget whose period ended, a request that is no longer executing.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import timedelta
 from typing import Any
@@ -129,7 +130,7 @@ async def test_the_hot_path_writes_what_the_generic_path_writes(app_for):
     assert "budget.threshold" in types and "request.failed" in types and "request.settled" in types
     # Every spend went through the hot path: 4 reservations, 3 settlements + 1 failure (the brain refused
     # the last request before any reservation: it saw the budget had no room).
-    assert hot_container.spending.hot.outcomes == {"reserve": 4, "close": 4}
+    assert hot_container.spending.hot.outcomes == {"reserve": 4, "close": 4, "batches": 8}
     await assert_books_balance(hot_container.db, (await _project_of(hot_container)))
 
 
@@ -181,7 +182,7 @@ async def test_a_wallet_emptied_after_the_decision_is_refused_by_the_generic_pat
     container.spending.brain = RivalFirst()
     with pytest.raises(InsufficientFunds):
         await container.spending.prepare(actor, _command(owner))
-    assert container.spending.hot.outcomes == {"reserve": 1, "declined": 1}
+    assert container.spending.hot.outcomes == {"reserve": 1, "declined": 1, "batches": 1}
     w = await wallet(client, owner)
     assert (w["balance_micros"], w["reserved_micros"]) == (COST, COST)  # only the rival's hold
     async with container.db.engine.connect() as conn:
@@ -212,4 +213,53 @@ async def test_settling_a_request_the_sweeper_expired_is_a_conflict_and_charges_
     assert container.spending.hot.outcomes["declined"] == 1
     w = await wallet(client, owner)
     assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000, 0)
+    await assert_books_balance(container.db, owner.project_id)
+
+
+async def test_concurrent_settlements_share_transactions_and_one_bad_request_spoils_nothing(app_for):
+    """20 settlements at once go through a few group-committed transactions; one of them is for a request
+    the sweeper already expired: its batch rolls back, every other request still settles (alone), the
+    expired one gets the generic path's Conflict, and the books and the hash chain hold."""
+    client, container = await app_for(True)
+    _, owner = await funded_project(client, 1_000_000)
+    actor = Actor(kind="user", id=owner.id, user_id=owner.id)
+    prepared = [await container.spending.prepare(actor, _command(owner)) for _ in range(20)]
+    async with container.db.engine.begin() as conn:
+        await conn.execute(sa.update(spend_requests).where(spend_requests.c.id == prepared[7].request_id)
+                           .values(reservation_expires_at=utcnow() - timedelta(seconds=1)))
+    assert await container.spending.sweep() == 1
+    hot = container.spending.hot
+    hot.outcomes.clear()
+    results = await asyncio.gather(*(container.spending.settle(p, Usage(input_tokens=8, output_tokens=1))
+                                     for p in prepared), return_exceptions=True)
+    assert [type(r).__name__ for r in results].count("Receipt") == 19
+    assert isinstance(results[7], Conflict)
+    # The batch with the expired request rolled back; its members then ran one by one.
+    assert hot.outcomes["close"] == 19 and hot.outcomes["declined"] == 1
+    assert hot.outcomes["split"] >= 1 and hot.outcomes["batches"] == 19  # then each alone
+    w = await wallet(client, owner)
+    assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000 - 19 * COST, 0)
+    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
+                                     headers=owner.headers)).json()
+    assert verify["ok"] is True, verify
+    await assert_books_balance(container.db, owner.project_id)
+
+
+async def test_concurrent_settlements_commit_together(app_for):
+    client, container = await app_for(True)
+    _, owner = await funded_project(client, 1_000_000)
+    actor = Actor(kind="user", id=owner.id, user_id=owner.id)
+    prepared = [await container.spending.prepare(actor, _command(owner)) for _ in range(30)]
+    hot = container.spending.hot
+    hot.outcomes.clear()
+    receipts = await asyncio.gather(*(container.spending.settle(p, Usage(input_tokens=8, output_tokens=1))
+                                      for p in prepared))
+    assert sum(r.cost_micros for r in receipts) == 30 * COST
+    assert hot.outcomes["close"] == 30 and hot.outcomes["batches"] <= 3, hot.outcomes
+    events = (await (await client.get(f"/api/v1/projects/{owner.project_id}/audit?type=request.settled&limit=100",
+                                      headers=owner.headers)).json())["items"]
+    assert sorted(e["data"]["request_id"] for e in events) == sorted(p.request_id for p in prepared)
+    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
+                                     headers=owner.headers)).json()
+    assert verify["ok"] is True, verify
     await assert_books_balance(container.db, owner.project_id)
