@@ -48,6 +48,10 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+# The hot path's writer runs at most two transactions at a time (storage/hot.py group-commits the rest).
+RAW_WRITE_CONNECTIONS = 4
+
+
 def _drop_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     """Checkout hook: a pooled asyncpg connection the server already closed (restart, idle timeout,
     pg_terminate_backend) is discarded and the pool connects afresh — no round trip, unlike pre-ping."""
@@ -128,7 +132,8 @@ class Database:
                 settings["default_transaction_read_only"] = "on"
             url = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
             task = self._raw_pools[read_only] = asyncio.ensure_future(asyncpg.create_pool(
-                url, min_size=1, max_size=self._pool_size, server_settings=settings, init=_raw_init,
+                url, min_size=1, max_size=self._pool_size if read_only else RAW_WRITE_CONNECTIONS,
+                server_settings=settings, init=_raw_init,
                 reset=_keep_session, max_inactive_connection_lifetime=1800))
         return await asyncio.shield(task)
 
