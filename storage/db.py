@@ -134,7 +134,7 @@ class Database:
             task = self._raw_pools[read_only] = asyncio.ensure_future(asyncpg.create_pool(
                 url, min_size=1, max_size=self._pool_size if read_only else RAW_WRITE_CONNECTIONS,
                 server_settings=settings, init=_raw_init,
-                reset=_keep_session, max_inactive_connection_lifetime=1800))
+                reset=_keep_session, max_inactive_connection_lifetime=0))  # no idle timer per acquire
         return await asyncio.shield(task)
 
     def raw(self, *, read_only: bool = False) -> Any:

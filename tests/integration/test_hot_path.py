@@ -33,6 +33,7 @@ from tests.integration.spend_helpers import (
     COST,
     assert_books_balance,
     create_budget,
+    fund,
     funded_project,
     spend,
     wallet,
@@ -129,8 +130,10 @@ async def test_the_hot_path_writes_what_the_generic_path_writes(app_for):
     types = [e["type"] for e in hot_events]
     assert "budget.threshold" in types and "request.failed" in types and "request.settled" in types
     # Every spend went through the hot path: 4 reservations, 3 settlements + 1 failure (the brain refused
-    # the last request before any reservation: it saw the budget had no room).
-    assert hot_container.spending.hot.outcomes == {"reserve": 4, "close": 4, "batches": 8}
+    # the last request before any reservation: it saw the budget had no room). The first reservation was
+    # a transaction of its own; after it this process knew the rows, and each next operation was one
+    # express statement.
+    assert hot_container.spending.hot.outcomes == {"reserve": 4, "close": 4, "batches": 1, "express": 7}
     await assert_books_balance(hot_container.db, (await _project_of(hot_container)))
 
 
@@ -259,6 +262,38 @@ async def test_concurrent_settlements_commit_together(app_for):
     events = (await (await client.get(f"/api/v1/projects/{owner.project_id}/audit?type=request.settled&limit=100",
                                       headers=owner.headers)).json())["items"]
     assert sorted(e["data"]["request_id"] for e in events) == sorted(p.request_id for p in prepared)
+    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
+                                     headers=owner.headers)).json()
+    assert verify["ok"] is True, verify
+    await assert_books_balance(container.db, owner.project_id)
+
+
+async def test_rows_changed_elsewhere_make_the_express_lane_stand_aside(app_for):
+    """The express lane builds on the rows as this process last wrote them. An admin's credit (the wallet)
+    and a budget edit (its name and limit) in between: the statement changes nothing, the normal path
+    runs, and the events show the rows as they really are."""
+    client, container = await app_for(True)
+    admin, owner = await funded_project(client, 1_000_000)
+    budget = await create_budget(client, owner, 50 * COST, "total")
+    hot = container.spending.hot
+    assert (await spend(client, owner.headers, project_id=owner.project_id))[0] == 200
+    assert (await spend(client, owner.headers, project_id=owner.project_id))[0] == 200
+    assert hot.outcomes["express"] == 3 and hot.outcomes["stale"] == 0  # all but the very first
+    await fund(client, admin, owner.project_id, 5)  # the wallet moves under the hot path's feet
+    assert (await spend(client, owner.headers, project_id=owner.project_id))[0] == 200
+    assert hot.outcomes["stale"] == 1 and hot.outcomes["express"] == 4  # the reservation fell back, the settle not
+    resp = await client.patch(f"/api/v1/projects/{owner.project_id}/budgets/{budget['id']}", headers=owner.headers,
+                              json={"name": "renamed", "limit_micros": 40 * COST})
+    assert resp.status == 200, await resp.text()
+    assert (await spend(client, owner.headers, project_id=owner.project_id))[0] == 200
+    assert hot.outcomes["stale"] == 2
+    updates = (await (await client.get(f"/api/v1/projects/{owner.project_id}/audit?type=budget.updated&limit=1",
+                                       headers=owner.headers)).json())["items"]
+    assert updates[0]["data"]["budget"]["name"] == "renamed"
+    assert updates[0]["data"]["budget"]["limit_micros"] == 40 * COST
+    assert updates[0]["data"]["budget"]["spent_micros"] == 4 * COST
+    w = await wallet(client, owner)
+    assert (w["balance_micros"], w["reserved_micros"]) == (1_000_005 - 4 * COST, 0)
     verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
                                      headers=owner.headers)).json()
     assert verify["ok"] is True, verify
