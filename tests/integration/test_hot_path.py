@@ -197,9 +197,9 @@ async def test_a_wallet_emptied_after_the_decision_is_refused_by_the_generic_pat
     await assert_books_balance(container.db, owner.project_id)
 
 
-def _command(owner) -> SpendCommand:
+def _command(owner, project: bool = True) -> SpendCommand:
     return SpendCommand(model="local/echo-1", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
-                        project_id=owner.project_id)
+                        project_id=owner.project_id if project else None)
 
 
 async def test_settling_a_request_the_sweeper_expired_is_a_conflict_and_charges_nothing(app_for):
@@ -298,3 +298,33 @@ async def test_rows_changed_elsewhere_make_the_express_lane_stand_aside(app_for)
                                      headers=owner.headers)).json()
     assert verify["ok"] is True, verify
     await assert_books_balance(container.db, owner.project_id)
+
+
+async def test_two_processes_taking_turns_on_one_project_never_build_on_stale_rows(app_for, settings):
+    """Two hot paths (two server processes) on one database spend from one project in turn: each finds the
+    rows moved by the other, its express statement undoes itself, the normal path runs. Every operation
+    is accounted once and the log's chain holds."""
+    client, first = await app_for(True)
+    metrics = Metrics()
+    second = Container(settings, first.db, LocalBus(metrics), metrics=metrics)  # another process's container
+    _, owner = await funded_project(client, 1_000_000)
+    await create_budget(client, owner, 100 * COST, "month")
+    key = await create_key(client, owner)
+    actors = [await first.authenticate(key["key"]), await second.authenticate(key["key"])]
+    spendings = [first.spending, second.spending]
+    for i in range(12):
+        mine = spendings[i % 2]
+        prepared = await mine.prepare(actors[i % 2], _command(owner, project=False))
+        await spendings[(i // 2) % 2].settle(prepared, Usage(input_tokens=8, output_tokens=1))
+    outcomes = first.spending.hot.outcomes + second.spending.hot.outcomes
+    assert outcomes["reserve"] == 12 and outcomes["close"] == 12
+    assert outcomes["stale"] >= 6 and outcomes["express"] >= 1, outcomes
+    w = await wallet(client, owner)
+    assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000 - 12 * COST, 0)
+    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
+                                     headers=owner.headers)).json()
+    assert verify["ok"] is True, verify
+    async with first.db.engine.connect() as conn:
+        spent = (await conn.execute(sa.select(budgets.c.spent_micros, budgets.c.reserved_micros))).one()
+    assert tuple(spent) == (12 * COST, 0)
+    await assert_books_balance(first.db, owner.project_id)
