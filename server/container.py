@@ -59,6 +59,9 @@ class Container:
             default_output_tokens=settings.default_output_tokens,
             hot=None if db.is_sqlite or not settings.hot_path else PgHotPath(db, bus.publish))
         self.deps.spending = self.spending
+        metrics = extra.get("metrics")
+        if metrics is not None and isinstance(self.spending.hot, PgHotPath):
+            metrics.watch_hot_path(self.spending.hot.outcomes)
 
     @contextlib.asynccontextmanager
     async def uow(self, actor: Actor = SYSTEM) -> AsyncIterator[Scope]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 
 class Metrics:
@@ -26,8 +29,27 @@ class Metrics:
         self.bus_errors = Counter("smartspace_bus_errors_total", "Event bus publish/listen failures",
                                   ["op"], registry=r)
 
+    def watch_hot_path(self, outcomes: Mapping[str, int]) -> None:
+        """Expose storage/hot.py's counters (read at scrape time) as smartspace_hot_path_total{outcome}."""
+        self.registry.register(_OutcomeCollector("smartspace_hot_path", "Spend hot path operations by outcome: "
+                                                 "reserve, close, express, stale, batches, split, declined, error",
+                                                 outcomes))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _OutcomeCollector:
+    def __init__(self, name: str, documentation: str, outcomes: Mapping[str, int]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.outcomes = outcomes
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=["outcome"])
+        for outcome, count in sorted(self.outcomes.items()):
+            family.add_metric([outcome], count)
+        yield family
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -1,20 +1,30 @@
-"""The spend hot path on PostgreSQL: a request's two money transactions as fixed statements on a raw
-asyncpg connection (``domain.spend.HotPath``), group-committed.
+"""The spend hot path on PostgreSQL: a request's two money transactions — the reservation, and the
+closing (settle or fail) — as fixed statements on a raw asyncpg connection (``domain.spend.HotPath``).
 
-A reservation is one statement that holds the wallet, reserves every applicable budget, advances the
-project's event head and inserts the request. Closing an executing request (settle or fail) is one
-statement too: the status transition, the wallet capture and release, the ledger entry, the budgets
-and the head. Operations that arrive together share a transaction: ``BEGIN``, one such statement per
-operation, one statement appending every operation's events (``storage.events.PG_APPEND_MANY``),
-``COMMIT`` — four round trips for a lone request, two plus one statement each for a batch. The
-statements are fixed texts, prepared once per connection by asyncpg; the generic path (SQLAlchemy,
-``domain.spend.Spending``) issues ~12 statements for the same work and spent most of a gateway
-request's CPU doing it (bench/README.md).
+Three lanes, chosen per operation by how busy this process is:
+
+- **express** (nothing in flight, and this process wrote the project's rows last): ONE autocommit
+  statement. Every value, event and hash is computed here beforehand from the rows as this process
+  left them; each row is updated only if it still holds exactly that (``_EXPRESS_RESERVE``), or the
+  statement undoes itself and the operation takes the next lane. 1 round trip, 1 fsync.
+- **alone** (something else may be in flight, or the rows are not known): ``BEGIN``; one statement
+  that does the money and advances the event head (``_RESERVE`` / ``_CLOSE``); one statement
+  appending the events (``storage.events.PG_APPEND_MANY``); ``COMMIT``.
+- **group commit** (transactions already in flight): the operations that arrived meanwhile run
+  together in the same four-step shape — one money statement each, one append for all, one commit —
+  ordered by project, so every batch locks rows in one global order. Under load a hot project's
+  wallet and event-head rows are locked once per batch, and the fsync is shared.
+
+The statements are fixed texts, prepared once per connection by asyncpg; the generic path
+(SQLAlchemy, ``domain.spend.Spending``) issues ~12 statements for the same work and spent most of a
+gateway request's CPU doing it (bench/README.md).
 
 Only the common case is handled here; anything else changes nothing and returns False so the
 service runs its generic path, which knows every case and builds the exact error: a wallet or budget
 without room (the rejection), a budget whose period has ended (it must roll first), a budget
-deactivated meanwhile, a request no longer in the expected status, any database error.
+deactivated meanwhile, a request no longer in the expected status, any database error. The events
+are the generic path's, built by the same functions (``tests/integration/test_hot_path.py`` compares
+the two paths' audit logs event for event).
 
 The conditional UPDATEs are the same as the generic path's (``WHERE balance - reserved >= n``,
 ``WHERE spent + reserved + n <= limit``): on PostgreSQL each re-checks its condition against the

@@ -328,3 +328,14 @@ async def test_two_processes_taking_turns_on_one_project_never_build_on_stale_ro
         spent = (await conn.execute(sa.select(budgets.c.spent_micros, budgets.c.reserved_micros))).one()
     assert tuple(spent) == (12 * COST, 0)
     await assert_books_balance(first.db, owner.project_id)
+
+
+async def test_the_hot_path_counters_are_on_the_metrics_page(app_for):
+    client, _ = await app_for(True)
+    _, owner = await funded_project(client, 1_000_000)
+    for _ in range(3):
+        assert (await spend(client, owner.headers, project_id=owner.project_id))[0] == 200
+    page = await (await client.get("/metrics")).text()
+    assert 'smartspace_hot_path_total{outcome="express"} 5.0' in page  # all but the very first operation
+    assert 'smartspace_hot_path_total{outcome="reserve"} 3.0' in page
+    assert 'smartspace_hot_path_total{outcome="close"} 3.0' in page
