@@ -397,7 +397,8 @@ class Spending:
         held = decision.outcome == "REQUIRES_REVIEW"
         self._plan(row, decision, held, now)
         try:
-            if self.hot is None or row.reserved_micros <= 0 or not await self.hot.reserve(
+            priced = "input_micros_per_mtok" in row.params  # else the generic path reads the prices
+            if self.hot is None or row.reserved_micros <= 0 or not priced or not await self.hot.reserve(
                     row, actor.label, _created(row), _approval_requested(row, decision) if held else [], now):
                 async with self.uow(actor) as scope:
                     row = await self._reserve(scope, row, decision, held)
