@@ -197,6 +197,16 @@ async def test_a_wallet_emptied_after_the_decision_is_refused_by_the_generic_pat
     await assert_books_balance(container.db, owner.project_id)
 
 
+async def _settled_books(client, db, owner, balance: int) -> None:
+    """Nothing left reserved, the expected balance, the hash chain intact, the ledger summing to the balance."""
+    w = await wallet(client, owner)
+    assert (w["balance_micros"], w["reserved_micros"]) == (balance, 0)
+    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
+                                     headers=owner.headers)).json()
+    assert verify["ok"] is True, verify
+    await assert_books_balance(db, owner.project_id)
+
+
 def _command(owner, project: bool = True) -> SpendCommand:
     return SpendCommand(model="local/echo-1", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
                         project_id=owner.project_id if project else None)
@@ -214,9 +224,7 @@ async def test_settling_a_request_the_sweeper_expired_is_a_conflict_and_charges_
     with pytest.raises(Conflict):
         await container.spending.settle(prepared, Usage(input_tokens=8, output_tokens=1))
     assert container.spending.hot.outcomes["declined"] == 1
-    w = await wallet(client, owner)
-    assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000, 0)
-    await assert_books_balance(container.db, owner.project_id)
+    await _settled_books(client, container.db, owner, 1_000_000)
 
 
 async def test_concurrent_settlements_share_transactions_and_one_bad_request_spoils_nothing(app_for):
@@ -240,12 +248,7 @@ async def test_concurrent_settlements_share_transactions_and_one_bad_request_spo
     # The batch with the expired request rolled back; its members then ran one by one.
     assert hot.outcomes["close"] == 19 and hot.outcomes["declined"] == 1
     assert hot.outcomes["split"] >= 1 and hot.outcomes["batches"] == 19  # then each alone
-    w = await wallet(client, owner)
-    assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000 - 19 * COST, 0)
-    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
-                                     headers=owner.headers)).json()
-    assert verify["ok"] is True, verify
-    await assert_books_balance(container.db, owner.project_id)
+    await _settled_books(client, container.db, owner, 1_000_000 - 19 * COST)
 
 
 async def test_concurrent_settlements_commit_together(app_for):
@@ -262,10 +265,7 @@ async def test_concurrent_settlements_commit_together(app_for):
     events = (await (await client.get(f"/api/v1/projects/{owner.project_id}/audit?type=request.settled&limit=100",
                                       headers=owner.headers)).json())["items"]
     assert sorted(e["data"]["request_id"] for e in events) == sorted(p.request_id for p in prepared)
-    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
-                                     headers=owner.headers)).json()
-    assert verify["ok"] is True, verify
-    await assert_books_balance(container.db, owner.project_id)
+    await _settled_books(client, container.db, owner, 1_000_000 - 30 * COST)
 
 
 async def test_rows_changed_elsewhere_make_the_express_lane_stand_aside(app_for):
@@ -292,12 +292,7 @@ async def test_rows_changed_elsewhere_make_the_express_lane_stand_aside(app_for)
     assert updates[0]["data"]["budget"]["name"] == "renamed"
     assert updates[0]["data"]["budget"]["limit_micros"] == 40 * COST
     assert updates[0]["data"]["budget"]["spent_micros"] == 4 * COST
-    w = await wallet(client, owner)
-    assert (w["balance_micros"], w["reserved_micros"]) == (1_000_005 - 4 * COST, 0)
-    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
-                                     headers=owner.headers)).json()
-    assert verify["ok"] is True, verify
-    await assert_books_balance(container.db, owner.project_id)
+    await _settled_books(client, container.db, owner, 1_000_005 - 4 * COST)
 
 
 async def test_two_processes_taking_turns_on_one_project_never_build_on_stale_rows(app_for, settings):
@@ -319,15 +314,10 @@ async def test_two_processes_taking_turns_on_one_project_never_build_on_stale_ro
     outcomes = first.spending.hot.outcomes + second.spending.hot.outcomes
     assert outcomes["reserve"] == 12 and outcomes["close"] == 12
     assert outcomes["stale"] >= 6 and outcomes["express"] >= 1, outcomes
-    w = await wallet(client, owner)
-    assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000 - 12 * COST, 0)
-    verify = await (await client.get(f"/api/v1/projects/{owner.project_id}/audit/verify",
-                                     headers=owner.headers)).json()
-    assert verify["ok"] is True, verify
     async with first.db.engine.connect() as conn:
         spent = (await conn.execute(sa.select(budgets.c.spent_micros, budgets.c.reserved_micros))).one()
     assert tuple(spent) == (12 * COST, 0)
-    await assert_books_balance(first.db, owner.project_id)
+    await _settled_books(client, first.db, owner, 1_000_000 - 12 * COST)
 
 
 async def test_the_hot_path_counters_are_on_the_metrics_page(app_for):
