@@ -36,6 +36,7 @@ wallet, budgets, event head (each CTE depends on the one before, so PostgreSQL r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -555,11 +556,21 @@ class PgHotPath:
                 batch = self._queue[:self.max_batch]
                 del self._queue[:self.max_batch]
                 batch.sort(key=lambda op: op.project_id)  # stable: each project's operations keep their order
-                if len(batch) == 1 or not await self._commit(batch):
-                    for op in batch:  # alone: a decline or failure is that operation's own
+                if len(batch) > 1 and await self._commit(batch):
+                    continue
+                for op in batch:  # alone: a decline or failure is that operation's own
+                    if op.future.done():
+                        continue
+                    with contextlib.suppress(Exception):  # handed to the operation's caller by _commit
                         await self._commit([op])
+        except asyncio.CancelledError:  # shutting down: whoever still waits takes the generic path
+            for op in self._queue:
+                _resolve(op.future, False)
+            self._queue.clear()
+            raise
         finally:
             self._active -= 1
+        self._start_worker()  # operations that arrived while this one was finishing
 
     async def _commit(self, ops: list[_Op]) -> bool:
         """Run ``ops`` in one transaction. True: committed, published, every future resolved True.
@@ -582,6 +593,10 @@ class PgHotPath:
             _resolve(ops[0].future, False)
             return False
         except BaseException as exc:  # a bug or a cancellation: nobody may wait forever
+            if isinstance(exc, Exception) and len(ops) > 1:  # perhaps one operation's: each runs alone
+                log.exception("hot path batch failed", extra={"refs": [op.ref for op in ops]})
+                self.outcomes["split"] += 1
+                return False
             for op in ops:
                 if op.future.done():
                     continue

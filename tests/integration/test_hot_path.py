@@ -24,6 +24,7 @@ from domain.spend import SpendCommand
 from server.app import create_app
 from server.container import Container
 from server.metrics import Metrics
+from storage import hot as hot_module
 from storage.bus import LocalBus
 from storage.hot import PgHotPath
 from storage.models import budgets, spend_requests
@@ -329,3 +330,33 @@ async def test_the_hot_path_counters_are_on_the_metrics_page(app_for):
     assert 'smartspace_hot_path_total{outcome="express"} 5.0' in page  # all but the very first operation
     assert 'smartspace_hot_path_total{outcome="reserve"} 3.0' in page
     assert 'smartspace_hot_path_total{outcome="close"} 3.0' in page
+
+
+async def test_an_unexpected_error_in_one_operation_stays_with_its_request(app_for, monkeypatch):
+    """A bug that strikes one operation of a batch (here: its event data cannot be encoded) fails that
+    request alone; the batch is retried member by member, the others settle, and the hot path keeps
+    serving afterwards."""
+    client, container = await app_for(True)
+    _, owner = await funded_project(client, 1_000_000)
+    actor = Actor(kind="user", id=owner.id, user_id=owner.id)
+    prepared = [await container.spending.prepare(actor, _command(owner)) for _ in range(10)]
+    hot = container.spending.hot
+    real_link = hot_module.link
+
+    def exploding_link(pending, *args):
+        if any(p.data.get("request_id") == prepared[3].request_id for p in pending):
+            raise RuntimeError("boom")
+        return real_link(pending, *args)
+
+    monkeypatch.setattr(hot_module, "link", exploding_link)
+    hot.outcomes.clear()
+    results = await asyncio.gather(*(container.spending.settle(p, Usage(input_tokens=8, output_tokens=1))
+                                     for p in prepared), return_exceptions=True)
+    assert isinstance(results[3], RuntimeError)
+    assert [type(r).__name__ for r in results].count("Receipt") == 9
+    assert hot.outcomes["split"] >= 1 and hot.outcomes["close"] == 9
+    monkeypatch.setattr(hot_module, "link", real_link)
+    # The failed one is still executing (nothing was written for it): it settles now, and so does a new one.
+    await container.spending.settle(prepared[3], Usage(input_tokens=8, output_tokens=1))
+    assert (await spend(client, owner.headers, project_id=owner.project_id))[0] == 200
+    await _settled_books(client, container.db, owner, 1_000_000 - 11 * COST)
