@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import policies as pol
@@ -146,21 +147,9 @@ def _prefetch_statement() -> sa.Select:
 
 _PREFETCH = _prefetch_statement()
 
-# The same read for asyncpg ($1 project, $2 key, $3 agent; the tables resolve through search_path).
-_PREFETCH_SQL = """
-SELECT p.status AS p_status, k.id AS k_id, k.project_id AS k_project, k.agent_id AS k_agent,
-       k.revoked_at AS k_revoked, a.id AS a_id, a.project_id AS a_project, a.status AS a_status,
-       w.balance_micros AS w_balance, w.reserved_micros AS w_reserved,
-       b.id AS b_id, b.name AS b_name, b.agent_id AS b_agent, b.period AS b_period, b.limit_micros AS b_limit,
-       b.spent_micros AS b_spent, b.reserved_micros AS b_reserved, b.period_start AS b_start
-FROM projects p
-LEFT OUTER JOIN api_keys k ON k.id = $2
-LEFT OUTER JOIN agents a ON a.id = coalesce($3, k.agent_id)
-LEFT OUTER JOIN wallets w ON w.project_id = p.id
-LEFT OUTER JOIN budgets b ON b.project_id = p.id AND b.active IS true
-WHERE p.id = $1
-ORDER BY b.id
-"""
+# The same statement compiled once for a raw asyncpg connection ($n parameters, in _PREFETCH_ORDER).
+_PREFETCH_PG = _PREFETCH.compile(dialect=asyncpg_dialect.dialect())
+_PREFETCH_SQL, _PREFETCH_ORDER = _PREFETCH_PG.string, tuple(_PREFETCH_PG.positiontup or ())
 
 
 class SqlBrainView:
@@ -219,13 +208,13 @@ class SqlBrainView:
         """Read the request's project, key, agent (the one named, else the key's), wallet and active
         budgets in ONE statement; the getters below answer from it (and query only for other ids)."""
         rows: Sequence[Mapping[str, Any]]
+        params = {"project_id": req.project_id, "key_id": req.key_id, "agent_id": req.agent_id}
         if self.db is not None and not self.db.is_sqlite:
             async with self.raw() as raw:  # no transaction: one statement is its own snapshot
-                rows = await raw.fetch(_PREFETCH_SQL, req.project_id, req.key_id, req.agent_id)
+                rows = await raw.fetch(_PREFETCH_SQL, *(params[name] for name in _PREFETCH_ORDER))
         else:
             conn = await self.connection()
-            rows = (await conn.execute(_PREFETCH, {"project_id": req.project_id, "key_id": req.key_id,
-                                                   "agent_id": req.agent_id})).mappings().all()
+            rows = (await conn.execute(_PREFETCH, params)).mappings().all()
         snap: dict[str, Any] = {"project_id": req.project_id, "key_id": req.key_id, "agent_id": None}
         if rows:
             r = rows[0]
