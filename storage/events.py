@@ -11,11 +11,11 @@ Events are appended at the very end of a unit of work to keep that lock short.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from itertools import groupby
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,15 +30,6 @@ _COLUMNS = (events.c.id, events.c.project_id, events.c.seq, events.c.type, event
             events.c.data, events.c.prev_hash, events.c.hash)
 
 
-_PG_APPEND = sa.text(
-    "WITH set_head_hash AS (UPDATE event_heads SET hash = :head_hash WHERE project_id = :project_id) "
-    "INSERT INTO events (id, project_id, seq, type, actor, data, ts, prev_hash, hash) "
-    "SELECT t.id, :project_id, t.seq, t.type, :actor, CAST(t.data AS JSONB), :ts, t.prev_hash, t.hash "
-    "FROM unnest(CAST(:ids AS VARCHAR[]), CAST(:seqs AS BIGINT[]), CAST(:types AS VARCHAR[]), "
-    "CAST(:datas AS TEXT[]), CAST(:prevs AS VARCHAR[]), CAST(:hashes AS VARCHAR[])) "
-    "AS t(id, seq, type, data, prev_hash, hash)")
-
-
 def _event(row: sa.Row) -> Event:
     return Event(*row)
 
@@ -49,14 +40,16 @@ def rfc3339(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-# Many projects' events in one statement on a raw asyncpg connection (storage/hot.py's batches): each
-# head's new hash, every row. Arguments from append_arguments().
+# Any projects' events in one statement (a unit of work's append on PostgreSQL, storage/hot.py's batches):
+# each head's new hash, every row, passed as arrays so the statement is prepared once. Arguments from
+# append_arguments(); asyncpg parameters ($n), so SQLAlchemy sends it with exec_driver_sql.
 PG_APPEND_MANY = (
     "WITH set_head_hash AS (UPDATE event_heads SET hash = h.hash "
     "FROM unnest($1::varchar[], $2::varchar[]) AS h(project_id, hash) WHERE event_heads.project_id = h.project_id) "
     "INSERT INTO events (id, project_id, seq, type, actor, data, ts, prev_hash, hash) "
-    "SELECT * FROM unnest($3::varchar[], $4::varchar[], $5::bigint[], $6::varchar[], $7::varchar[], $8::jsonb[], "
-    "$9::varchar[], $10::varchar[], $11::varchar[])")
+    "SELECT t.id, t.project_id, t.seq, t.type, t.actor, t.data::jsonb, t.ts, t.prev_hash, t.hash "
+    "FROM unnest($3::varchar[], $4::varchar[], $5::bigint[], $6::varchar[], $7::varchar[], $8::text[], "
+    "$9::varchar[], $10::varchar[], $11::varchar[]) AS t(id, project_id, seq, type, actor, data, ts, prev_hash, hash)")
 
 
 def link(batch: Sequence[PendingEvent], project_id: str, actor: str, seq: int, prev: str) -> list[Event]:
@@ -74,12 +67,16 @@ def link(batch: Sequence[PendingEvent], project_id: str, actor: str, seq: int, p
     return out
 
 
+def _json(data: dict) -> str:
+    return msgspec.json.encode(data).decode()
+
+
 def append_arguments(chained: Sequence[Event]) -> tuple:
     """PG_APPEND_MANY's arguments: chained events of any projects, each project's in seq order."""
     heads = {e.project_id: e.hash for e in chained}  # the last event's hash of each project
     return (list(heads), list(heads.values()), [e.id for e in chained], [e.project_id for e in chained],
             [e.seq for e in chained], [e.type for e in chained], [e.actor for e in chained],
-            [e.data for e in chained], [e.ts for e in chained], [e.prev_hash for e in chained],
+            [_json(e.data) for e in chained], [e.ts for e in chained], [e.prev_hash for e in chained],
             [e.hash for e in chained])
 
 
@@ -109,11 +106,7 @@ class EventLog:
             if self.conn.dialect.name == "postgresql":
                 # One round trip, one fixed (compiled-once) statement: the head's new hash (a data-modifying
                 # CTE runs exactly once) and every row, passed as arrays.
-                await self.conn.execute(_PG_APPEND, {
-                    "head_hash": chained[-1].hash, "project_id": project_id, "actor": actor, "ts": chained[0].ts,
-                    "ids": [e.id for e in chained], "seqs": [e.seq for e in chained],
-                    "types": [e.type for e in chained], "datas": [json.dumps(e.data) for e in chained],
-                    "prevs": [e.prev_hash for e in chained], "hashes": [e.hash for e in chained]})
+                await self.conn.exec_driver_sql(PG_APPEND_MANY, append_arguments(chained))
             else:
                 await self.conn.execute(sa.update(event_heads).where(event_heads.c.project_id == project_id)
                                         .values(hash=chained[-1].hash))
