@@ -25,7 +25,7 @@ from storage.bus import RedisBus
 from storage.ratelimit import RedisLimiter
 from tests.factories import create_key
 from tests.integration.spend_helpers import assert_books_balance, funded_project, set_policy, spend
-from tests.integration.test_bus import connected, through
+from tests.integration.test_bus import Recorder, connected, errors, event, through
 from tests.live import WAIT, TcpProxy
 
 T0 = datetime(2026, 11, 26, 6, 0, tzinfo=UTC)
@@ -234,8 +234,35 @@ async def test_requests_right_after_a_redis_blip_do_not_fail(settings, db, redis
     assert [s for s, _ in warm] == [200] * 8
     await redis_proxy.cut()
     await redis_proxy.restore()
+    ready = await a.get("/ready")  # pings on pooled connections the blip killed
+    assert (ready.status, (await ready.json())["status"]) == (200, "ok")
     statuses = await asyncio.gather(*(spend(a, owner.headers, body) for _ in range(8)),
                                     *(chat(a, key) for _ in range(4)))
     assert [s if isinstance(s, int) else s[0] for s in statuses] == [200] * 12
     assert fallbacks(ca.deps.metrics) == fallbacks(ca.deps.metrics, "peek") == 0  # served by Redis throughout
     await assert_books_balance(db, owner.project_id)
+
+
+# ---------------------------------------------------------------- the event bus
+async def test_the_first_publish_after_a_redis_blip_goes_out_on_a_fresh_connection(redis_url, redis_proxy):
+    metrics = Metrics()
+    sender = RedisBus(through(redis_proxy, redis_url), metrics, channel=f"smartspace:test:{uuid.uuid4().hex}",
+                      max_backoff_seconds=0.2)
+    receiver = RedisBus(redis_url, Metrics(), channel=sender.channel)
+    far = Recorder()
+    receiver.listen(far)
+    await sender.start()
+    await receiver.start()
+    try:
+        await connected(sender)
+        await connected(receiver)
+        await sender.publish([event(1)])
+        await far.until(lambda: far.seqs == [1], "the first message")
+        await redis_proxy.cut()  # the publisher's pooled connection dies; nothing is published meanwhile
+        await redis_proxy.restore()
+        await sender.publish([event(2)])
+        await far.until(lambda: far.seqs == [1, 2], "the message after the blip")
+        assert errors(metrics, "publish") == 0  # sent at the first try, on a fresh connection
+    finally:
+        await sender.close()
+        await receiver.close()
