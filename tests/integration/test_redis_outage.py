@@ -10,7 +10,6 @@ import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime
-from urllib.parse import urlparse
 
 import msgspec
 import pytest
@@ -24,11 +23,15 @@ from server.metrics import Metrics
 from storage.bus import RedisBus
 from storage.ratelimit import RedisLimiter
 from tests.factories import create_key
+from tests.integration import test_bus
 from tests.integration.spend_helpers import assert_books_balance, funded_project, set_policy, spend
 from tests.integration.test_bus import Recorder, connected, errors, event, through
-from tests.live import WAIT, TcpProxy
+from tests.live import WAIT
 
 T0 = datetime(2026, 11, 26, 6, 0, tzinfo=UTC)
+
+
+proxy = test_bus.proxy  # the fixture: a cuttable TCP proxy in front of the test Redis
 
 
 def minute(limit: int, key: str = "key:k1") -> RateLimit:
@@ -58,21 +61,13 @@ async def outcome(limiter: RedisLimiter, limits: list[RateLimit], now: datetime)
 
 
 @pytest.fixture
-async def redis_proxy(redis_url):
-    target = urlparse(redis_url)
-    p = await TcpProxy(target.hostname or "127.0.0.1", target.port or 6379).start()
-    yield p
-    await p.close()
-
-
-@pytest.fixture
-async def limiters(redis_url, redis_proxy):
+async def limiters(redis_url, proxy):
     """Limiters through the proxy, all on one fresh key prefix (as two server processes would be)."""
     prefix = f"smartspace:test:rl:{uuid.uuid4().hex[:8]}:"
     made: list[RedisLimiter] = []
 
     def make(**options) -> RedisLimiter:
-        limiter = RedisLimiter(through(redis_proxy, redis_url), prefix=prefix, metrics=Metrics(),
+        limiter = RedisLimiter(through(proxy, redis_url), prefix=prefix, metrics=Metrics(),
                                probe_seconds=0.05, **options)
         made.append(limiter)
         return limiter
@@ -84,12 +79,12 @@ async def limiters(redis_url, redis_proxy):
 
 # ---------------------------------------------------------------- the limiter
 async def test_with_redis_cut_each_limiter_counts_on_its_own_and_shares_again_when_it_is_back(
-        limiters, redis_proxy, caplog):
+        limiters, proxy, caplog):
     a, b = limiters(), limiters()
     limits = [minute(3)]
     assert [await outcome(x, limits, T0) for x in (a, b, a, b)] == ["counted"] * 3 + ["limited"]  # shared
 
-    await redis_proxy.cut()
+    await proxy.cut()
     caplog.set_level(logging.INFO, logger="smartspace.ratelimit")
     caplog.clear()
     # Per process now: each has a window of its own (empty at first), and each enforces the limit in it.
@@ -104,7 +99,7 @@ async def test_with_redis_cut_each_limiter_counts_on_its_own_and_shares_again_wh
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 2 and all("per process" in r.getMessage() for r in warned)  # once per limiter
 
-    await redis_proxy.restore()
+    await proxy.restore()
     await shared_again(a, b)
     assert sample(a.metrics, "smartspace_ratelimit_degraded") == 0
     assert any("shared across processes again" in r.getMessage() for r in caplog.records)
@@ -120,12 +115,12 @@ async def test_with_redis_cut_each_limiter_counts_on_its_own_and_shares_again_wh
     assert fallbacks(a.metrics) == before and sample(a.metrics, "smartspace_ratelimit_redis_outages_total") == 1
 
 
-async def test_connections_that_died_while_redis_was_away_are_retried_on_fresh_ones(limiters, redis_proxy):
+async def test_connections_that_died_while_redis_was_away_are_retried_on_fresh_ones(limiters, proxy):
     limiter = limiters()
     limits = [minute(1000)]
     await asyncio.gather(*(limiter.acquire(limits, T0) for _ in range(20)))  # twenty pooled connections
-    await redis_proxy.cut()  # every one of them dies; nothing uses them while Redis is away
-    await redis_proxy.restore()
+    await proxy.cut()  # every one of them dies; nothing uses them while Redis is away
+    await proxy.restore()
     results = await asyncio.gather(*(limiter.acquire(limits, T0) for _ in range(20)),
                                    *(limiter.peek(limits, T0) for _ in range(20)), return_exceptions=True)
     assert [r for r in results if isinstance(r, BaseException)] == []
@@ -134,14 +129,14 @@ async def test_connections_that_died_while_redis_was_away_are_retried_on_fresh_o
     assert not limiter.degraded
 
 
-async def test_a_redis_that_stops_answering_is_a_fallback_not_a_hang(limiters, redis_proxy):
+async def test_a_redis_that_stops_answering_is_a_fallback_not_a_hang(limiters, proxy):
     limiter = limiters(timeout_seconds=0.2)
     limits = [minute(2)]
     await limiter.acquire(limits, T0)
-    redis_proxy.freeze()  # connections stay open, nothing comes back
+    proxy.freeze()  # connections stay open, nothing comes back
     assert [await outcome(limiter, limits, T0) for _ in range(3)] == ["counted", "counted", "limited"]
     assert limiter.degraded and fallbacks(limiter.metrics) == 3
-    redis_proxy.thaw()
+    proxy.thaw()
     await shared_again(limiter)
     # (The command that timed out may still have run once Redis got it: a timeout errs towards refusing.)
     fresh = [minute(5, "key:k2")]
@@ -177,8 +172,8 @@ async def chat(client, key: str) -> int:
 
 
 async def test_with_redis_cut_spending_goes_on_with_per_process_limits_then_shares_again(
-        settings, db, redis_url, redis_proxy, aiohttp_client):
-    url, channel = through(redis_proxy, redis_url), f"smartspace:test:{uuid.uuid4().hex[:8]}"
+        settings, db, redis_url, proxy, aiohttp_client):
+    url, channel = through(proxy, redis_url), f"smartspace:test:{uuid.uuid4().hex[:8]}"
     a, ca = await outage_app(aiohttp_client, settings, db, url, channel)
     b, cb = await outage_app(aiohttp_client, settings, db, url, channel)
     _, owner = await funded_project(a, 1_000_000)
@@ -189,7 +184,7 @@ async def test_with_redis_cut_spending_goes_on_with_per_process_limits_then_shar
     assert (await spend(a, own, body))[0] == 200
     assert (await spend(b, own, body))[0] == 200  # 2 of 3, counted in Redis
 
-    await redis_proxy.cut()
+    await proxy.cut()
     for client in (a, b):  # each process: a gateway call and REST calls, up to the limit in its own window
         assert await chat(client, key) == 200
         assert [(await spend(client, own, body))[0] for _ in range(2)] == [200, 200]
@@ -209,7 +204,7 @@ async def test_with_redis_cut_spending_goes_on_with_per_process_limits_then_shar
     assert scraped[("smartspace_ratelimit_degraded", ())] == 1
     await assert_books_balance(db, owner.project_id)
 
-    await redis_proxy.restore()
+    await proxy.restore()
     await shared_again(ca.limiter, cb.limiter)
     # At once, on pooled connections the cut killed: no 500, and the count is shared again — Redis holds the
     # 2 from before the cut, so exactly one of these fits, whichever process it reaches.
@@ -223,8 +218,8 @@ async def test_with_redis_cut_spending_goes_on_with_per_process_limits_then_shar
     await assert_books_balance(db, owner.project_id)
 
 
-async def test_requests_right_after_a_redis_blip_do_not_fail(settings, db, redis_url, redis_proxy, aiohttp_client):
-    url, channel = through(redis_proxy, redis_url), f"smartspace:test:{uuid.uuid4().hex[:8]}"
+async def test_requests_right_after_a_redis_blip_do_not_fail(settings, db, redis_url, proxy, aiohttp_client):
+    url, channel = through(proxy, redis_url), f"smartspace:test:{uuid.uuid4().hex[:8]}"
     a, ca = await outage_app(aiohttp_client, settings, db, url, channel)
     _, owner = await funded_project(a, 1_000_000)
     key = (await create_key(a, owner))["key"]
@@ -232,8 +227,8 @@ async def test_requests_right_after_a_redis_blip_do_not_fail(settings, db, redis
     body = {"project_id": owner.project_id}
     warm = await asyncio.gather(*(spend(a, owner.headers, body) for _ in range(8)))  # several pooled connections
     assert [s for s, _ in warm] == [200] * 8
-    await redis_proxy.cut()
-    await redis_proxy.restore()
+    await proxy.cut()
+    await proxy.restore()
     ready = await a.get("/ready")  # pings on pooled connections the blip killed
     assert (ready.status, (await ready.json())["status"]) == (200, "ok")
     statuses = await asyncio.gather(*(spend(a, owner.headers, body) for _ in range(8)),
@@ -244,9 +239,9 @@ async def test_requests_right_after_a_redis_blip_do_not_fail(settings, db, redis
 
 
 # ---------------------------------------------------------------- the event bus
-async def test_the_first_publish_after_a_redis_blip_goes_out_on_a_fresh_connection(redis_url, redis_proxy):
+async def test_the_first_publish_after_a_redis_blip_goes_out_on_a_fresh_connection(redis_url, proxy):
     metrics = Metrics()
-    sender = RedisBus(through(redis_proxy, redis_url), metrics, channel=f"smartspace:test:{uuid.uuid4().hex}",
+    sender = RedisBus(through(proxy, redis_url), metrics, channel=f"smartspace:test:{uuid.uuid4().hex}",
                       max_backoff_seconds=0.2)
     receiver = RedisBus(redis_url, Metrics(), channel=sender.channel)
     far = Recorder()
@@ -258,8 +253,8 @@ async def test_the_first_publish_after_a_redis_blip_goes_out_on_a_fresh_connecti
         await connected(receiver)
         await sender.publish([event(1)])
         await far.until(lambda: far.seqs == [1], "the first message")
-        await redis_proxy.cut()  # the publisher's pooled connection dies; nothing is published meanwhile
-        await redis_proxy.restore()
+        await proxy.cut()  # the publisher's pooled connection dies; nothing is published meanwhile
+        await proxy.restore()
         await sender.publish([event(2)])
         await far.until(lambda: far.seqs == [1, 2], "the message after the blip")
         assert errors(metrics, "publish") == 0  # sent at the first try, on a fresh connection
