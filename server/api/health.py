@@ -15,9 +15,8 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-@routes.get("/ready", summary="Readiness: the database answers (503 if not); Redis is reported, and a Redis fault "
-            "is 200 `degraded` (spending goes on, rate limits counted per process)", tag="health", auth=False,
-            errors=(503,))
+@routes.get("/ready", summary="Readiness: 503 if the database does not answer; 200 `degraded` while Redis does not "
+            "(spending goes on)", tag="health", auth=False, errors=(503,))
 async def ready(request: web.Request) -> web.Response:
     c = container(request)
     checks: dict[str, str] = {}
