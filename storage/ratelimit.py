@@ -129,7 +129,6 @@ class RedisLimiter:
         self.shared = asyncio.Event()
         self.shared.set()
         self._probe: asyncio.Task[None] | None = None
-        self.outages = 0
 
     @property
     def degraded(self) -> bool:
@@ -180,7 +179,6 @@ class RedisLimiter:
         if not self.shared.is_set():
             return  # already degraded: logged and counted when the outage began
         self.shared.clear()
-        self.outages += 1
         if self.metrics is not None:
             self.metrics.ratelimit_outages.inc()
             self.metrics.ratelimit_degraded.set(1)
