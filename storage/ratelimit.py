@@ -112,7 +112,7 @@ class RedisLimiter:
     """
 
     def __init__(self, url: str | None = None, *, client: aioredis.Redis | None = None,
-                 prefix: str = "smartspace:rl:", metrics=None, timeout_seconds: float = 1.0,
+                 prefix: str = "smartspace:rl:", metrics=None, timeout_seconds: float = 2.0,
                  probe_seconds: float = 0.5) -> None:
         # A connection that died while Redis was away fails its next command at once (reset, EOF): one
         # immediate retry reconnects it. Timeouts are not retried (that would only double the wait);
