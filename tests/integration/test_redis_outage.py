@@ -25,7 +25,7 @@ from storage.ratelimit import RedisLimiter
 from tests.factories import create_key
 from tests.integration import test_bus
 from tests.integration.spend_helpers import assert_books_balance, funded_project, set_policy, spend
-from tests.integration.test_bus import Recorder, connected, errors, event, through
+from tests.integration.test_bus import Recorder, connected, errors, event, through, until_errors
 from tests.live import WAIT
 
 T0 = datetime(2026, 11, 26, 6, 0, tzinfo=UTC)
@@ -261,3 +261,25 @@ async def test_the_first_publish_after_a_redis_blip_goes_out_on_a_fresh_connecti
     finally:
         await sender.close()
         await receiver.close()
+
+
+# ---------------------------------------------------------------- key revocation
+async def test_a_key_revoked_on_another_process_during_a_cut_cannot_spend_here(
+        settings, db, redis_url, proxy, aiohttp_client):
+    # A's gateway key cache never hears this key.revoked while Redis is cut; the spend decision reads the key
+    # from the database, so the key spends nothing on A all the same.
+    name = f"smartspace:test:{uuid.uuid4().hex[:8]}"
+    a, ca = await outage_app(aiohttp_client, settings, db, through(proxy, redis_url), name)
+    b, _ = await outage_app(aiohttp_client, settings, db, redis_url, name)
+    _, owner = await funded_project(a, 1_000_000)
+    key = await create_key(a, owner)
+    assert await chat(a, key["key"]) == 200  # A's gateway has the key cached now
+    await proxy.cut()
+    await until_errors(ca.deps.metrics, "listen")  # A's listener noticed
+    resp = await b.delete(f"/api/v1/projects/{owner.project_id}/keys/{key['id']}", headers=owner.headers)
+    assert resp.status in (200, 204), await resp.text()
+    before = await assert_books_balance(db, owner.project_id)
+    assert [await chat(a, key["key"]) for _ in range(3)] in ([401] * 3, [403] * 3)
+    status, _ = await spend(a, {"Authorization": f"Bearer {key['key']}"})
+    assert status in (401, 403)
+    assert await assert_books_balance(db, owner.project_id) == before
