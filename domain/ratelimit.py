@@ -2,7 +2,8 @@
 
 The brain only *peeks* (how many requests each window already holds); the spend service *acquires*
 when it reserves — all windows at once, all or nothing — so the limits hold across processes when
-the Redis implementation is configured (``storage/ratelimit.py``).
+the Redis implementation is configured (``storage/ratelimit.py``). A limiter never fails a request for
+its own infrastructure: while Redis does not answer, the Redis limiter counts per process instead.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class Container:
         self.tokens = Tokens(settings.resolved_jwt_secret, settings.access_token_ttl_seconds)
         self.providers = extra.pop("providers", None) or Providers(settings)
         # Rate limits: per process, or shared through Redis when configured. The brain peeks, spending acquires.
-        self.limiter = extra.pop("limiter", None) or build_limiter(settings.redis_url)
+        self.limiter = extra.pop("limiter", None) or build_limiter(settings.redis_url, extra.get("metrics"))
         self.brain = SqlBrain(db, self.limiter, decide, settings.default_output_tokens)
         self.brain.listen(bus)  # cached policies / catalog entries drop on policy.updated / catalog.updated
         extra.setdefault("limiter", self.limiter)

@@ -28,6 +28,16 @@ class Metrics:
                                         "Events emitted to Socket.IO rooms", ["namespace"], registry=r)
         self.bus_errors = Counter("smartspace_bus_errors_total", "Event bus publish/listen failures",
                                   ["op"], registry=r)
+        # Rate limits while Redis is away (storage/ratelimit.py): counted per process instead of shared.
+        self.ratelimit_fallbacks = Counter("smartspace_ratelimit_fallback_total",
+                                           "Rate-limit checks counted per process because Redis was unavailable",
+                                           ["op"], registry=r)
+        self.ratelimit_outages = Counter("smartspace_ratelimit_redis_outages_total",
+                                         "Times the rate limiter lost Redis and fell back to per-process counting",
+                                         registry=r)
+        self.ratelimit_degraded = Gauge("smartspace_ratelimit_degraded",
+                                        "1 while rate limits are counted per process (Redis unavailable), else 0",
+                                        registry=r)
 
     def watch_hot_path(self, outcomes: Mapping[str, int]) -> None:
         """Expose storage/hot.py's counters (read at scrape time) as smartspace_hot_path_total{outcome}."""

@@ -7,6 +7,8 @@ when they come back. Redis is best-effort fan-out only — the event log is the 
 - ``publish`` never raises and never waits for Redis: the message goes to a bounded outbox that one
   task sends in order, retrying with backoff while Redis is away (the oldest are dropped, and counted,
   if the outbox overflows). Requests are never slowed down by a Redis outage.
+- The publishing connection is retried once on a fresh one when a pooled connection died while Redis
+  was away (the first publish after an outage goes out at once; a duplicate is dropped by seq).
 - The listener subscribes on its own connection with redis-py's silent retries turned off, so every
   lost connection is seen here. It pings through that connection every ``heartbeat_seconds``; hearing
   nothing at all (no message, not even its own pong) for ``3 × heartbeat_seconds`` counts as a lost
@@ -95,10 +97,15 @@ class RedisBus(LocalBus):
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_seconds = heartbeat_seconds
         self.max_backoff_seconds = max_backoff_seconds
-        # No library retries: a failure must surface here, where it is counted and recovered from the log.
-        options = {"socket_connect_timeout": 2, "socket_timeout": 2, "retry": Retry(NoBackoff(), 0)}
-        self.redis = aioredis.Redis.from_url(url, **options)  # publishing, /ready
-        self._listen_redis = aioredis.Redis.from_url(url, **options)  # the subscription
+        options = {"socket_connect_timeout": 2, "socket_timeout": 2}
+        # Publishing and /ready: a pooled connection that died while Redis was away (reset, EOF) is retried
+        # once on a fresh one, so the first publish or /ready after Redis is back does not fail for it (a
+        # publish that did go out twice is a duplicate seq, which every listener drops).
+        self.redis = aioredis.Redis.from_url(
+            url, **options, retry=Retry(NoBackoff(), 1, supported_errors=(aioredis.ConnectionError,)))
+        # The subscription: no library retries, a lost connection must surface here, where it is counted
+        # and recovered from the log.
+        self._listen_redis = aioredis.Redis.from_url(url, **options, retry=Retry(NoBackoff(), 0))
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,7 +140,7 @@ class RedisBus(LocalBus):
                 except asyncio.CancelledError:
                     self._outbox.appendleft(payload)  # close() may still send it
                     raise
-                except (aioredis.RedisError, OSError) as exc:
+                except Exception as exc:  # any fault (not only RedisError/OSError): the publisher must not die
                     self._outbox.appendleft(payload)  # in order: nothing overtakes it
                     self._count("publish")
                     log.warning("redis publish failed; retrying (events are in the log)",

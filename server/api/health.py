@@ -15,8 +15,8 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-@routes.get("/ready", summary="Readiness: the database (and Redis, when configured) answer", tag="health",
-            auth=False, errors=(503,))
+@routes.get("/ready", summary="Readiness: 503 if the database does not answer; 200 `degraded` while Redis does not "
+            "(spending goes on)", tag="health", auth=False, errors=(503,))
 async def ready(request: web.Request) -> web.Response:
     c = container(request)
     checks: dict[str, str] = {}
@@ -25,15 +25,23 @@ async def ready(request: web.Request) -> web.Response:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
-    ping = getattr(c.bus, "ping", None)
-    if ping is not None:
+    # Redis only fans events out and shares rate-limit counts: without it this process still serves and
+    # spends safely, so a Redis fault makes it "degraded", not unready.
+    pings = [p for p in (getattr(c.bus, "ping", None), getattr(c.limiter, "ping", None)) if p is not None]
+    if pings:
+        checks["redis"] = "ok"
         try:
-            await asyncio.wait_for(ping(), 5)
-            checks["redis"] = "ok"
+            for ping in pings:
+                await asyncio.wait_for(ping(), 5)
         except Exception as exc:
-            checks["redis"] = f"error: {type(exc).__name__}"
-    ok = all(v == "ok" for v in checks.values())
-    return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+            checks["redis"] = f"degraded: {type(exc).__name__}"
+        else:
+            if getattr(c.limiter, "degraded", False):
+                checks["redis"] = "degraded: rate limits counted per process"
+    if checks["database"] != "ok":
+        return json_response({"status": "unavailable", "checks": checks}, status=503)
+    degraded = any(v != "ok" for v in checks.values())
+    return json_response({"status": "degraded" if degraded else "ok", "checks": checks})
 
 
 @routes.get("/metrics", summary="Prometheus metrics", tag="health", auth=False)
