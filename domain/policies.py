@@ -161,7 +161,8 @@ def _check_addresses(errors: list[FieldError], field: str, values: list[str]) ->
             errors.append(FieldError(f"{field}[{i}]", exc.message))
             continue
         if address in seen:
-            errors.append(FieldError(field, "lists each address once (case and checksum do not make it another)"))
+            errors.append(FieldError(f"{field}[{i}]", f"{address} is listed twice (spelling does not make "
+                                                          "it another address)"))
         seen.add(address)
 
 

@@ -73,6 +73,15 @@ def classify_send_error(message: str) -> BroadcastOutcome:
     return "retry"
 
 
+def recover_personal_signer(message: str, signature: bytes) -> str | None:
+    """EIP-191 version 0x45 (``personal_sign``): the normalised address whose key signed ``message``."""
+    try:
+        signer = Account.recover_message(encode_defunct(text=message), signature=signature)
+    except (BadSignature, ValueError):  # s above the curve order, v not 27/28, r/s off the curve
+        return None
+    return normalize_address(signer)
+
+
 class _Treasury:
     """Holds the treasury key; its repr never shows it."""
 
@@ -180,11 +189,7 @@ class Web3Chain:
         return "sent", to_hex(sent)
 
     def recover_signer(self, message: str, signature: bytes) -> str | None:
-        try:
-            signer = Account.recover_message(encode_defunct(text=message), signature=signature)
-        except (BadSignature, ValueError):  # s above the curve order, v not 27/28, r/s off the curve
-            return None
-        return normalize_address(signer)
+        return recover_personal_signer(message, signature)
 
     def deposit_address(self, project_id: str) -> str:
         return normalize_address(self._treasury.derive(f"deposit:{project_id}").address)
