@@ -1,15 +1,21 @@
 """Deposits: a real USDC transfer on the in-process EVM (the compiled token), verified from its receipt and
-credited exactly once; replayed, foreign, reverted, wrong-token and wrong-recipient transfers are refused."""
+credited exactly once; replayed, foreign, reverted, wrong-token and wrong-recipient transfers are refused;
+the shared treasury counts only from senders proven by their own key's signature."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
+import sqlalchemy as sa
 
 from domain.chain import checksum_address
 from domain.errors import InvalidRequest
 from domain.payments import sender_challenge_message
+from storage.migrate import upgrade
+from storage.models import deposit_senders, projects, users
+from tests.conftest import drop_database, make_database
 from tests.factories import add_member, register
 from tests.integration.payments_support import (
     USDC,
@@ -396,3 +402,23 @@ async def test_concurrent_claims_of_one_transfer_credit_it_once(client, db):
     assert (await wallet(client, alice))["balance_micros"] == 4 * USDC
     assert (await event_types(db, alice.project_id)).count("deposit.credited") == 1
     await assert_books_balance(db, alice.project_id)
+
+
+async def test_senders_registered_before_proof_was_required_are_forgotten_by_the_migration(backend, tmp_path):
+    database, schema = await make_database(backend, tmp_path, tables=False)
+    try:
+        await upgrade(database, "0003")
+        now = datetime.now(UTC)
+        async with database.engine.begin() as conn:
+            await conn.execute(sa.insert(users).values(id="usr_1", email="a@b.test", name="a", password_hash="x",
+                                                       created_at=now))
+            await conn.execute(sa.insert(projects).values(id="prj_1", name="p", owner_id="usr_1", created_at=now,
+                                                          updated_at=now))
+            await conn.execute(sa.insert(deposit_senders).values(chain_id=1, address="0x" + "ab" * 20,
+                                                                 project_id="prj_1", created_at=now))
+        await upgrade(database, "0007")
+        async with database.engine.connect() as conn:
+            assert (await conn.execute(sa.select(sa.func.count()).select_from(deposit_senders))).scalar_one() == 0
+            assert (await conn.execute(sa.select(projects.c.id))).scalars().all() == ["prj_1"]
+    finally:
+        await drop_database(database, schema)
