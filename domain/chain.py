@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal, Protocol
 
 import msgspec
+from eth_utils import keccak
 
 from domain.errors import InvalidRequest
 
@@ -35,23 +36,46 @@ def units_to_micros(units: int, decimals: int) -> int:
     return units * 10 ** (MICROS_DECIMALS - decimals)
 
 
-def _normalize_hex(value: str, digits: int, what: str, field: str) -> str:
-    """Lower-case 0x-prefixed hex of exactly ``digits`` digits; raises InvalidRequest naming ``what`` otherwise."""
-    text = value.strip().lower() if isinstance(value, str) else ""
-    if not text.startswith("0x"):
-        text = "0x" + text
-    if len(text) != 2 + digits or any(c not in "0123456789abcdef" for c in text[2:]):
-        raise InvalidRequest(f"not {what} (0x + {digits} hex digits)", {field: value})
-    return text
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
-def normalize_address(value: str) -> str:
-    """Lower-case 0x-prefixed 20-byte hex; raises InvalidRequest otherwise. Compare addresses only in this form."""
-    return _normalize_hex(value, 40, "an EVM address", "address")
+def _hex_digits(value: object, digits: int, what: str, field: str) -> str:
+    """The hex digits of ``value`` as given ("0x" prefix optional), exactly ``digits`` of them. Nothing is
+    stripped: a space or a trailing newline is refused, never silently repaired. InvalidRequest names
+    ``field``."""
+    text = value if isinstance(value, str) else ""
+    body = text[2:] if text[:2] in ("0x", "0X") else text
+    if len(body) != digits or not _HEX_DIGITS.issuperset(body):
+        raise InvalidRequest(f"{field} is not {what} (0x + {digits} hex digits, nothing else)", {field: value})
+    return body
 
 
-def normalize_tx_hash(value: str) -> str:
-    return _normalize_hex(value, 64, "a transaction hash", "tx_hash")
+def checksum_address(address: str) -> str:
+    """EIP-55: a hex letter is upper case where the same nibble of keccak256(lower-case hex) is >= 8."""
+    body = address[2:].lower() if address[:2] in ("0x", "0X") else address.lower()
+    digest = keccak(body.encode()).hex()
+    return "0x" + "".join(c.upper() if int(h, 16) >= 8 else c for c, h in zip(body, digest[:40], strict=True))
+
+
+def normalize_address(value: str, field: str = "address") -> str:
+    """Lower-case 0x-prefixed 20-byte hex; compare addresses only in this form. All-lower or all-upper hex
+    is accepted as is; mixed case is a checksum and must be EIP-55's, or the address was mistyped
+    (InvalidRequest naming ``field`` otherwise)."""
+    body = _hex_digits(value, 40, "an EVM address", field)
+    if body != body.lower() and body != body.upper() and checksum_address(body)[2:] != body:
+        raise InvalidRequest(f"{field} has mixed case but fails its EIP-55 checksum: a mistyped address?",
+                             {field: value})
+    return "0x" + body.lower()
+
+
+def parse_signature(value: str, field: str = "signature") -> bytes:
+    """A 65-byte secp256k1 signature (r, s, v) given as hex, as ``personal_sign`` returns it."""
+    return bytes.fromhex(_hex_digits(value, 130, "a 65-byte signature", field))
+
+
+def normalize_tx_hash(value: str, field: str = "tx_hash") -> str:
+    """Lower-case 0x-prefixed 32-byte hex (hashes carry no checksum: any case)."""
+    return "0x" + _hex_digits(value, 64, "a transaction hash", field).lower()
 
 
 class TokenTransfer(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +153,11 @@ class Chain(Protocol):
     async def broadcast(self, raw_tx: bytes) -> tuple[BroadcastOutcome, str]:
         """Send signed bytes. ``known``: already in the pool or mined (a retry); ``nonce_used``: the nonce is
         spent, check the hash; ``retry``: transient (node down, nonce gap) — try the same bytes later."""
+        ...
+
+    def recover_signer(self, message: str, signature: bytes) -> str | None:
+        """The (normalised) address whose key made this EIP-191 ``personal_sign`` signature of ``message``;
+        None if no key could have (a malformed signature). Pure CPU, no I/O."""
         ...
 
     def deposit_address(self, project_id: str) -> str:

@@ -26,12 +26,23 @@ from domain.chain import (
     Fees,
     TokenTransfer,
     TxLookup,
+    checksum_address,
     micros_to_units,
     normalize_address,
     normalize_tx_hash,
+    parse_signature,
     units_to_micros,
 )
-from domain.errors import Conflict, DomainError, InsufficientFunds, InvalidRequest, NotFound, Unavailable
+from domain.errors import (
+    Conflict,
+    DomainError,
+    InsufficientFunds,
+    InvalidRequest,
+    NotFound,
+    PolicyViolation,
+    Unavailable,
+)
+from domain.policies import recipient_refusal
 
 if TYPE_CHECKING:
     from domain.scope import Scope
@@ -45,6 +56,13 @@ class DepositRejected(DomainError):
     """The transaction is not a deposit this project can claim (reason in details)."""
 
     code = "deposit_rejected"
+    status = 422
+
+
+class InvalidSignature(DomainError):
+    """A deposit sender's signature does not prove that the caller holds the address's key."""
+
+    code = "invalid_signature"
     status = 422
 
 
@@ -143,8 +161,21 @@ class WithdrawalCreate(msgspec.Struct, forbid_unknown_fields=True):
     memo: Annotated[str, Meta(max_length=500)] = ""
 
 
+Signature = Annotated[str, Meta(pattern=r"^(0x)?[0-9a-fA-F]{130}$")]
+
+
 class SenderRegister(msgspec.Struct, forbid_unknown_fields=True):
     address: Address
+    signature: Signature  # EIP-191 personal_sign of the challenge message by the address's key
+
+
+class SenderChallenge(msgspec.Struct, kw_only=True):
+    """The text a would-be deposit sender signs (``personal_sign``) to prove it holds the address's key."""
+
+    address: str
+    message: str
+    project_id: str
+    chain_id: int
 
 
 # ---------------------------------------------------------------- the repository port (storage/payments.py)
@@ -192,6 +223,16 @@ def deposit_transfers(receipt: ChainReceipt, *, token_address: str, deposit_addr
                                                        and t.sender in senders))]
 
 
+def sender_challenge_message(*, address: str, project_id: str, chain_id: int, treasury_address: str) -> str:
+    """What a deposit sender signs. It names the project, the chain and the treasury, so a signature given
+    for one project (or chain, or deployment) proves nothing for another; it is derived, not stored, so the
+    same inputs always give the same text."""
+    return ("SmartSpace deposit sender\n\n"
+            f"I control {checksum_address(address)} and ask that its USDC transfers to the treasury "
+            f"{checksum_address(treasury_address)} be credited to project {project_id}.\n\n"
+            f"Project: {project_id}\nAddress: {normalize_address(address)}\nChain ID: {chain_id}")
+
+
 def _rejection_reason(receipt: ChainReceipt, token_address: str, deposit_address: str) -> str:
     own = normalize_address(deposit_address)
     if any(t.recipient == own for t in receipt.transfers if t.emitter != normalize_address(token_address)):
@@ -237,12 +278,31 @@ class Payments:
                            registered_senders=await self.repo.senders(chain.chain_id, project_id),
                            confirmations_required=self.confirmations_required)
 
-    async def register_sender(self, project_id: str, cmd: SenderRegister) -> DepositSender:
-        """A sender address whose transfers to the shared treasury address count for this project."""
-        await self.scope.projects.require(project_id, "admin")
-        address = normalize_address(cmd.address)
+    def _sender_address(self, raw: str) -> str:
+        address = normalize_address(raw, "address")
         if address in (ZERO_ADDRESS, self.chain.treasury_address, self.chain.token_address):
-            raise InvalidRequest("this address cannot be registered as a deposit sender", {"address": cmd.address})
+            raise InvalidRequest("this address cannot be registered as a deposit sender", {"address": raw})
+        return address
+
+    async def sender_challenge(self, project_id: str, raw_address: str) -> SenderChallenge:
+        """GET .../deposit-senders/challenge: the message the address's key must sign to register it."""
+        await self.scope.projects.require(project_id, "admin")
+        address, chain = self._sender_address(raw_address), self.chain
+        return SenderChallenge(address=address, project_id=project_id, chain_id=chain.chain_id,
+                               message=sender_challenge_message(address=address, project_id=project_id,
+                                                                chain_id=chain.chain_id,
+                                                                treasury_address=chain.treasury_address))
+
+    async def register_sender(self, project_id: str, cmd: SenderRegister) -> DepositSender:
+        """A sender address whose transfers to the shared treasury address count for this project — only
+        with proof that the caller holds its key (anyone can see a wallet's transfers to the treasury
+        on chain; without the proof they could claim them)."""
+        challenge = await self.sender_challenge(project_id, cmd.address)
+        address = challenge.address
+        signer = self.chain.recover_signer(challenge.message, parse_signature(cmd.signature))
+        if signer != address:
+            raise InvalidSignature("the signature was not made by this address's key over the challenge message "
+                                   "(GET .../deposit-senders/challenge?address=)", {"address": cmd.address})
         sender = DepositSender(chain_id=self.chain.chain_id, address=address, project_id=project_id,
                                created_at=utcnow())
         await self.repo.add_sender(sender)  # Conflict if any project registered it already
@@ -387,7 +447,7 @@ class Payments:
         if not idempotency_key or len(idempotency_key) > 200:
             raise InvalidRequest("an Idempotency-Key header (1-200 characters) is required to move money",
                                  {"header": "Idempotency-Key"})
-        to_address = normalize_address(cmd.to_address)
+        to_address = normalize_address(cmd.to_address, "to_address")
         fingerprint = request_hash({"to_address": to_address, "amount_micros": cmd.amount_micros, "memo": cmd.memo})
         existing = await self.repo.by_idempotency(project_id, idempotency_key)
         if existing is not None:
@@ -403,6 +463,11 @@ class Payments:
             raise InvalidRequest("cannot pay out to the token contract or the treasury itself",
                                  {"to_address": cmd.to_address})
         units = micros_to_units(cmd.amount_micros, chain.decimals)
+        refusal = recipient_refusal(await self.scope.policies.current(project_id),
+                                    await self.scope.policies.current_system(), to_address)
+        if refusal is not None:
+            raise PolicyViolation(refusal.message, {"to_address": cmd.to_address, "rule": "allowed_recipients",
+                                                    "scope": refusal.scope})
         payment_id = new_id("pay")
         await self.scope.wallets.hold(project_id, cmd.amount_micros, ref=payment_id)
         payment = await self._sign_and_store(payment_id, project_id, "payout", to_address, cmd.amount_micros, units,

@@ -19,6 +19,7 @@ from msgspec import Meta
 
 from domain.base import Page, PageRequest, utcnow
 from domain.catalog import PLATFORM_PROJECT
+from domain.chain import normalize_address
 from domain.errors import Forbidden, InvalidRequest
 from domain.ratelimit import WINDOWS, RateLimit
 
@@ -63,7 +64,8 @@ class ProjectPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # the "high" band: risk above this (and not above max_risk_score) is held for review
     review_risk_above: Annotated[float, Meta(ge=0, le=10)] = 6.0
     fallback_models: list[Name] = []  # tried in order by the gateway on 429/timeouts
-    allowed_recipients: list[Name] = []  # payout addresses (empty: any)
+    # payout addresses (empty: any); a withdrawal elsewhere is refused. Any case; mixed case must be EIP-55
+    allowed_recipients: list[Name] = []
 
 
 class SystemPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -75,6 +77,8 @@ class SystemPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_per_day_micros: Micros = 10_000_000_000  # per project: 10,000 USDC
     max_rate_per_minute: Count | None = 1000  # per project
     max_tokens_per_request: Count = 1_000_000
+    # payout addresses for every project (empty: any); a project's own list narrows it further
+    allowed_recipients: list[Name] = []
 
 
 class PolicyRecord(ProjectPolicy, kw_only=True):
@@ -148,10 +152,25 @@ def _check_names(errors: list[FieldError], field: str, values: list[str] | None,
         errors.append(FieldError(field, "lists each entry once"))
 
 
+def _check_addresses(errors: list[FieldError], field: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        try:
+            address = normalize_address(value, f"{field}[{i}]")
+        except InvalidRequest as exc:
+            errors.append(FieldError(f"{field}[{i}]", exc.message))
+            continue
+        if address in seen:
+            errors.append(FieldError(f"{field}[{i}]", f"{address} is listed twice (spelling does not make "
+                                                          "it another address)"))
+        seen.add(address)
+
+
 def validate(policy: ProjectPolicy | SystemPolicy) -> list[FieldError]:
     errors: list[FieldError] = []
     _check_names(errors, "blocked_providers", policy.blocked_providers, False)
     _check_names(errors, "blocked_models", policy.blocked_models, True)
+    _check_addresses(errors, "allowed_recipients", policy.allowed_recipients)
     if isinstance(policy, SystemPolicy):
         return errors
     _check_names(errors, "allowed_providers", policy.allowed_providers, False)
@@ -189,6 +208,31 @@ def operation_matches(patterns: list[str], provider: str, name: str, operation: 
     for pattern in patterns:
         if ("." not in pattern and pattern == operation) or fnmatch.fnmatchcase(subject, pattern):
             return pattern
+    return None
+
+
+class RecipientRefusal(msgspec.Struct, frozen=True):
+    scope: str  # "project" | "system": whose list leaves the address out
+    message: str
+
+
+def _listed(entries: list[str], address: str) -> bool:
+    for entry in entries:
+        try:
+            if normalize_address(entry) == address:
+                return True
+        except InvalidRequest:  # stored before addresses were validated: it names no address
+            continue
+    return False
+
+
+def recipient_refusal(policy: ProjectPolicy, system: SystemPolicy, address: str) -> RecipientRefusal | None:
+    """Why a payout to ``address`` (normalised) is refused, or None. Like every other rule, the system
+    policy applies to every project and the project's narrows it: each non-empty list must name it."""
+    for scope, entries in (("system", system.allowed_recipients), ("project", policy.allowed_recipients)):
+        if entries and not _listed(entries, address):
+            owner = "the platform's" if scope == "system" else "the project's"
+            return RecipientRefusal(scope, f"{address} is not in {owner} allowed_recipients")
     return None
 
 

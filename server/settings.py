@@ -15,6 +15,9 @@ from typing import Any, get_origin, get_type_hints
 
 import msgspec
 
+from domain.chain import normalize_address
+from domain.errors import InvalidRequest
+
 PREFIX = "SMARTSPACE_"
 
 
@@ -84,6 +87,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
              "at least 32 characters (or unset, to generate one)"),
             ("chain_poll_seconds", self.chain_poll_seconds > 0, "a positive number"),
             ("usdc_decimals", 0 <= self.usdc_decimals <= 36, "a number of decimals between 0 and 36"),
+            *((field, _is_address(getattr(self, field)), "an EVM address: 0x + 40 hex digits, EIP-55 if mixed case")
+              for field in ("usdc_address", "revenue_address") if getattr(self, field)),
         ]
         for field, ok, expected in checks:
             if not ok:
@@ -115,6 +120,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(48))
         return path.read_text().strip()
+
+
+def _is_address(value: str) -> bool:
+    try:
+        normalize_address(value)
+    except InvalidRequest:
+        return False
+    return True
 
 
 def _shown(field: str, value: Any) -> str:

@@ -10,7 +10,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from domain.base import Page
-from domain.chain import normalize_address, normalize_tx_hash
+from domain.chain import ZERO_ADDRESS, normalize_address, normalize_tx_hash
 from domain.errors import InvalidRequest, NotFound
 from domain.payments import (
     Address,
@@ -19,6 +19,7 @@ from domain.payments import (
     DepositInfo,
     DepositSender,
     Payment,
+    SenderChallenge,
     SenderRegister,
     WithdrawalCreate,
 )
@@ -55,9 +56,19 @@ async def deposit_address(request: web.Request) -> web.Response:
         return json_response(await uow.payments.deposit_info(request.match_info["project_id"]))
 
 
+@routes.get(P + "/deposit-senders/challenge", summary="The message a deposit sender's key signs (EIP-191 "
+            "personal_sign) to prove it holds the address (admin)", tag="payments", response=SenderChallenge,
+            query={"address": "the sender address to register (required)"}, errors=ERR)
+async def sender_challenge(request: web.Request) -> web.Response:
+    await _chain(request)
+    async with _c(request).reader(actor(request)) as uow:
+        return json_response(await uow.payments.sender_challenge(request.match_info["project_id"],
+                                                                 request.query.get("address", "")))
+
+
 @routes.post(P + "/deposit-senders", summary="Register a sender address for deposits to the shared treasury "
-             "address (admin)", tag="payments", body=SenderRegister, response=DepositSender, status=201,
-             errors=(*ERR, 409))
+             "address, with its signature of the challenge message (admin)", tag="payments", body=SenderRegister,
+             response=DepositSender, status=201, errors=(*ERR, 409))
 async def register_sender(request: web.Request) -> web.Response:
     cmd = await decode(request, SenderRegister)
     await _chain(request)
@@ -154,6 +165,14 @@ class DevTx(msgspec.Struct):
     amount_micros: int = 0
 
 
+def _recipient(raw: str, field: str) -> str:
+    """The token refuses to mint or transfer to the zero address (the transaction would revert): say so."""
+    address = normalize_address(raw, field)
+    if address == ZERO_ADDRESS:
+        raise InvalidRequest(f"{field} cannot be the zero address: the token refuses to send there", {field: raw})
+    return address
+
+
 async def _devnet(request: web.Request) -> Devnet:
     await _chain(request)
     devnet = request.app[CHAIN].devnet
@@ -167,10 +186,10 @@ async def _devnet(request: web.Request) -> Devnet:
              body=DevFund, response=DevTx, status=201, errors=(401, 404, 422))
 async def devnet_fund(request: web.Request) -> web.Response:
     cmd = await decode(request, DevFund)
+    to_address = _recipient(cmd.address, "address")
     devnet = await _devnet(request)
-    tx_hash = await devnet.mint(cmd.address, cmd.amount_micros)
-    return json_response(DevTx(tx_hash=tx_hash, to_address=normalize_address(cmd.address),
-                               amount_micros=cmd.amount_micros), status=201)
+    tx_hash = await devnet.mint(to_address, cmd.amount_micros)
+    return json_response(DevTx(tx_hash=tx_hash, to_address=to_address, amount_micros=cmd.amount_micros), status=201)
 
 
 @routes.post("/api/v1/devnet/transfer", summary="Devnet only: a user's wallet sends test USDC (minted for it first) "
@@ -178,12 +197,14 @@ async def devnet_fund(request: web.Request) -> web.Response:
              tag="devnet", body=DevTransfer, response=DevTx, status=201, errors=(401, 404, 422))
 async def devnet_transfer(request: web.Request) -> web.Response:
     cmd = await decode(request, DevTransfer)
+    to_address = _recipient(cmd.to_address, "to_address")
+    payer = None if cmd.from_address is None else normalize_address(cmd.from_address, "from_address")
     devnet = await _devnet(request)
-    if cmd.from_address is None:
+    if payer is None:
         payer = await devnet.fund_new_account()
-    elif (payer := normalize_address(cmd.from_address)) not in {normalize_address(a) for a in devnet.payers}:
+    elif payer not in {normalize_address(a) for a in devnet.payers}:
         raise InvalidRequest("from_address must be a devnet test account (or leave it out)",
                              {"from_address": cmd.from_address})
-    tx_hash = await devnet.pay(cmd.to_address, cmd.amount_micros, payer=payer)
-    return json_response(DevTx(tx_hash=tx_hash, from_address=payer, to_address=normalize_address(cmd.to_address),
+    tx_hash = await devnet.pay(to_address, cmd.amount_micros, payer=payer)
+    return json_response(DevTx(tx_hash=tx_hash, from_address=payer, to_address=to_address,
                                amount_micros=cmd.amount_micros), status=201)

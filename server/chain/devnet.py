@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_tester.exceptions import TransactionFailed
 from web3 import AsyncWeb3
+from web3.exceptions import ContractLogicError
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
 from domain.chain import micros_to_units, normalize_address
+from domain.errors import InvalidRequest
 from server.chain.receipts import to_hex
 from server.chain.web3chain import Web3Chain
 
@@ -42,6 +46,7 @@ class Devnet:
         self.chain = chain
         self.deployer = deployer
         self.payers = payers  # unlocked tester accounts that can send test USDC
+        self.keys: dict[str, bytes] = {}  # normalised address → key, for the accounts new_account made
 
     @property
     def tester(self) -> Any:
@@ -81,8 +86,8 @@ class Devnet:
 
     async def mint(self, to: str, amount_micros: int, token: str | None = None) -> str:
         units = micros_to_units(amount_micros, self.chain.decimals)
-        tx_hash = await self.token(token).functions.mint(AsyncWeb3.to_checksum_address(to), units).transact(
-            {"from": self.deployer})
+        tx_hash = await _transact(self.token(token).functions.mint(AsyncWeb3.to_checksum_address(to), units),
+                                  {"from": self.deployer})
         await self.wait(tx_hash)
         return to_hex(tx_hash)
 
@@ -99,7 +104,7 @@ class Devnet:
         if gas is not None:
             tx["gas"] = gas
         fn = self.token(token).functions.transfer(AsyncWeb3.to_checksum_address(to), units)
-        tx_hash = await fn.transact(tx)
+        tx_hash = await _transact(fn, tx)
         if wait:
             await self.wait(tx_hash)
         return to_hex(tx_hash)
@@ -127,7 +132,14 @@ class Devnet:
         account = Account.create()
         self.tester.add_account(bytes(account.key).hex())
         self.payers.append(account.address)
-        return normalize_address(account.address)
+        address = normalize_address(account.address)
+        self.keys[address] = bytes(account.key)
+        return address
+
+    def sign_message(self, address: str, text: str) -> str:
+        """What a wallet's ``personal_sign`` (EIP-191) returns, for an account made by ``new_account``."""
+        signed = Account.sign_message(encode_defunct(text=text), self.keys[normalize_address(address)])
+        return signed.signature.to_0x_hex()
 
     async def fund_new_account(self) -> str:
         address = self.new_account()
@@ -136,6 +148,16 @@ class Devnet:
 
     async def close(self) -> None:
         await self.chain.close()
+
+
+async def _transact(fn: Any, tx: dict[str, Any]) -> Any:
+    """Send a token call. A call the contract would revert is refused while web3 estimates its gas (before
+    anything is sent): that is the caller's input, a 422 naming the contract's reason, not a server error."""
+    try:
+        return await fn.transact(tx)
+    except (TransactionFailed, ContractLogicError) as exc:
+        reason = str(exc.args[0] if exc.args else exc).removeprefix("execution reverted: ")
+        raise InvalidRequest(f"the devnet token refused the transaction: {reason}", {"reason": reason}) from None
 
 
 async def deploy_token(w3: AsyncWeb3, deployer: str) -> str:

@@ -17,7 +17,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import aiohttp
 from eth_account import Account
+from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
+from eth_keys.exceptions import BadSignature
 from eth_utils import keccak
 from web3 import AsyncWeb3
 from web3.exceptions import ProviderConnectionError, TransactionNotFound, Web3RPCError
@@ -69,6 +71,15 @@ def classify_send_error(message: str) -> BroadcastOutcome:
         expected, got = int(match.group(1)), int(match.group(2))
         return "nonce_used" if got < expected else "retry"
     return "retry"
+
+
+def recover_personal_signer(message: str, signature: bytes) -> str | None:
+    """EIP-191 version 0x45 (``personal_sign``): the normalised address whose key signed ``message``."""
+    try:
+        signer = Account.recover_message(encode_defunct(text=message), signature=signature)
+    except (BadSignature, ValueError):  # s above the curve order, v not 27/28, r/s off the curve
+        return None
+    return normalize_address(signer)
 
 
 class _Treasury:
@@ -176,6 +187,9 @@ class Web3Chain:
                 log.warning("broadcast failed, will retry the same bytes: %s", message[:300])
             return outcome, message[:300]
         return "sent", to_hex(sent)
+
+    def recover_signer(self, message: str, signature: bytes) -> str | None:
+        return recover_personal_signer(message, signature)
 
     def deposit_address(self, project_id: str) -> str:
         return normalize_address(self._treasury.derive(f"deposit:{project_id}").address)

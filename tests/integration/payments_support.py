@@ -48,6 +48,28 @@ async def claim(client, user: UserHandle, tx_hash: str, project_id: str | None =
     return resp.status, await resp.json()
 
 
+async def sender_challenge(client, user: UserHandle, address: str, project_id: str | None = None):
+    resp = await client.get(f"/api/v1/projects/{project_id or user.project_id}/deposit-senders/challenge",
+                            params={"address": address}, headers=user.headers)
+    return resp.status, await resp.json()
+
+
+async def post_sender(client, user: UserHandle, address: str, signature: str, project_id: str | None = None):
+    resp = await client.post(f"/api/v1/projects/{project_id or user.project_id}/deposit-senders",
+                             json={"address": address, "signature": signature}, headers=user.headers)
+    return resp.status, await resp.json()
+
+
+async def register_sender(client, user: UserHandle, address: str, project_id: str | None = None):
+    """Register a devnet account (made by ``new_account``) as the project's deposit sender the way its owner
+    would: fetch the challenge, sign it with the account's key, post the signature."""
+    rt = await runtime(client)
+    status, challenge = await sender_challenge(client, user, address, project_id)
+    assert status == 200, challenge
+    return await post_sender(client, user, address, rt.devnet.sign_message(address, challenge["message"]),
+                             project_id)
+
+
 async def deposit(client, user: UserHandle, amount: int, project_id: str | None = None) -> dict[str, Any]:
     """A real on-chain USDC transfer to the project's deposit address, claimed and credited."""
     rt = await runtime(client)

@@ -1,13 +1,22 @@
 """Deposits: a real USDC transfer on the in-process EVM (the compiled token), verified from its receipt and
-credited exactly once; replayed, foreign, reverted, wrong-token and wrong-recipient transfers are refused."""
+credited exactly once; replayed, foreign, reverted, wrong-token and wrong-recipient transfers are refused;
+the shared treasury counts only from senders proven by their own key's signature."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
+import sqlalchemy as sa
 
-from tests.factories import register
+from domain.chain import checksum_address
+from domain.errors import InvalidRequest
+from domain.payments import sender_challenge_message
+from storage.migrate import upgrade
+from storage.models import deposit_senders, projects, users
+from tests.conftest import drop_database, make_database
+from tests.factories import add_member, register
 from tests.integration.payments_support import (
     USDC,
     claim,
@@ -17,10 +26,15 @@ from tests.integration.payments_support import (
     event_data,
     event_types,
     payment_settings,
+    post_sender,
+    register_sender,
     run_worker,
     runtime,
+    sender_challenge,
 )
 from tests.integration.spend_helpers import assert_books_balance, wallet
+
+MISTYPED = "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cf"  # ...6cF is the valid checksum
 
 
 @pytest.fixture
@@ -134,21 +148,59 @@ async def test_unknown_and_malformed_hashes_are_refused(client, db):
     assert status == 422 and body["error"]["code"] == "invalid_request"
 
 
+async def test_a_tx_hash_with_whitespace_is_refused_not_repaired(client, db):
+    alice, rt, info = await depositor(client)
+    tx_hash = await rt.devnet.pay(info["deposit_address"], USDC)
+    for bad in (tx_hash + "\n", " " + tx_hash, tx_hash + " ", "\t" + tx_hash[2:], tx_hash[:-1], tx_hash + "0"):
+        status, body = await claim(client, alice, bad)
+        assert status == 422 and body["error"]["code"] == "invalid_request", (bad, body)
+        assert "tx_hash" in body["error"]["message"], body
+    assert (await wallet(client, alice))["balance_micros"] == 0
+    assert (await claim(client, alice, tx_hash.upper().replace("0X", "0x")))[0] == 201  # case is no typo in a hash
+
+
+async def test_devnet_routes_refuse_what_the_token_would_revert_with_a_422(client, db):
+    alice = await register(client)
+    rt = await runtime(client)
+    zero = "0x" + "0" * 40
+    supply_before = await rt.devnet.token().functions.totalSupply().call()
+    for path, body, field in (("fund", {"address": zero, "amount_micros": USDC}, "address"),
+                              ("transfer", {"to_address": zero, "amount_micros": USDC}, "to_address"),
+                              ("fund", {"address": MISTYPED, "amount_micros": USDC}, "address"),
+                              ("transfer", {"to_address": MISTYPED, "amount_micros": USDC}, "to_address"),
+                              ("transfer", {"to_address": rt.devnet.new_account(), "amount_micros": USDC,
+                                            "from_address": MISTYPED}, "from_address")):
+        resp = await client.post(f"/api/v1/devnet/{path}", json=body, headers=alice.headers)
+        got = await resp.json()
+        assert resp.status == 422 and got["error"]["code"] == "invalid_request", (path, body, got)
+        assert got["error"]["details"] == {field: body[field]}, got
+    assert await rt.devnet.token().functions.totalSupply().call() == supply_before  # nothing minted
+
+    # Whatever else the contract refuses is a 422 naming its reason, not a 500: a transfer the payer cannot cover.
+    with pytest.raises(InvalidRequest, match="exceeds balance") as exc:
+        await rt.devnet.pay(rt.devnet.new_account(), USDC, payer=await rt.devnet.fund_new_account(), mint=False)
+    assert exc.value.details == {"reason": "ERC20: transfer amount exceeds balance"}
+
+    resp = await client.post("/api/v1/devnet/transfer", headers=alice.headers,
+                             json={"to_address": (await deposit_address(client, alice))["deposit_address"],
+                                   "amount_micros": 2 * USDC})
+    assert resp.status == 201  # and the routes still work
+    assert (await claim(client, alice, (await resp.json())["tx_hash"]))[0] == 201
+
+
 async def test_deposits_to_the_treasury_count_only_from_registered_senders(client, db):
     alice, bob = await register(client), await register(client)
     rt = await runtime(client)
     info = await deposit_address(client, alice)
     sender = await rt.devnet.fund_new_account()
-    resp = await client.post(f"/api/v1/projects/{alice.project_id}/deposit-senders", json={"address": sender},
-                             headers=alice.headers)
-    assert resp.status == 201, await resp.text()
-    resp = await client.post(f"/api/v1/projects/{bob.project_id}/deposit-senders", json={"address": sender},
-                             headers=bob.headers)
-    assert resp.status == 409  # one sender, one project
+    status, body = await register_sender(client, alice, sender)
+    assert status == 201, body
+    assert body["address"] == sender and body["project_id"] == alice.project_id
+    status, _ = await register_sender(client, bob, sender)
+    assert status == 409  # one sender, one project
     assert (await deposit_address(client, alice))["registered_senders"] == [sender]
-    resp = await client.post(f"/api/v1/projects/{alice.project_id}/deposit-senders",
-                             json={"address": info["treasury_address"]}, headers=alice.headers)
-    assert resp.status == 422  # the treasury paying itself is no deposit
+    status, body = await sender_challenge(client, alice, info["treasury_address"])
+    assert status == 422  # the treasury paying itself is no deposit
 
     registered = await rt.devnet.pay(info["treasury_address"], 7 * USDC, payer=sender)
     assert (await claim(client, bob, registered))[0] == 422  # not bob's sender
@@ -159,6 +211,96 @@ async def test_deposits_to_the_treasury_count_only_from_registered_senders(clien
     status, body = await claim(client, alice, unregistered)
     assert status == 422 and body["error"]["details"]["reason"] == "wrong_recipient"
     assert (await wallet(client, alice))["balance_micros"] == 7 * USDC
+
+
+async def test_a_sender_is_registered_only_with_a_signature_by_its_own_key(client, db):
+    """The attack: alice's wallet pays the shared treasury (a public transfer); mallory registers that wallet
+    as her project's sender and claims the transfer before alice can. Without alice's key she cannot."""
+    alice, mallory = await register(client), await register(client)
+    rt = await runtime(client)
+    treasury = (await deposit_address(client, alice))["treasury_address"]
+    wallet_of_alice, wallet_of_mallory = rt.devnet.new_account(), rt.devnet.new_account()
+    await rt.devnet.send_native(wallet_of_alice, 10**19)
+    transfer = await rt.devnet.pay(treasury, 3 * USDC, payer=wallet_of_alice)
+
+    status, challenge = await sender_challenge(client, mallory, wallet_of_alice)
+    assert status == 200 and challenge["address"] == wallet_of_alice
+    own_key = rt.devnet.sign_message(wallet_of_mallory, challenge["message"])  # her key, the right message
+    for_alice = (await sender_challenge(client, alice, wallet_of_alice))[1]["message"]
+    replayed = rt.devnet.sign_message(wallet_of_alice, for_alice)  # alice's key, for alice's project
+    other_chain = sender_challenge_message(address=wallet_of_alice, project_id=mallory.project_id,
+                                           chain_id=rt.chain.chain_id + 1, treasury_address=treasury)
+    wrong_chain = rt.devnet.sign_message(wallet_of_alice, other_chain)
+    garbage = "0x" + "ab" * 65
+    for signature in (own_key, replayed, wrong_chain, garbage, "0x" + "00" * 65):
+        status, body = await post_sender(client, mallory, wallet_of_alice, signature)
+        assert status == 422 and body["error"]["code"] == "invalid_signature", (signature, body)
+    resp = await client.post(f"/api/v1/projects/{mallory.project_id}/deposit-senders",
+                             json={"address": wallet_of_alice}, headers=mallory.headers)
+    assert resp.status == 422  # no signature at all
+    assert (await deposit_address(client, mallory))["registered_senders"] == []
+    status, body = await claim(client, mallory, transfer)
+    assert status == 422 and body["error"]["details"]["reason"] == "wrong_recipient"
+
+    status, body = await post_sender(client, alice, wallet_of_alice, replayed)  # the owner's own proof
+    assert status == 201, body
+    status, body = await claim(client, alice, transfer)
+    assert status == 201 and body["amount_micros"] == 3 * USDC
+    assert (await wallet(client, alice))["balance_micros"] == 3 * USDC
+    assert (await wallet(client, mallory))["balance_micros"] == 0
+
+
+async def test_the_challenge_is_bound_to_project_address_and_chain_and_ignores_spelling(client, db):
+    alice, bob = await register(client), await register(client)
+    rt = await runtime(client)
+    sender = rt.devnet.new_account()
+    _, lower = await sender_challenge(client, alice, sender)
+    _, checksummed = await sender_challenge(client, alice, checksum_address(sender))
+    _, upper = await sender_challenge(client, alice, "0x" + sender[2:].upper())
+    assert lower == checksummed == upper  # one address, one message, whatever the spelling
+    assert lower["chain_id"] == rt.chain.chain_id and lower["project_id"] == alice.project_id
+    for part in (alice.project_id, sender, str(rt.chain.chain_id), checksum_address(sender)):
+        assert part in lower["message"]
+    _, for_bob = await sender_challenge(client, bob, sender)
+    assert for_bob["message"] != lower["message"]
+    _, other = await sender_challenge(client, alice, rt.devnet.new_account())
+    assert other["message"] != lower["message"]
+
+    signature = rt.devnet.sign_message(sender, lower["message"])
+    status, body = await post_sender(client, alice, checksum_address(sender), signature)  # any spelling
+    assert status == 201 and body["address"] == sender
+
+
+async def test_challenge_and_registration_refuse_bad_addresses_naming_the_field(client, db):
+    alice = await register(client)
+    rt = await runtime(client)
+    sender = rt.devnet.new_account()
+    bad_checksum = MISTYPED  # EIP-55's own example with its last letter's case flipped
+    for address in (bad_checksum, sender + "\n", " " + sender, sender[:-1], sender + "0", "", "0x" + "0" * 40):
+        status, body = await sender_challenge(client, alice, address)
+        assert status == 422 and body["error"]["code"] == "invalid_request", (address, body)
+        assert "address" in body["error"]["details"] or "address" in body["error"]["message"], body
+    status, body = await post_sender(client, alice, bad_checksum, "0x" + "ab" * 65)
+    assert status == 422 and body["error"]["code"] == "invalid_request"
+    assert body["error"]["details"] == {"address": bad_checksum}
+    _, challenge = await sender_challenge(client, alice, sender)
+    signature = rt.devnet.sign_message(sender, challenge["message"])
+    status, body = await post_sender(client, alice, sender, signature + "\n")
+    assert status == 422 and body["error"]["code"] == "invalid_request"
+    assert (await deposit_address(client, alice))["registered_senders"] == []
+
+
+async def test_only_admins_ask_for_a_challenge_or_register(client, db):
+    owner, member, eve = await register(client), await register(client), await register(client)
+    await add_member(client, owner, member, "member")
+    rt = await runtime(client)
+    sender = rt.devnet.new_account()
+    assert (await sender_challenge(client, member, sender, owner.project_id))[0] == 403
+    assert (await sender_challenge(client, eve, sender, owner.project_id))[0] == 404
+    _, challenge = await sender_challenge(client, owner, sender)
+    signature = rt.devnet.sign_message(sender, challenge["message"])
+    assert (await post_sender(client, member, sender, signature, owner.project_id))[0] == 403
+    assert (await deposit_address(client, owner))["registered_senders"] == []
 
 
 async def test_viewers_cannot_claim_and_strangers_cannot_see(client, db):
@@ -260,3 +402,23 @@ async def test_concurrent_claims_of_one_transfer_credit_it_once(client, db):
     assert (await wallet(client, alice))["balance_micros"] == 4 * USDC
     assert (await event_types(db, alice.project_id)).count("deposit.credited") == 1
     await assert_books_balance(db, alice.project_id)
+
+
+async def test_senders_registered_before_proof_was_required_are_forgotten_by_the_migration(backend, tmp_path):
+    database, schema = await make_database(backend, tmp_path, tables=False)
+    try:
+        await upgrade(database, "0003")
+        now = datetime.now(UTC)
+        async with database.engine.begin() as conn:
+            await conn.execute(sa.insert(users).values(id="usr_1", email="a@b.test", name="a", password_hash="x",
+                                                       created_at=now))
+            await conn.execute(sa.insert(projects).values(id="prj_1", name="p", owner_id="usr_1", created_at=now,
+                                                          updated_at=now))
+            await conn.execute(sa.insert(deposit_senders).values(chain_id=1, address="0x" + "ab" * 20,
+                                                                 project_id="prj_1", created_at=now))
+        await upgrade(database, "0007")
+        async with database.engine.connect() as conn:
+            assert (await conn.execute(sa.select(sa.func.count()).select_from(deposit_senders))).scalar_one() == 0
+            assert (await conn.execute(sa.select(projects.c.id))).scalars().all() == ["prj_1"]
+    finally:
+        await drop_database(database, schema)

@@ -13,6 +13,7 @@ from eth_account.typed_transactions import TypedTransaction
 from eth_utils import keccak
 from hexbytes import HexBytes
 
+from domain.chain import checksum_address
 from domain.payments import Payment
 from storage.models import chain_nonces, payments
 from tests.factories import add_member, register
@@ -235,3 +236,27 @@ async def test_payment_events_stream_live_on_payments_and_wallet_updates_on_budg
     finally:
         await payments_ns.disconnect()
         await budgets_ns.disconnect()
+
+
+async def test_a_withdrawal_address_must_be_exact_and_pass_its_checksum(client, db):
+    alice, rt, to = await funded(client, 10 * USDC)
+    good = checksum_address(to)
+    letters = [i for i, c in enumerate(good) if i > 1 and c.isalpha()]
+    i = next(i for i in letters if (good[:i] + good[i].swapcase() + good[i + 1:])[2:] not in
+             (to[2:], to[2:].upper()))  # one letter's case flipped, still mixed case
+    mistyped = good[:i] + good[i].swapcase() + good[i + 1:]
+    for bad in (mistyped, to + "\n", good + "\n", " " + to, to + " ", to[:-1], to + "a", "0x" + "0" * 40):
+        status, body, _ = await withdraw(client, alice, bad, USDC, key=f"bad-{bad!r}")
+        assert status == 422 and body["error"]["code"] == "invalid_request", (bad, body)
+        assert "to_address" in body["error"]["message"] or "to_address" in body["error"]["details"], (bad, body)
+    w = await wallet(client, alice)
+    assert w["balance_micros"] == 10 * USDC and w["reserved_micros"] == 0
+    async with db.engine.connect() as conn:
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(payments))).scalar_one() == 0
+
+    for n, spelling in enumerate((good, to, "0x" + to[2:].upper(), to[2:])):  # one address, four spellings
+        status, body, _ = await withdraw(client, alice, spelling, USDC, key=f"good-{n}")
+        assert status == 201 and body["to_address"] == to, (spelling, body)
+    await run_worker(rt)
+    assert await rt.devnet.balance_micros(to) == 4 * USDC
+    await assert_books_balance(db, alice.project_id)

@@ -15,7 +15,12 @@ from domain.policies import (
     operation_matches,
     parse,
     rate_limits_for,
+    recipient_refusal,
 )
+
+A = "0x2b5ad5c4795c026514f8317c7a215e218dccd6cf"
+A_EIP55 = "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cF"
+B = "0x0f0fc6a2617b916639f2dbbb04c0871733797afe"
 
 
 def errors_of(body) -> dict[str, str]:
@@ -65,6 +70,13 @@ def test_a_full_policy_round_trips():
     ({"review_risk_above": 10.5}, "review_risk_above"),
     ({"max_per_request_micros": 10, "require_approval_above_micros": 11}, "require_approval_above_micros"),
     ({"colour": "red"}, "colour"),
+    ({"allowed_recipients": [A, A_EIP55[:-1] + "f"]}, "allowed_recipients[1]"),  # fails EIP-55
+    ({"allowed_recipients": [A + "\n"]}, "allowed_recipients[0]"),
+    ({"allowed_recipients": [" " + A]}, "allowed_recipients[0]"),
+    ({"allowed_recipients": [A[:-1]]}, "allowed_recipients[0]"),
+    ({"allowed_recipients": ["vitalik.eth"]}, "allowed_recipients[0]"),
+    ({"allowed_recipients": [A, B, A_EIP55]}, "allowed_recipients[2]"),  # the same address twice
+    ({"allowed_recipients": [""]}, "allowed_recipients[0]"),
 ])
 def test_invalid_policies_name_the_field(body, field):
     assert field in errors_of(body)
@@ -108,3 +120,34 @@ def test_rate_windows_for_a_request():
         ("system:project:prj:60", 500)]
     limits = rate_limits_for(policy, SystemPolicy(max_rate_per_minute=None), "prj", None, None)
     assert [x.bucket for x in limits] == ["project:prj:60"]
+
+
+def test_recipient_lists_accept_every_valid_spelling_and_keep_it():
+    policy = parse(msgspec.json.encode({"allowed_recipients": [A_EIP55, "0x" + B[2:].upper()]}))
+    assert policy.allowed_recipients == [A_EIP55, "0x" + B[2:].upper()]
+    system = msgspec.convert({"allowed_recipients": [A]}, SystemPolicy)
+    assert system.allowed_recipients == [A]
+    with pytest.raises(InvalidRequest) as exc:
+        parse(msgspec.json.encode({"allowed_recipients": [A + "\n"]}), SystemPolicy)
+    assert exc.value.details["field"] == "allowed_recipients[0]"
+
+
+@pytest.mark.parametrize("system,project,to,refused_by", [
+    ([], [], A, None),  # empty everywhere: any address
+    ([], [A], A, None),
+    ([], [A], B, "project"),
+    ([], [A_EIP55], A, None),  # spellings compare as one address
+    ([], ["0x" + A[2:].upper()], A, None),
+    ([B], [], A, "system"),  # the platform's list binds every project
+    ([B], [], B, None),
+    ([A], [B], A, "project"),  # both lists must name it
+    ([A], [B], B, "system"),
+    ([A, B], [A], A, None),
+    ([A, B], [A], B, "project"),
+    ([], ["not-an-address-stored-long-ago"], A, "project"),  # a junk entry names no one: nothing is allowed
+])
+def test_allowed_recipients_decision_table(system, project, to, refused_by):
+    refusal = recipient_refusal(ProjectPolicy(allowed_recipients=project), SystemPolicy(allowed_recipients=system), to)
+    assert (refusal.scope if refusal else None) == refused_by
+    if refusal:
+        assert to in refusal.message and "allowed_recipients" in refusal.message

@@ -84,6 +84,9 @@ def test_every_boolean_setting_rejects_other_words_by_name(field):
     ("SMARTSPACE_RESERVATION_TTL_SECONDS", "-5"),
     ("SMARTSPACE_CHAIN", "mainnet"),
     ("SMARTSPACE_CONFIRMATIONS", "0"),
+    ("SMARTSPACE_USDC_ADDRESS", "0x3600000000000000000000000000000000000000 "),
+    ("SMARTSPACE_REVENUE_ADDRESS", "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cf"),  # fails EIP-55
+    ("SMARTSPACE_REVENUE_ADDRESS", "0x1234"),
 ])
 def test_out_of_range_values_name_their_variable(var, raw):
     message = _fails({var: raw})
