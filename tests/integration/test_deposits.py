@@ -416,7 +416,7 @@ async def test_senders_registered_before_proof_was_required_are_forgotten_by_the
                                                           updated_at=now))
             await conn.execute(sa.insert(deposit_senders).values(chain_id=1, address="0x" + "ab" * 20,
                                                                  project_id="prj_1", created_at=now))
-        await upgrade(database, "0007")
+        await upgrade(database, "0004")
         async with database.engine.connect() as conn:
             assert (await conn.execute(sa.select(sa.func.count()).select_from(deposit_senders))).scalar_one() == 0
             assert (await conn.execute(sa.select(projects.c.id))).scalars().all() == ["prj_1"]

@@ -5,7 +5,7 @@ credited with that wallet's transfers to the shared treasury. Every row present 
 without a signature; none can be trusted. They are deleted: the rightful owners register again with the
 challenge + signature flow (a deposit they claim meanwhile is refused and stays claimable afterwards).
 
-Revision ID: 0007
+Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-03 14:45:00
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = '0007'
+revision: str = '0004'
 down_revision: str | None = '0003'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
