@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export SMARTSPACE_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export SMARTSPACE_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run test lint fmt bench lock clean contracts
+.PHONY: install run test fuzz lint fmt bench lock clean contracts
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ run: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# Schemathesis over the whole OpenAPI (every phase, user token and sk- key, SQLite and PostgreSQL) with
+# more examples than the bounded run inside `make test`.
+fuzz: install
+	SMARTSPACE_FUZZ_EXAMPLES=$${SMARTSPACE_FUZZ_EXAMPLES:-100} $(BIN)/pytest -m fuzz -s tests/e2e/test_fuzz_openapi.py
 
 lint: install
 	$(BIN)/ruff check .

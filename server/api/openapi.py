@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from server.api.examples import example_for
 from server.http import RouteSpec, routes
 
 _STATUS_TEXT = {
@@ -61,8 +62,10 @@ def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, A
         if params:
             op["parameters"] = params
         if spec.body is not None:
-            op["requestBody"] = {"required": True,
-                                 "content": {"application/json": {"schema": by_type[spec.body]}}}
+            media: dict[str, Any] = {"schema": by_type[spec.body]}
+            if (example := example_for(spec.body)) is not None:
+                media["example"] = example
+            op["requestBody"] = {"required": True, "content": {"application/json": media}}
         ok: dict[str, Any] = {"description": "OK"}
         if spec.response is not None:
             ok["content"] = {"application/json": {"schema": by_type[spec.response]}}
