@@ -63,8 +63,8 @@ def canonical(body: Any) -> bytes:
     return msgspec.json.encode(body, order="sorted")
 
 
-def fingerprint(request: web.Request, body: Any) -> str:
-    return hashlib.sha256(f"{request.method} {request.path}\n".encode() + canonical(body)).hexdigest()
+def fingerprint(method: str, path: str, body: Any) -> str:
+    return hashlib.sha256(f"{method} {path}\n".encode() + canonical(body)).hexdigest()
 
 
 def install(app: web.Application) -> None:
@@ -106,7 +106,8 @@ async def idempotent(request: web.Request, project_id: str | None, body: Any, ru
         if time.monotonic() - _pruned.get(c.db, -PRUNE_EVERY) >= PRUNE_EVERY:
             _pruned[c.db] = time.monotonic()
             await keys.prune(now)
-        outcome = await keys.claim(project_id, key, who, fingerprint(request, body), now, lease, retention)
+        outcome = await keys.claim(project_id, key, who, fingerprint(request.method, request.path, body), now,
+                                   lease, retention)
     if isinstance(outcome, Mismatch):
         message = ("this Idempotency-Key was used with a different request" if outcome.reason == "body"
                    else "this Idempotency-Key was already used by another caller in this project")
