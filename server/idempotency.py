@@ -36,9 +36,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from domain.base import utcnow
+from domain.base import Actor, utcnow
 from domain.errors import Conflict, DomainError, InvalidRequest
-from server.http import actor, container
+from server.http import container
 from server.middleware import render_domain_error
 from storage.db import Database
 from storage.idempotency import Answered, Busy, Claimed, IdempotencyKeys, Mismatch
@@ -85,10 +85,10 @@ async def _record_stream(request: web.BaseRequest, response: web.StreamResponse)
     response.write = recording  # type: ignore[method-assign]
 
 
-async def idempotent(request: web.Request, project_id: str | None, body: Any, run: Run, *,
+async def idempotent(request: web.Request, who: Actor, project_id: str | None, body: Any, run: Run, *,
                      recover: Recover | None = None, replay: Callable[[Answered], Awaitable[web.Response]] | None
                      = None, render: Render = render_domain_error) -> web.StreamResponse:
-    """Run ``run`` once per (project, Idempotency-Key). ``body`` is the decoded request body. ``recover``
+    """Run ``run`` once per (project, Idempotency-Key) for ``who``. ``body`` is the decoded request body. ``recover``
     turns what a dead first request left behind into its answer (None: run anew); ``replay`` builds a
     replay from the stored answer (default: the stored bytes)."""
     key = request.headers.get(HEADER)
@@ -96,7 +96,6 @@ async def idempotent(request: web.Request, project_id: str | None, body: Any, ru
         return await run()
     if not _KEY_OK.match(key):
         raise InvalidRequest("Idempotency-Key must be 1-200 printable ASCII characters", {"header": HEADER})
-    who = actor(request).label
     c = container(request)
     lease = timedelta(seconds=c.settings.idempotency_lease_seconds)
     retention = timedelta(hours=c.settings.idempotency_retention_hours)
@@ -106,7 +105,7 @@ async def idempotent(request: web.Request, project_id: str | None, body: Any, ru
         if time.monotonic() - _pruned.get(c.db, -PRUNE_EVERY) >= PRUNE_EVERY:
             _pruned[c.db] = time.monotonic()
             await keys.prune(now)
-        outcome = await keys.claim(project_id, key, who, fingerprint(request.method, request.path, body), now,
+        outcome = await keys.claim(project_id, key, who.label, fingerprint(request.method, request.path, body), now,
                                    lease, retention)
     if isinstance(outcome, Mismatch):
         message = ("this Idempotency-Key was used with a different request" if outcome.reason == "body"

@@ -507,7 +507,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         cmd = chat_command(body, actor)
         call = GatewayCall(request, actor, cmd)
         call.timing["auth"] = call._t - start
-        return await idempotent(request, actor.project_id, body,
+        return await idempotent(request, actor, actor.project_id, body,
                                 lambda: call.run(call.open_stream if cmd.stream else call.complete),
                                 recover=_recover(request, actor), render=_render)
     except DomainError as exc:
@@ -522,7 +522,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         body = await _body(request)
         call = GatewayCall(request, actor, embedding_command(body, actor))
         call.base64 = body.get("encoding_format") == "base64"  # the upstream is asked for floats
-        return await idempotent(request, actor.project_id, body, lambda: call.run(call.complete),
+        return await idempotent(request, actor, actor.project_id, body, lambda: call.run(call.complete),
                                 recover=_recover(request, actor), render=_render)
     except DomainError as exc:
         return _render(request, exc)

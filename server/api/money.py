@@ -49,7 +49,7 @@ async def admin_credit(request: web.Request) -> web.StreamResponse:
             entry = await uow.wallets.admin_credit(project_id, cmd)
         return json_response(entry, status=201)
 
-    return await idempotent(request, project_id, cmd, run)
+    return await idempotent(request, actor(request), project_id, cmd, run)
 
 
 # ---------------------------------------------------------------- budgets
@@ -116,7 +116,7 @@ async def create_request(request: web.Request) -> web.StreamResponse:
         left = await spending.recover(project_id or "", key or "", since)
         return None if left is None else json_response(left, status=200 if left.status == "settled" else 202)
 
-    return await idempotent(request, project_id, cmd, run, recover=recover)
+    return await idempotent(request, who, project_id, cmd, run, recover=recover)
 
 
 @routes.get("/api/v1/requests/{request_id}", summary="A spend request", tag="requests", response=SpendRequest,

@@ -124,7 +124,8 @@ async def withdraw(request: web.Request) -> web.StreamResponse:
     async def replay(answer: Answered) -> web.Response:
         return await current() or replayed(answer)
 
-    return await idempotent(request, project_id, cmd, run, recover=lambda since: current(), replay=replay)
+    return await idempotent(request, actor(request), project_id, cmd, run, recover=lambda since: current(),
+                            replay=replay)
 
 
 @routes.get(P + "/payments", summary="The project's payouts, newest first", tag="payments",
