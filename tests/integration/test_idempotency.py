@@ -123,14 +123,19 @@ async def test_a_key_in_progress_is_busy_until_its_lease_lapses_then_the_retry_r
     await assert_books_balance(db, alice.project_id)
 
 
-async def test_a_dead_request_that_reserved_is_released_and_the_retry_charges_once(client, container, db):
+async def reserved_then_died(client, container, db, key: str):
+    """A project whose request with ``key`` claimed it and reserved, and whose process then died: its claim's
+    lease long lapsed, the request executing with its money held, no answer stored. (owner, body, request)"""
     _, alice = await funded_project(client)
     body = request_body(alice.project_id)
     actor = container.user_actor(alice.id, alice.email)
-    await backdated_claim(db, alice.project_id, "died-1", actor.label, body_fingerprint(body), timedelta(minutes=5))
-    # The first request reserved and then its process died: executing, money held, no answer stored.
+    await backdated_claim(db, alice.project_id, key, actor.label, body_fingerprint(body), timedelta(minutes=5))
     cmd = SpendCommand(model="local/echo-1", messages=MESSAGES, max_tokens=1, project_id=alice.project_id)
-    orphan = await container.spending.prepare(actor, cmd, idempotency_key="died-1")
+    return alice, body, await container.spending.prepare(actor, cmd, idempotency_key=key)
+
+
+async def test_a_dead_request_that_reserved_is_released_and_the_retry_charges_once(client, container, db):
+    alice, body, orphan = await reserved_then_died(client, container, db, "died-1")
     assert (await wallet(client, alice))["reserved_micros"] == COST
 
     status, ran, _ = await post(client, alice.headers, "died-1", body)
@@ -148,13 +153,8 @@ async def test_a_dead_request_that_reserved_is_released_and_the_retry_charges_on
 
 
 async def test_a_dead_request_that_settled_is_the_retrys_answer(client, container, db):
-    _, alice = await funded_project(client)
-    body = request_body(alice.project_id)
-    actor = container.user_actor(alice.id, alice.email)
-    await backdated_claim(db, alice.project_id, "died-2", actor.label, body_fingerprint(body), timedelta(minutes=5))
-    # The first request settled, then its process died before it stored the answer.
-    cmd = SpendCommand(model="local/echo-1", messages=MESSAGES, max_tokens=1, project_id=alice.project_id)
-    first = await container.spending.prepare(actor, cmd, idempotency_key="died-2")
+    alice, body, first = await reserved_then_died(client, container, db, "died-2")
+    # … except that it settled first, and died before it stored the answer.
     await container.spending.settle(first, Usage(input_tokens=8, output_tokens=1), None)
 
     status, got, headers = await post(client, alice.headers, "died-2", body)
