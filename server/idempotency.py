@@ -15,7 +15,8 @@
 - **A lease, never stuck.** A running claim holds a lease of ``idempotency_lease_seconds`` and renews
   it while it runs. If its process dies the lease lapses and the next retry takes the key over; what
   the first request left behind decides what it sees (``recover``: e.g. its spend request settled → that
-  answer; still executing → released as the sweeper would, then run anew).
+  answer; still executing → released as the sweeper would, then run anew). Until then a retry gets 409
+  with ``Retry-After`` (the official SDKs wait that long and retry by themselves).
 - **Retention.** Keys are kept ``idempotency_retention_hours``; expired rows are pruned on claim
   (at most once a minute per process) and an expired key is new again.
 """
@@ -111,9 +112,11 @@ async def idempotent(request: web.Request, who: Actor, project_id: str | None, b
         message = ("this Idempotency-Key was used with a different request" if outcome.reason == "body"
                    else "this Idempotency-Key was already used by another caller in this project")
         raise Conflict(message, {"idempotency_key": key})
-    if isinstance(outcome, Busy):
-        raise Conflict("a request with this Idempotency-Key is still in progress; retry shortly",
-                       {"idempotency_key": key, "retry_after_seconds": outcome.retry_after})
+    if isinstance(outcome, Busy):  # Retry-After: the official SDKs retry a 409 after it by themselves
+        busy = render(request, Conflict("a request with this Idempotency-Key is still in progress; retry shortly",
+                                        {"idempotency_key": key, "retry_after_seconds": outcome.retry_after}))
+        busy.headers["Retry-After"] = str(outcome.retry_after)
+        return busy
     if isinstance(outcome, Answered):
         response = await replay(outcome) if replay is not None else replayed(outcome)
         response.headers["Idempotent-Replayed"] = "true"

@@ -109,9 +109,10 @@ async def test_a_key_in_progress_is_busy_until_its_lease_lapses_then_the_retry_r
     body = request_body(alice.project_id)
     fp = body_fingerprint(body)
     await backdated_claim(db, alice.project_id, "live-1", f"user:{alice.id}", fp, timedelta(seconds=1))
-    status, busy, _ = await post(client, alice.headers, "live-1", body)
+    status, busy, headers = await post(client, alice.headers, "live-1", body)
     assert status == 409 and "in progress" in busy["error"]["message"]
     assert 1 <= busy["error"]["details"]["retry_after_seconds"] <= 30
+    assert headers["Retry-After"] == str(busy["error"]["details"]["retry_after_seconds"])
     assert await request_rows(db, alice.project_id) == []
     # A claim whose lease lapsed long ago, with nothing done: its request died before reserving.
     await backdated_claim(db, alice.project_id, "dead-1", f"user:{alice.id}", fp, timedelta(minutes=5))
