@@ -56,6 +56,7 @@ _pruned: weakref.WeakKeyDictionary[Database, float] = weakref.WeakKeyDictionary(
 
 Run = Callable[[], Awaitable[web.StreamResponse]]
 Recover = Callable[[datetime], Awaitable[web.StreamResponse | None]]
+Replay = Callable[[Answered], Awaitable[web.Response]]
 Render = Callable[[web.Request, DomainError], web.StreamResponse]
 
 
@@ -87,11 +88,12 @@ async def _record_stream(request: web.BaseRequest, response: web.StreamResponse)
 
 
 async def idempotent(request: web.Request, who: Actor, project_id: str | None, body: Any, run: Run, *,
-                     recover: Recover | None = None, replay: Callable[[Answered], Awaitable[web.Response]] | None
-                     = None, render: Render = render_domain_error) -> web.StreamResponse:
-    """Run ``run`` once per (project, Idempotency-Key) for ``who``. ``body`` is the decoded request body. ``recover``
-    turns what a dead first request left behind into its answer (None: run anew); ``replay`` builds a
-    replay from the stored answer (default: the stored bytes)."""
+                     recover: Recover | None = None, replay: Replay | None = None,
+                     render: Render = render_domain_error) -> web.StreamResponse:
+    """Run ``run`` once per (project, Idempotency-Key) for ``who``; ``body`` is the decoded request body.
+    ``recover`` turns what a dead first request left behind into its answer (None: run anew); ``replay``
+    builds a replay from the stored answer (default: the stored bytes); ``render`` renders a DomainError
+    in the route's error shape."""
     key = request.headers.get(HEADER)
     if key is None or project_id is None:  # no key, or no project yet: the route refuses it itself
         return await run()
