@@ -153,6 +153,23 @@ async def test_a_dead_request_that_reserved_is_released_and_the_retry_charges_on
     await assert_books_balance(db, alice.project_id)
 
 
+async def test_a_dead_request_the_sweeper_released_lets_the_retry_run_once(client, container, db):
+    alice, body, orphan = await reserved_then_died(client, container, db, "died-3")
+    spending = container.spending
+    later = utcnow() + timedelta(seconds=container.settings.reservation_ttl_seconds + 1)
+    spending.clock = lambda: later  # the sweeper runs after the orphan's reservation ran out
+    try:
+        assert await spending.sweep() == 1
+    finally:
+        spending.clock = utcnow
+    assert (await wallet(client, alice))["reserved_micros"] == 0
+    status, ran, _ = await post(client, alice.headers, "died-3", body)
+    assert status == 200 and ran["status"] == "settled" and ran["id"] != orphan.request_id
+    assert [r.status for r in await request_rows(db, alice.project_id)] == ["failed", "settled"]
+    assert (await wallet(client, alice))["balance_micros"] == 1_000_000 - COST
+    await assert_books_balance(db, alice.project_id)
+
+
 async def test_a_dead_request_that_settled_is_the_retrys_answer(client, container, db):
     alice, body, first = await reserved_then_died(client, container, db, "died-2")
     # … except that it settled first, and died before it stored the answer.
