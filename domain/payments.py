@@ -439,23 +439,16 @@ class Payments:
         return await self.repo.deposits(project_id, page)
 
     # ------------------------------------------------------------ payouts
-    async def withdraw(self, project_id: str, cmd: WithdrawalCreate, idempotency_key: str,
-                       fees: Fees) -> tuple[Payment, bool]:
-        """POST /withdrawals: hold the amount, take the next nonce, sign, store — one transaction.
-        Returns (payment, replayed); the same key and body again returns the first payment."""
+    async def withdraw(self, project_id: str, cmd: WithdrawalCreate, idempotency_key: str | None,
+                       fees: Fees) -> Payment:
+        """POST /withdrawals: hold the amount, take the next nonce, sign, store — one transaction. The key
+        is claimed once per project by server/idempotency.py; the payment keeps it (unique per project)."""
         await self.scope.projects.require(project_id, "admin")
         if not idempotency_key or len(idempotency_key) > 200:
             raise InvalidRequest("an Idempotency-Key header (1-200 characters) is required to move money",
                                  {"header": "Idempotency-Key"})
         to_address = normalize_address(cmd.to_address, "to_address")
         fingerprint = request_hash({"to_address": to_address, "amount_micros": cmd.amount_micros, "memo": cmd.memo})
-        existing = await self.repo.by_idempotency(project_id, idempotency_key)
-        if existing is not None:
-            payment, seen_hash = existing
-            if seen_hash != fingerprint:
-                raise Conflict("this Idempotency-Key was used with a different request body",
-                               {"idempotency_key": idempotency_key, "payment_id": payment.id})
-            return payment, True
         chain = self.chain
         if to_address == ZERO_ADDRESS:
             raise InvalidRequest("cannot pay out to the zero address", {"to_address": cmd.to_address})
@@ -474,7 +467,13 @@ class Payments:
                                              fees, idempotency_key, fingerprint)
         self.scope.emit(project_id, "payment.created", self._event(payment, memo=cmd.memo))
         self._wake_worker()
-        return payment, False
+        return payment
+
+    async def payout_for_key(self, project_id: str, idempotency_key: str) -> Payment | None:
+        """The payout made with this Idempotency-Key, as it stands now."""
+        await self.scope.projects.require(project_id, "viewer")
+        found = await self.repo.by_idempotency(project_id, idempotency_key)
+        return found[0] if found is not None else None
 
     def _wake_worker(self) -> None:
         worker = getattr(self.scope.deps, "payment_worker", None)

@@ -207,7 +207,7 @@ class SpendRepo(Protocol):
     async def list(self, project_id: str, page: PageRequest, status: str | None = None) -> Page[SpendRequest]: ...
     async def stale(self, now: datetime, limit: int) -> list[SpendRequest]: ...
     async def prices(self, model_id: str) -> tuple[int, int] | None: ...
-    async def by_idempotency_key(self, project_id: str, key: str) -> SpendRequest | None: ...
+    async def by_idempotency_key(self, project_id: str, key: str, since: datetime) -> SpendRequest | None: ...
 
 
 class Brain(Protocol):
@@ -358,12 +358,6 @@ class Spending:
         ApprovalRequired (403, details.request_id) when the request is held for review."""
         project_id, agent_id, messages, input_tokens = await self._validate(actor, cmd)
         now = self.clock()
-        if idempotency_key:
-            async with self.reader(actor) as scope:
-                existing = await scope.store.spend_requests.by_idempotency_key(project_id, idempotency_key)
-            if existing is not None:
-                raise Conflict("a spend request with this Idempotency-Key exists",
-                               {"request_id": existing.id, "status": existing.status})
         request_id = new_id("req")
         spend_input = SpendInput(project_id=project_id, key_id=actor.id if actor.kind == "key" else None,
                                  agent_id=agent_id, actor=actor.label, model=cmd.model, operation=cmd.operation,
@@ -747,23 +741,40 @@ class Spending:
         async with self.uow(SYSTEM) as scope:
             stale = await scope.store.spend_requests.stale(now, limit)
             for row in stale:
-                expired = row.status in ("pending_approval", "approved")
-                error = {"code": "approval_expired" if row.status == "pending_approval" else "reservation_expired",
-                         "message": "nobody approved the request in time" if row.status == "pending_approval"
-                         else "the reservation expired before the request settled", "details": {}}
-                done = await scope.store.spend_requests.transition(
-                    row.id, (row.status,), status="expired" if expired else "failed", error=error,
-                    reservation_expires_at=None)
-                if done is None:
-                    continue
-                await self._release(scope, done)
-                if row.status == "pending_approval":
-                    scope.emit(row.project_id, "approval.resolved", {
-                        "request_id": row.id, "resolution": "expired", "by": SYSTEM.label, "reason": None})
-                else:
-                    scope.emit(row.project_id, "request.failed", {"request_id": row.id, "error": error,
-                                                                  "cost_micros": 0})
+                await self._expire(scope, row)
         return len(stale)
+
+    async def _expire(self, scope: Scope, row: SpendRequest) -> None:
+        """Release an open request whose time is up (or whose process died), if it is still open."""
+        expired = row.status in ("pending_approval", "approved")
+        error = {"code": "approval_expired" if row.status == "pending_approval" else "reservation_expired",
+                 "message": "nobody approved the request in time" if row.status == "pending_approval"
+                 else "the reservation expired before the request settled", "details": {}}
+        done = await scope.store.spend_requests.transition(
+            row.id, (row.status,), status="expired" if expired else "failed", error=error,
+            reservation_expires_at=None)
+        if done is None:
+            return
+        await self._release(scope, done)
+        if row.status == "pending_approval":
+            scope.emit(row.project_id, "approval.resolved", {
+                "request_id": row.id, "resolution": "expired", "by": SYSTEM.label, "reason": None})
+        else:
+            scope.emit(row.project_id, "request.failed", {"request_id": row.id, "error": error, "cost_micros": 0})
+
+    async def recover(self, project_id: str, idempotency_key: str, since: datetime) -> SpendRequest | None:
+        """An Idempotency-Key's first request died (its claim's lease lapsed): what it left behind decides
+        the retry. Its request settled, or is held for review → that request is the answer. Still
+        executing → released now, as the sweeper would (should its process be alive after all, its late
+        settle finds the request closed and charges nothing), and None: run anew. Nothing, or closed
+        without a charge → None."""
+        async with self.uow(SYSTEM) as scope:
+            row = await scope.store.spend_requests.by_idempotency_key(project_id, idempotency_key, since)
+            if row is None or row.status in ("settled", "pending_approval"):
+                return row
+            if row.status in ("executing", "approved"):
+                await self._expire(scope, row)
+        return None
 
     @contextlib.asynccontextmanager
     async def sweeper(self, interval_seconds: float) -> AsyncIterator[asyncio.Task]:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 import server.api  # noqa: F401 - registers the REST routes
 from channels.hub import attach as attach_hub
+from server import idempotency
 from server.chain.workers import chain_context
 from server.container import Container
 from server.http import CONTAINER, routes
@@ -48,6 +49,7 @@ def create_app(settings: Settings, *, container: Container | None = None,
         auth_middleware(container),
     ])
     routes.install(app)
+    idempotency.install(app)  # streamed answers are recorded for Idempotency-Key replays
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if migrate is not None:

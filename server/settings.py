@@ -47,6 +47,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     approval_ttl_seconds: int = 3600
     sweep_interval_seconds: float = 5.0
     default_output_tokens: int = 1024
+    idempotency_retention_hours: float = 24.0  # how long an Idempotency-Key and its answer are kept
+    idempotency_lease_seconds: float = 30.0  # a dead request's key is free again this long after it died
     # --- provider gateway ---
     upstreams: str = ""  # JSON list of upstream definitions, see README
     provider_timeout_seconds: float = 60.0
@@ -79,6 +81,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("reservation_ttl_seconds", self.reservation_ttl_seconds > 0, "a positive number"),
             ("approval_ttl_seconds", self.approval_ttl_seconds > 0, "a positive number"),
             ("database_pool_size", self.database_pool_size > 0, "a positive number"),
+            ("idempotency_retention_hours", self.idempotency_retention_hours > 0, "a positive number of hours"),
+            ("idempotency_lease_seconds", 0 < self.idempotency_lease_seconds <= 3600,
+             "a number of seconds between 0 and 3600"),
             ("chain", self.chain in {"devnet", "rpc"}, "'devnet' or 'rpc'"),
             ("chain_rpc_url", self.chain != "rpc" or self.chain_rpc_url.startswith(("http://", "https://")),
              "an http(s) URL when SMARTSPACE_CHAIN=rpc"),

@@ -138,15 +138,27 @@ events = sa.Table(
 )
 
 # ---------------------------------------------------------------- idempotency
+# One row per (project, Idempotency-Key): the claim of the first request and, once it answered, that
+# answer. The primary key is what makes two concurrent claims of one key impossible, whichever actor of
+# the project sends them. A claim in progress holds a lease (``locked_until``, renewed while it runs);
+# once it lapses the key can be taken again (``token`` says which claim may still write). Rows are
+# pruned after ``expires_at`` (the retention).
 idempotency_keys = sa.Table(
     "idempotency_keys",
     metadata,
-    sa.Column("scope", sa.String(120), primary_key=True),  # principal + route
+    sa.Column("project_id", sa.String(40), primary_key=True),
     sa.Column("key", sa.String(200), primary_key=True),
-    sa.Column("request_hash", sa.String(64), nullable=False),
-    sa.Column("status", sa.Integer(), nullable=False),
+    sa.Column("actor", sa.String(100), nullable=False),  # who claimed it; only they get the replay
+    sa.Column("fingerprint", sa.String(64), nullable=False),  # sha256 of method, route and parsed body
+    sa.Column("token", sa.String(32), nullable=False),  # the current claim's id
+    sa.Column("status", sa.Integer(), nullable=False),  # 0 while in progress, then the HTTP status
+    sa.Column("content_type", sa.String(100), nullable=False),
+    sa.Column("headers", JSON, nullable=False),  # headers replayed with the body (receipts)
     sa.Column("body", sa.LargeBinary(), nullable=False),
+    sa.Column("locked_until", UTCDateTime(), nullable=True),
     _created(),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_idempotency_keys_expires_at", "expires_at"),
 )
 
 # ---------------------------------------------------------------- money controls (issue 3)

@@ -44,9 +44,11 @@ class SpendRequests(Repository[SpendRequest]):
             stmt = stmt.with_for_update(skip_locked=True)
         return [self.to_entity(r) for r in await self.conn.execute(stmt)]
 
-    async def by_idempotency_key(self, project_id: str, key: str) -> SpendRequest | None:
+    async def by_idempotency_key(self, project_id: str, key: str, since: datetime) -> SpendRequest | None:
+        """The latest request made with this Idempotency-Key since ``since``."""
         row = (await self.conn.execute(sa.select(spend_requests).where(
-            s.project_id == project_id, s.idempotency_key == key).limit(1))).first()
+            s.project_id == project_id, s.idempotency_key == key, s.created_at >= since)
+            .order_by(s.created_at.desc(), s.id.desc()).limit(1))).first()
         return self.to_entity(row) if row else None
 
     async def prices(self, model_id: str) -> tuple[int, int] | None:

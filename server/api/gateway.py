@@ -19,6 +19,7 @@ import logging
 import struct
 import time
 import weakref
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -28,6 +29,7 @@ from domain.base import Actor
 from domain.catalog import Catalog, ModelFilter
 from domain.errors import (
     ApprovalRequired,
+    Conflict,
     DomainError,
     InvalidRequest,
     NotFound,
@@ -50,6 +52,8 @@ from domain.spend import Prepared, SpendCommand
 from server.container import Container
 from server.http import REQUEST_ID, read_body, routes
 from server.http import container as _c
+from server.idempotency import HEADER as IDEMPOTENCY_KEY
+from server.idempotency import idempotent
 from server.middleware import bearer, render_domain_error
 
 log = logging.getLogger("smartspace.gateway")
@@ -266,7 +270,8 @@ class GatewayCall:
 
     async def prepare(self, cmd: SpendCommand) -> Prepared:
         try:
-            prepared = await self.spending.prepare(self.actor, cmd, source="gateway")
+            prepared = await self.spending.prepare(self.actor, cmd, source="gateway",
+                                                   idempotency_key=self.request.headers.get(IDEMPOTENCY_KEY))
         except ApprovalRequired as held:
             if self.wait <= 0:
                 raise
@@ -477,29 +482,48 @@ def _render(request: web.Request, exc: DomainError) -> web.Response:
     return response
 
 
+def _recover(request: web.Request, actor: Actor):
+    """What a dead first request with this Idempotency-Key left decides the retry (server/idempotency.py)."""
+    async def recover(since: datetime) -> web.StreamResponse | None:
+        left = await _c(request).spending.recover(actor.project_id or "", request.headers[IDEMPOTENCY_KEY], since)
+        if left is None:  # nothing charged: run anew
+            return None
+        if left.status == "pending_approval":
+            raise ApprovalRequired("this request needs an owner's or admin's approval before it runs",
+                                   {"request_id": left.id})
+        raise Conflict("the first request with this Idempotency-Key was charged, but its answer was lost with "
+                       "its server process; see the request", {"request_id": left.id, "status": left.status})
+    return recover
+
+
 # ---------------------------------------------------------------- routes
-@routes.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (JSON or SSE with stream: true)",
-             tag="gateway", auth=False, errors=_ERRORS)
+@routes.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (JSON or SSE with stream: true; "
+             "Idempotency-Key honoured)", tag="gateway", auth=False, errors=(*_ERRORS, 409))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         start = time.perf_counter()
         actor = await key_actor(request)
-        cmd = chat_command(await _body(request), actor)
+        body = await _body(request)
+        cmd = chat_command(body, actor)
         call = GatewayCall(request, actor, cmd)
         call.timing["auth"] = call._t - start
-        return await call.run(call.open_stream if cmd.stream else call.complete)
+        return await idempotent(request, actor, actor.project_id, body,
+                                lambda: call.run(call.open_stream if cmd.stream else call.complete),
+                                recover=_recover(request, actor), render=_render)
     except DomainError as exc:
         return _render(request, exc)
 
 
-@routes.post("/v1/embeddings", summary="OpenAI-compatible embeddings", tag="gateway", auth=False, errors=_ERRORS)
-async def embeddings(request: web.Request) -> web.Response:
+@routes.post("/v1/embeddings", summary="OpenAI-compatible embeddings (Idempotency-Key honoured)", tag="gateway",
+             auth=False, errors=(*_ERRORS, 409))
+async def embeddings(request: web.Request) -> web.StreamResponse:
     try:
         actor = await key_actor(request)
         body = await _body(request)
         call = GatewayCall(request, actor, embedding_command(body, actor))
         call.base64 = body.get("encoding_format") == "base64"  # the upstream is asked for floats
-        return await call.run(call.complete)
+        return await idempotent(request, actor, actor.project_id, body, lambda: call.run(call.complete),
+                                recover=_recover(request, actor), render=_render)
     except DomainError as exc:
         return _render(request, exc)
 

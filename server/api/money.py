@@ -14,6 +14,7 @@ from domain.usage import UsageReport
 from domain.wallet import AdminCredit, LedgerEntry, Wallet
 from server.http import PAGE_QUERY, actor, decode, json_response, page_request, query_value, routes
 from server.http import container as _c
+from server.idempotency import HEADER as IDEMPOTENCY_KEY
 from server.idempotency import idempotent
 
 P = "/api/v1/projects/{project_id}"
@@ -39,14 +40,16 @@ async def get_ledger(request: web.Request) -> web.Response:
 @routes.post("/api/v1/admin/projects/{project_id}/credits",
              summary="Credit a project's wallet (platform admins; Idempotency-Key honoured)", tag="wallet",
              body=AdminCredit, response=LedgerEntry, status=201, errors=(401, 403, 404, 409, 422))
-async def admin_credit(request: web.Request) -> web.Response:
+async def admin_credit(request: web.Request) -> web.StreamResponse:
+    cmd = await decode(request, AdminCredit)
+    project_id = request.match_info["project_id"]
+
     async def run() -> web.Response:
-        cmd = await decode(request, AdminCredit)
         async with _c(request).uow(actor(request)) as uow:
-            entry = await uow.wallets.admin_credit(request.match_info["project_id"], cmd)
+            entry = await uow.wallets.admin_credit(project_id, cmd)
         return json_response(entry, status=201)
 
-    return await idempotent(request, run)
+    return await idempotent(request, actor(request), project_id, cmd, run)
 
 
 # ---------------------------------------------------------------- budgets
@@ -98,14 +101,22 @@ async def delete_budget(request: web.Request) -> web.Response:
 @routes.post("/api/v1/requests", summary="Run a spend request through the agentic brain "
              "(200 executed, 202 held for review; Idempotency-Key honoured)", tag="requests", body=RequestCreate,
              response=SpendRequest, errors=(401, 402, 403, 404, 409, 422, 429, 502, 504))
-async def create_request(request: web.Request) -> web.Response:
+async def create_request(request: web.Request) -> web.StreamResponse:
+    cmd = await decode(request, RequestCreate)
+    who = actor(request)
+    spending = _c(request).spending
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    project_id = who.project_id if who.kind == "key" else cmd.project_id
+
     async def run() -> web.Response:
-        cmd = await decode(request, RequestCreate)
-        result = await _c(request).spending.run(actor(request), cmd.command(),
-                                                idempotency_key=request.headers.get("Idempotency-Key"))
+        result = await spending.run(who, cmd.command(), idempotency_key=key)
         return json_response(result.request, status=result.status_code)
 
-    return await idempotent(request, run)
+    async def recover(since: datetime) -> web.Response | None:  # the key's first request died
+        left = await spending.recover(project_id or "", key or "", since)
+        return None if left is None else json_response(left, status=200 if left.status == "settled" else 202)
+
+    return await idempotent(request, who, project_id, cmd, run, recover=recover)
 
 
 @routes.get("/api/v1/requests/{request_id}", summary="A spend request", tag="requests", response=SpendRequest,

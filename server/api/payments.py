@@ -28,6 +28,8 @@ from server.chain.web3chain import Web3Chain
 from server.chain.workers import CHAIN
 from server.http import PAGE_QUERY, actor, decode, json_response, page_request, routes
 from server.http import container as _c
+from server.idempotency import HEADER as IDEMPOTENCY_KEY
+from server.idempotency import Answered, idempotent, replayed
 
 P = "/api/v1/projects/{project_id}"
 ERR = (401, 403, 404, 422, 503)
@@ -114,14 +116,27 @@ async def get_deposit(request: web.Request) -> web.Response:
 @routes.post(P + "/withdrawals", summary="Pay USDC out of the project's wallet from the treasury (admin; "
              "Idempotency-Key required)", tag="payments", body=WithdrawalCreate, response=Payment, status=201,
              errors=(*ERR, 402, 409))
-async def withdraw(request: web.Request) -> web.Response:
+async def withdraw(request: web.Request) -> web.StreamResponse:
     cmd = await decode(request, WithdrawalCreate)
-    key = request.headers.get("Idempotency-Key", "")
-    fees = await (await _chain(request)).fees()  # before the write transaction: no I/O inside it
-    async with _c(request).uow(actor(request)) as uow:
-        payment, replayed = await uow.payments.withdraw(request.match_info["project_id"], cmd, key, fees)
-    headers = {"Idempotent-Replayed": "true"} if replayed else None
-    return json_response(payment, status=201, headers=headers)
+    project_id = request.match_info["project_id"]
+    key = request.headers.get(IDEMPOTENCY_KEY)
+
+    async def run() -> web.Response:
+        fees = await (await _chain(request)).fees()  # before the write transaction: no I/O inside it
+        async with _c(request).uow(actor(request)) as uow:
+            payment = await uow.payments.withdraw(project_id, cmd, key, fees)
+        return json_response(payment, status=201)
+
+    async def current() -> web.Response | None:  # the payout this key made, as it stands now
+        async with _c(request).reader(actor(request)) as uow:
+            payment = await uow.payments.payout_for_key(project_id, key or "")
+        return None if payment is None else json_response(payment, status=201)
+
+    async def replay(answer: Answered) -> web.Response:
+        return await current() or replayed(answer)
+
+    return await idempotent(request, actor(request), project_id, cmd, run, recover=lambda since: current(),
+                            replay=replay)
 
 
 @routes.get(P + "/payments", summary="The project's payouts, newest first", tag="payments",
