@@ -4,8 +4,8 @@ The old table was keyed by (actor + route, key), so two actors of one project co
 claim whose request died stayed in progress forever. Its rows are short-lived answers to retries; they are
 dropped with it (a retry of a request answered before the upgrade runs as a new request).
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-03 14:30:00.000000
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = '0004'
-down_revision: str | None = '0003'
+revision: str = '0005'
+down_revision: str | None = '0004'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
