@@ -48,6 +48,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     upstreams: str = ""  # JSON list of upstream definitions, see README
     provider_timeout_seconds: float = 60.0
     provider_connect_timeout_seconds: float = 5.0
+    # --- chat assistant ---
+    assistant_model: str = ""  # a catalog model ("provider/model"): an LLM agent; empty: the built-in assistant
+    assistant_history_messages: int = 10  # earlier messages of a conversation given as context
     # --- chain ---
     chain: str = "devnet"  # "devnet" (in-process EVM) or "rpc"
     chain_rpc_url: str = ""
@@ -84,6 +87,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
              "at least 32 characters (or unset, to generate one)"),
             ("chain_poll_seconds", self.chain_poll_seconds > 0, "a positive number"),
             ("usdc_decimals", 0 <= self.usdc_decimals <= 36, "a number of decimals between 0 and 36"),
+            ("assistant_model", self.assistant_model == "" or "/" in self.assistant_model.strip("/"),
+             "a catalog model id such as 'openai/gpt-4o-mini' (or unset for the built-in assistant)"),
+            ("assistant_history_messages", 0 <= self.assistant_history_messages <= 100, "a number from 0 to 100"),
         ]
         for field, ok, expected in checks:
             if not ok:
