@@ -52,12 +52,14 @@ class ChatStore:
         await self._messages.insert(message)
 
     async def messages(self, conversation_id: str, *, last: int | None = None) -> list[ChatMessage]:
-        """In order, oldest first; ``last``: only the most recent ones."""
+        """In order, oldest first; ``last``: only the most recent ones. By time first: a question and its
+        answer's id are made in the same millisecond, whose ids then sort at random."""
         stmt = sa.select(chat_messages).where(m.conversation_id == conversation_id)
         if last is None:
-            rows = (await self.conn.execute(stmt.order_by(m.id))).all()
+            rows = (await self.conn.execute(stmt.order_by(m.created_at, m.id))).all()
         else:
-            rows = list(reversed((await self.conn.execute(stmt.order_by(m.id.desc()).limit(last))).all()))
+            newest = stmt.order_by(m.created_at.desc(), m.id.desc()).limit(last)
+            rows = list(reversed((await self.conn.execute(newest)).all()))
         return [self._messages.to_entity(r) for r in rows]
 
     async def first_project(self, user_id: str) -> str | None:

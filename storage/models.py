@@ -374,7 +374,7 @@ chat_conversations = sa.Table(
     sa.Index("ix_chat_conversations_user_updated", "user_id", "updated_at"),
 )
 
-# The turns, in id order (ids sort by creation time). An answer's ``data`` holds the figures it used.
+# The turns, in time order. An answer's ``data`` holds the figures it used.
 chat_messages = sa.Table(
     "chat_messages",
     metadata,
@@ -386,5 +386,5 @@ chat_messages = sa.Table(
     sa.Column("project_id", sa.String(40), nullable=False),  # the project the turn was about
     sa.Column("data", JSON, nullable=True),
     _created(),
-    sa.Index("ix_chat_messages_conversation", "conversation_id", "id"),
+    sa.Index("ix_chat_messages_conversation", "conversation_id", "created_at"),
 )

@@ -48,7 +48,7 @@ def upgrade() -> None:
                             name=op.f('fk_chat_messages_conversation_id_chat_conversations')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_chat_messages'))
     )
-    op.create_index('ix_chat_messages_conversation', 'chat_messages', ['conversation_id', 'id'], unique=False)
+    op.create_index('ix_chat_messages_conversation', 'chat_messages', ['conversation_id', 'created_at'], unique=False)
 
 
 def downgrade() -> None:
