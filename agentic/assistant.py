@@ -50,7 +50,7 @@ class Assistant:
 
     async def respond(self, turn: Turn, emit: Emit) -> Reply:
         user_id = turn.actor.user_id or ""
-        toolbox = Toolbox(self.open_view, user_id, turn.project_id, self.clock())
+        toolbox = Toolbox(self.open_view, user_id, turn.project_id, self.clock)
         reply = await (self._agent(turn, toolbox) if self.model else self._builtin(turn, toolbox))
         for piece in _pieces(reply.text):
             await emit(piece)

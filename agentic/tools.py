@@ -109,11 +109,12 @@ class Toolbox:
 
     view: ChatView
 
-    def __init__(self, open_view: OpenView, user_id: str, project_id: str, now: datetime) -> None:
+    def __init__(self, open_view: OpenView, user_id: str, project_id: str, clock: Callable[[], datetime]) -> None:
         self.open_view = open_view
         self.user_id = user_id
         self.project_id = project_id
-        self.now = now
+        self.clock = clock
+        self.now = clock()  # read afresh by every call: the books move while the LLM thinks
         self._visible: dict[str, bool] = {}
 
     async def project(self, project_id: str | None) -> str:
@@ -132,6 +133,7 @@ class Toolbox:
             return _error("invalid_request", f"there is no tool {name!r}")
         allowed = set(tool["parameters"]["properties"])
         args = {k: v for k, v in (args or {}).items() if k in allowed and v not in (None, "")}
+        self.now = self.clock()
         try:
             async with self.open_view() as self.view:
                 project_id = await self.project(args.pop("project_id", None))
