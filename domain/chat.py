@@ -63,15 +63,9 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     created_at: datetime
 
 
-class ConversationDetail(msgspec.Struct, kw_only=True):
+class ConversationDetail(Conversation, kw_only=True):
     """GET /chatbot/conversations/{id}: the conversation with its messages in order."""
 
-    id: str
-    user_id: str
-    project_id: str
-    title: str
-    created_at: datetime
-    updated_at: datetime
     messages: list[ChatMessage]
 
 
