@@ -12,6 +12,7 @@ import pytest
 
 from agentic.tools import usd
 from channels.hub import HUB
+from tests.factories import register
 from tests.fakes.gateway import GatewayEnv, start_gateway
 from tests.fakes.upstream import Behavior
 from tests.live import WAIT, LiveClient
@@ -183,3 +184,34 @@ async def test_a_client_that_disconnects_mid_answer_costs_nothing_more(llm: Gate
     done, _ = await asyncio.wait({task}, timeout=WAIT)
     assert task in done and task.cancelled()
     await _nothing_charged(llm, ack["message_id"], ack["conversation_id"])
+
+
+async def test_the_tools_answer_another_project_as_not_found_whether_it_exists_or_not(llm: GatewayEnv):
+    other = await register(llm.client)  # a project the asker is not a member of
+    llm.fake.plan(Behavior(tool_calls=[
+        {"name": "wallet", "arguments": {"project_id": other.project_id}},
+        {"name": "wallet", "arguments": {"project_id": "prj_000000000000deadbeefcafe"}}]),
+        Behavior(content="Not found."))
+    answer = await ask(llm, "what is in the other project's wallet?")
+    theirs, ghost = (used["result"] for used in answer["data"]["figures"])
+    assert theirs == {"error": {"code": "not_found", "message": f"project {other.project_id} not found"}}
+    assert ghost == {"error": {"code": "not_found", "message": "project prj_000000000000deadbeefcafe not found"}}
+    # What went back to the model after the question (tool calls and results) holds no wallet figure.
+    after_question = msgspec.json.encode(llm.fake.received[-1].body["messages"]).decode().split("wallet?")[-1]
+    assert "balance" not in after_question and "not found" in after_question
+
+
+async def test_a_refused_model_call_ends_the_socket_answer_with_its_error(llm: GatewayEnv):
+    resp = await llm.client.post(f"/api/v1/projects/{llm.project_id}/budgets", headers=llm.owner.headers, json={
+        "name": "tiny", "limit_micros": 5, "period": "total"})
+    assert resp.status == 201
+    lc = LiveClient(str(llm.client.make_url("/")), llm.owner.token, "/chat")
+    await lc.connect()
+    try:
+        ack = await lc.call("message", {"text": "how much is left?"})
+        await lc.until(lambda: "chat.message" in lc.names)
+        final = lc.received[lc.names.index("chat.message")]
+        assert final["message_id"] == ack["message_id"] and final["error"]["code"] == "budget_exceeded"
+        assert "budget" in final["text"]
+    finally:
+        await lc.disconnect()
