@@ -215,3 +215,15 @@ async def test_a_refused_model_call_ends_the_socket_answer_with_its_error(llm: G
         assert "budget" in final["text"]
     finally:
         await lc.disconnect()
+
+
+async def test_an_idempotency_key_answers_once_and_spends_once(llm: GatewayEnv):
+    llm.fake.plan(Behavior(content="Once."))
+    headers = {**llm.owner.headers, "Idempotency-Key": "chat-1"}
+    first = await llm.client.post("/api/v1/chatbot/chat", json={"message": "hello"}, headers=headers)
+    again = await llm.client.post("/api/v1/chatbot/chat", json={"message": "hello"}, headers=headers)
+    assert first.status == again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert await first.json() == await again.json()
+    assert len(llm.fake.received) == 1
+    conversations = await (await llm.client.get("/api/v1/chatbot/conversations", headers=llm.owner.headers)).json()
+    assert len(conversations["items"]) == 1
