@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from agentic.assistant import _pieces
 from agentic.intents import understand
-from agentic.tools import UnknownPeriod, for_model, period_of, usd
+from agentic.tools import Toolbox, UnknownPeriod, for_model, period_of, usd
+from server.settings import Settings, SettingsError
 
 NOW = datetime(2026, 12, 3, 14, 30, tzinfo=UTC)  # a Thursday
 NAMES = {"models": {"openai/gpt-4o-mini": "gpt-4o-mini", "local/echo-1": "echo-1"},
@@ -89,3 +90,28 @@ def test_a_follow_up_keeps_the_previous_intent_with_new_slots():
                                   "  leading and trailing  spaces  "])
 def test_the_deltas_join_back_to_exactly_the_answer(text):
     assert "".join(_pieces(text)) == text
+
+
+def test_a_budget_forecast_runs_at_the_periods_average_burn():
+    from domain.budgets import Budget
+
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    budget = Budget(id="bud_1", project_id="prj_1", agent_id=None, name="Research", period="month",
+                    limit_micros=1_000_000, spent_micros=300_000, reserved_micros=50_000, period_start=start,
+                    alert_thresholds=[], alerted=[], active=True, created_at=start, updated_at=start)
+    toolbox = Toolbox(None, "usr_1", "prj_1", lambda: NOW)  # type: ignore[arg-type]
+    line = toolbox._budget(budget, {})
+    elapsed = int((NOW - start).total_seconds())  # 2 days 14.5 h
+    left = int((datetime(2027, 1, 1, tzinfo=UTC) - NOW).total_seconds())
+    assert line["remaining_micros"] == 650_000
+    assert line["burn_micros_per_hour"] == 300_000 * 3600 // elapsed
+    assert line["forecast_spent_micros"] == 300_000 + -(-300_000 * left // elapsed)  # well over the limit
+    exhausts = NOW + timedelta(seconds=650_000 * elapsed // 300_000)
+    assert line["exhausts_at"] == exhausts.isoformat().replace("+00:00", "Z")
+    assert line["runs_out_before_period_end"] is True
+
+
+def test_the_assistant_model_setting_must_name_a_catalog_model():
+    with pytest.raises(SettingsError, match="SMARTSPACE_ASSISTANT_MODEL"):
+        Settings(assistant_model="gpt-4o-mini")
+    assert Settings(assistant_model="openai/gpt-4o-mini").assistant_model == "openai/gpt-4o-mini"
