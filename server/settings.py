@@ -78,6 +78,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("access_token_ttl_seconds", self.access_token_ttl_seconds > 0, "a positive number"),
             ("reservation_ttl_seconds", self.reservation_ttl_seconds > 0, "a positive number"),
             ("approval_ttl_seconds", self.approval_ttl_seconds > 0, "a positive number"),
+            ("assistant_model", self.assistant_model == "" or "/" in self.assistant_model.strip("/"),
+             "a catalog model id such as 'openai/gpt-4o-mini' (or unset for the built-in assistant)"),
+            ("assistant_history_messages", 0 <= self.assistant_history_messages <= 100, "a number from 0 to 100"),
             ("database_pool_size", self.database_pool_size > 0, "a positive number"),
             ("chain", self.chain in {"devnet", "rpc"}, "'devnet' or 'rpc'"),
             ("chain_rpc_url", self.chain != "rpc" or self.chain_rpc_url.startswith(("http://", "https://")),
@@ -87,9 +90,6 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
              "at least 32 characters (or unset, to generate one)"),
             ("chain_poll_seconds", self.chain_poll_seconds > 0, "a positive number"),
             ("usdc_decimals", 0 <= self.usdc_decimals <= 36, "a number of decimals between 0 and 36"),
-            ("assistant_model", self.assistant_model == "" or "/" in self.assistant_model.strip("/"),
-             "a catalog model id such as 'openai/gpt-4o-mini' (or unset for the built-in assistant)"),
-            ("assistant_history_messages", 0 <= self.assistant_history_messages <= 100, "a number from 0 to 100"),
         ]
         for field, ok, expected in checks:
             if not ok:
