@@ -91,7 +91,7 @@ class Assistant:
             answer = await self.call_model(turn.project_id, turn.actor.label, messages, tools)
             calls.append({"request_id": answer.request_id, "cost_micros": answer.cost_micros})
             if not answer.tool_calls:
-                text = answer.content.strip() or "I have no answer to that."
+                text = _clean(answer.content).strip() or "I have no answer to that."
                 break
             messages.append({"role": "assistant", "content": answer.content or None, "tool_calls": answer.tool_calls})
             for call in answer.tool_calls:
@@ -116,13 +116,23 @@ def _previous(turn: Turn) -> intents.Intent | None:
 
 
 def _arguments(raw: Any) -> dict[str, Any]:
-    if isinstance(raw, dict):
-        return raw
-    try:
-        value = msgspec.json.decode(raw or "{}")
-    except (msgspec.DecodeError, TypeError):
-        return {}
-    return value if isinstance(value, dict) else {}
+    if not isinstance(raw, dict):
+        try:
+            raw = msgspec.json.decode(raw or "{}")
+        except (msgspec.DecodeError, TypeError):
+            return {}
+    return _clean(raw) if isinstance(raw, dict) else {}
+
+
+def _clean(value: Any) -> Any:
+    """What the model wrote, without NUL characters (PostgreSQL text and JSONB refuse them)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
 
 
 def _pieces(text: str, words: int = 4) -> list[str]:

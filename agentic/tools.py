@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from domain.budgets import period_end
-from domain.chat import ChatView
+from domain.chat import ID_PATTERN, ChatView
 from domain.spend import SpendRequest
 
 MICROS = 1_000_000
@@ -119,7 +119,9 @@ class Toolbox:
 
     async def project(self, project_id: str | None) -> str:
         """The project a tool reads: the asked one if the asker may read it (else NotVisible)."""
-        project_id = project_id or self.project_id
+        project_id = str(project_id or self.project_id)
+        if not re.match(ID_PATTERN, project_id):
+            raise NotVisible(project_id[:40])
         if project_id not in self._visible:
             self._visible[project_id] = await self.view.role(project_id, self.user_id) is not None
         if not self._visible[project_id]:
@@ -233,7 +235,7 @@ class Toolbox:
     # -------------------------------------------------------- requests and approvals
     async def request(self, project_id: str, request_id: str | None = None) -> dict[str, Any]:
         if request_id:
-            found = await self.view.request(project_id, request_id)
+            found = await self.view.request(project_id, request_id) if re.match(ID_PATTERN, str(request_id)) else None
             if found is None:
                 return _error("not_found", f"request {request_id} not found in this project")
         else:

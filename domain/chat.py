@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
@@ -69,12 +70,16 @@ class ConversationDetail(Conversation, kw_only=True):
     messages: list[ChatMessage]
 
 
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"  # what ids look like; anything else cannot name a row
+Id = Annotated[str, Meta(pattern=ID_PATTERN)]
+
+
 class ChatAsk(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """POST /api/v1/chatbot/chat (and the socket's ``message``, whose field is ``text``)."""
 
-    message: Annotated[str, Meta(min_length=1, max_length=4000)]
-    conversation_id: Annotated[str, Meta(min_length=1, max_length=40)] | None = None
-    project_id: Annotated[str, Meta(min_length=1, max_length=40)] | None = None
+    message: Annotated[str, Meta(min_length=1, max_length=4000, pattern=r"^[^\x00]*$")]  # PostgreSQL text: no NUL
+    conversation_id: Id | None = None
+    project_id: Id | None = None
 
 
 class ChatReply(msgspec.Struct, kw_only=True):
@@ -260,7 +265,8 @@ class ChatService:
     async def conversation(self, actor: Actor, conversation_id: str) -> ConversationDetail:
         async with self.reader(actor) as scope:
             user_id = scope.require_user()
-            found = await scope.store.chat.conversation(conversation_id)
+            found = await scope.store.chat.conversation(conversation_id) if re.match(ID_PATTERN, conversation_id) \
+                else None
             if found is None or found.user_id != user_id:
                 raise NotFound("conversation not found", {"conversation_id": conversation_id})
             messages = await scope.store.chat.messages(conversation_id)

@@ -297,13 +297,22 @@ async def test_conversations_are_listed_and_read_back_in_order(client, books):
 
 
 @pytest.mark.parametrize("body", [{}, {"message": ""}, {"message": "hi", "colour": "red"}, {"message": 42},
-                                  {"message": "x" * 4001}])
+                                  {"message": "x" * 4001}, {"message": "a\u0000b"},
+                                  {"message": "hi", "project_id": "prj_\u0000"},
+                                  {"message": "hi", "conversation_id": "cnv_1' OR '1'='1"}])
 async def test_a_bad_question_is_422_and_stores_nothing(client, body):
     user = await register(client)
     resp = await client.post("/api/v1/chatbot/chat", json=body, headers=user.headers)
     assert resp.status == 422 and (await resp.json())["error"]["code"] == "invalid_request"
     listed = await (await client.get("/api/v1/chatbot/conversations", headers=user.headers)).json()
     assert listed["items"] == []
+
+
+@pytest.mark.parametrize("conversation_id", ["cnv_%00x", "x" * 41, "cnv_nope"])
+async def test_a_conversation_id_that_names_nothing_is_404(client, conversation_id):
+    user = await register(client)
+    resp = await client.get(f"/api/v1/chatbot/conversations/{conversation_id}", headers=user.headers)
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
 
 
 async def test_an_api_key_or_no_token_cannot_chat(client, books):

@@ -227,3 +227,15 @@ async def test_an_idempotency_key_answers_once_and_spends_once(llm: GatewayEnv):
     assert len(llm.fake.received) == 1
     conversations = await (await llm.client.get("/api/v1/chatbot/conversations", headers=llm.owner.headers)).json()
     assert len(conversations["items"]) == 1
+
+
+async def test_odd_tool_arguments_from_the_model_are_refused_as_results(llm: GatewayEnv):
+    llm.fake.plan(Behavior(tool_calls=[
+        {"name": "wallet", "arguments": {"project_id": "prj_\u0000"}},
+        {"name": "request", "arguments": {"request_id": "req_' OR 1=1 --"}},
+        {"name": "spend", "arguments": {"period": "next tuesday"}},
+        {"name": "drop_tables", "arguments": {}}]), Behavior(content="Done."))
+    answer = await ask(llm, "do odd things")
+    assert [used["result"]["error"]["code"] for used in answer["data"]["figures"]] == [
+        "not_found", "not_found", "invalid_request", "invalid_request"]
+    assert answer["response"] == "Done."
