@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 import server.api  # noqa: F401 - registers the REST routes
+from channels.chat import attach as attach_chat
 from channels.hub import attach as attach_hub
 from server import idempotency
 from server.chain.workers import chain_context
@@ -72,5 +73,6 @@ def create_app(settings: Settings, *, container: Container | None = None,
 
     app.cleanup_ctx.append(sweeper)
     app.cleanup_ctx.append(chain_context(container, start_worker=settings.chain_worker))  # payments (issue 5)
-    attach_hub(app, container, metrics)
+    hub = attach_hub(app, container, metrics)
+    attach_chat(app, hub, container.chat)  # /chat: the assistant's message and cancel
     return app

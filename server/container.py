@@ -9,12 +9,15 @@ events are published on the bus. On an exception everything is rolled back and n
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from agentic.assistant import Assistant
 from agentic.pipeline import decide
 from domain.base import SYSTEM, Actor
+from domain.chat import ChatService, call_model
 from domain.errors import Unauthorized
 from domain.events import Event
 from domain.ports import EventBus
@@ -24,6 +27,7 @@ from domain.wallet import open_wallet
 from server.providers import Providers
 from server.security import Passwords, Tokens
 from server.settings import Settings
+from storage.assistant import chat_view
 from storage.brain import SqlBrain
 from storage.db import Database
 from storage.hot import PgHotPath
@@ -59,6 +63,12 @@ class Container:
             default_output_tokens=settings.default_output_tokens,
             hot=None if db.is_sqlite or not settings.hot_path else PgHotPath(db, bus.publish))
         self.deps.spending = self.spending
+        # The chat assistant: read tools over the brain's read-only sessions; its model calls (LLM mode)
+        # through the spend service above, like any agent's.
+        model = settings.assistant_model or None
+        self.chat = ChatService(uow=self.uow, reader=self.reader, history_messages=settings.assistant_history_messages,
+                                responder=Assistant(lambda: chat_view(db), model=model, call_model=functools.partial(
+                                    call_model, self.spending, model) if model else None))
         metrics = extra.get("metrics")
         if metrics is not None and isinstance(self.spending.hot, PgHotPath):
             metrics.watch_hot_path(self.spending.hot.outcomes)

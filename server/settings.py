@@ -53,6 +53,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     upstreams: str = ""  # JSON list of upstream definitions, see README
     provider_timeout_seconds: float = 60.0
     provider_connect_timeout_seconds: float = 5.0
+    # --- chat assistant ---
+    assistant_model: str = ""  # a catalog model ("provider/model"): an LLM agent; empty: the built-in assistant
+    assistant_history_messages: int = 10  # earlier messages of a conversation given as context
     # --- chain ---
     chain: str = "devnet"  # "devnet" (in-process EVM) or "rpc"
     chain_rpc_url: str = ""
@@ -80,6 +83,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("access_token_ttl_seconds", self.access_token_ttl_seconds > 0, "a positive number"),
             ("reservation_ttl_seconds", self.reservation_ttl_seconds > 0, "a positive number"),
             ("approval_ttl_seconds", self.approval_ttl_seconds > 0, "a positive number"),
+            ("assistant_model", self.assistant_model == "" or "/" in self.assistant_model.strip("/"),
+             "a catalog model id such as 'openai/gpt-4o-mini' (or unset for the built-in assistant)"),
+            ("assistant_history_messages", 0 <= self.assistant_history_messages <= 100, "a number from 0 to 100"),
             ("database_pool_size", self.database_pool_size > 0, "a positive number"),
             ("idempotency_retention_hours", self.idempotency_retention_hours > 0, "a positive number of hours"),
             ("idempotency_lease_seconds", 0 < self.idempotency_lease_seconds <= 3600,

@@ -370,3 +370,33 @@ settlement_batches = sa.Table(
     _created(),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
 )
+
+# ---------------------------------------------------------------- chat assistant (issue 12)
+# A user's conversations with the assistant, each tied to the project it was started on. Not in the
+# event log: a conversation is private to its owner, and the log is shown to every member.
+chat_conversations = sa.Table(
+    "chat_conversations",
+    metadata,
+    _id("cnv_"),
+    sa.Column("user_id", sa.String(40), sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("title", sa.String(200), nullable=False),
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_chat_conversations_user_updated", "user_id", "updated_at"),
+)
+
+# The turns, in time order. An answer's ``data`` holds the figures it used.
+chat_messages = sa.Table(
+    "chat_messages",
+    metadata,
+    _id("msg_"),
+    sa.Column("conversation_id", sa.String(40), sa.ForeignKey("chat_conversations.id"), nullable=False),
+    sa.Column("role", sa.String(20), nullable=False),  # user | assistant
+    sa.Column("content", sa.Text(), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # complete | cancelled | failed
+    sa.Column("project_id", sa.String(40), nullable=False),  # the project the turn was about
+    sa.Column("data", JSON, nullable=True),
+    _created(),
+    sa.Index("ix_chat_messages_conversation", "conversation_id", "created_at"),
+)

@@ -58,11 +58,13 @@ class SpendRequests(Repository[SpendRequest]):
         return (int(row[0]), int(row[1])) if row else None
 
     async def usage(self, project_id: str, since: datetime, until: datetime, by: str) -> list[UsageRow]:
-        """Settled (or partly charged) requests in [since, until), grouped by ``model``, ``agent`` or ``day``."""
+        """Settled (or partly charged) requests in [since, until), by ``model``, ``agent``, ``key`` or ``day``."""
         if by == "model":
             key: Any = s.model
         elif by == "agent":
             key = s.agent_id
+        elif by == "key":
+            key = s.key_id
         elif by == "day":
             key = (sa.func.to_char(s.settled_at, "YYYY-MM-DD") if self.conn.dialect.name == "postgresql"
                    else sa.func.strftime("%Y-%m-%d", s.settled_at))

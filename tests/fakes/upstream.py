@@ -6,8 +6,8 @@
 It answers deterministically, reports usage with its *own* token counts (different from SmartSpace's
 conservative estimate, so tests can tell which one was billed), and can be told to misbehave for the
 next requests: answer an error status, stall (before answering or mid-stream), cut a stream half-way,
-or omit usage. It records every request it received (path, headers, body) so tests can prove the
-provider key was sent upstream — and never came back.
+omit usage, or (JSON answers) call tools or answer a given text. It records every request it received
+(path, headers, body) so tests can prove the provider key was sent upstream — and never came back.
 
 Run standalone (used by ``bench/gateway.py``): ``python -m tests.fakes.upstream --port 9100``.
 """
@@ -38,6 +38,9 @@ class Behavior:
     stall_after: int | None = None  # streams: after this many content chunks, stall for `delay`
     omit_usage: bool = False
     echo_key: bool = False  # put the received key in the error message (tests redaction)
+    # JSON answers: call these tools ({"name", "arguments"}) instead of answering; or answer this text
+    tool_calls: list[dict[str, Any]] | None = None
+    content: str | None = None
 
 
 @dataclass
@@ -65,6 +68,8 @@ class FakeUpstream:
     reported: list[Reported] = field(default_factory=list)
     runner: web.AppRunner | None = None
     port: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set on every request received
+    unstalled: asyncio.Event = field(default_factory=asyncio.Event)  # set by stop(): stalls end
 
     # --- control --------------------------------------------------------------------------------------
 
@@ -84,6 +89,13 @@ class FakeUpstream:
     @property
     def anthropic_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    async def until_received(self, count: int, within: float = 30.0) -> None:
+        """Wait until ``count`` requests have arrived (recording on)."""
+        async with asyncio.timeout(within):
+            while len(self.received) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
 
     def _next(self) -> Behavior:
         return self.plans.popleft() if self.plans else Behavior()
@@ -133,13 +145,19 @@ class FakeUpstream:
         return self
 
     async def stop(self) -> None:
+        self.unstalled.set()  # stalled handlers end now rather than hold up the shutdown
         if self.runner is not None:
             await self.runner.cleanup()
+
+    async def _stall(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.unstalled.wait(), seconds)
 
     async def _receive(self, request: web.Request) -> dict[str, Any]:
         body = _decode(await request.read())
         if self.record:
             self.received.append(Received(request.path, dict(request.headers), body))
+            self.arrived.set()
         return body
 
     def _error(self, request: web.Request, b: Behavior, anthropic: bool) -> web.Response:
@@ -157,7 +175,7 @@ class FakeUpstream:
         body = await self._receive(request)
         b = self._next()
         if b.delay and b.stall_after is None:
-            await asyncio.sleep(b.delay)
+            await self._stall(b.delay)
         if b.status >= 400:
             return body, b, self._error(request, b, anthropic)
         return body, b, None
@@ -176,7 +194,7 @@ class FakeUpstream:
                     request.transport.abort()
                 return False
             if b.stall_after is not None and i == b.stall_after:
-                await asyncio.sleep(b.delay)
+                await self._stall(b.delay)
             await resp.write(frame)
         return True
 
@@ -196,11 +214,16 @@ class FakeUpstream:
         cid, created = f"chatcmpl-fake{time.time_ns()}", int(time.time())
         finish = "length" if cut else "stop"
         if not body.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": b.content or " ".join(words), "refusal": None}
+            if b.tool_calls:
+                message["content"] = b.content
+                message["tool_calls"] = [{"id": f"call_{i}_{time.time_ns()}", "type": "function", "function": {
+                    "name": t["name"], "arguments": _encode(t.get("arguments") or {}).decode()}}
+                    for i, t in enumerate(b.tool_calls)]
+                finish = "tool_calls"
             answer: dict[str, Any] = {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words),
-                                                     "refusal": None},
-                             "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]}
             if not b.omit_usage:
                 answer["usage"] = usage
                 self.reported.append(Reported(request.path, model, usage["prompt_tokens"],
@@ -259,9 +282,14 @@ class FakeUpstream:
         mid = f"msg_fake{time.time_ns()}"
         stop_reason = "max_tokens" if cut else "end_turn"
         if not body.get("stream"):
+            content: list[dict[str, Any]] = [{"type": "text", "text": b.content or " ".join(words)}]
+            if b.tool_calls:
+                content = [{"type": "text", "text": b.content}] if b.content else []
+                content += [{"type": "tool_use", "id": f"toolu_{i}_{time.time_ns()}", "name": t["name"],
+                             "input": t.get("arguments") or {}} for i, t in enumerate(b.tool_calls)]
+                stop_reason = "tool_use"
             answer: dict[str, Any] = {
-                "id": mid, "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": " ".join(words)}],
+                "id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
                 "stop_reason": stop_reason, "stop_sequence": None,
             }
             if not b.omit_usage:
