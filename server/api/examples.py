@@ -28,6 +28,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "WithdrawalCreate": {"to_address": ADDRESS, "amount_micros": 1_000_000, "memo": "monthly payout"},
     "SenderRegister": {"address": ADDRESS},
     "DevFund": {"address": ADDRESS, "amount_micros": 5_000_000},
+    "ChatAsk": {"message": "How much did we spend today, by model?"},
     "DevTransfer": {"to_address": ADDRESS, "amount_micros": 1_000_000},
 }
 
