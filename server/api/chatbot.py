@@ -14,12 +14,15 @@ from server.idempotency import idempotent
 @routes.post("/api/v1/chatbot/chat", summary="Ask the assistant about your projects' spend (the REST fallback of "
              "/chat): the answer with the figures it used (Idempotency-Key honoured)", tag="chat", body=ChatAsk,
              response=ChatReply, errors=(401, 402, 403, 404, 409, 422, 429, 502, 504))
-async def chat(request: web.Request) -> web.Response:
-    async def run() -> web.Response:  # with an assistant model an answer spends: Idempotency-Key honoured
-        ask = await decode(request, ChatAsk)
-        return json_response(await _c(request).chat.ask(actor(request), ask))
+async def chat(request: web.Request) -> web.StreamResponse:
+    ask = await decode(request, ChatAsk)
+    who = actor(request)
 
-    return await idempotent(request, run)
+    async def run() -> web.Response:  # with an assistant model an answer spends: Idempotency-Key honoured
+        return json_response(await _c(request).chat.ask(who, ask))
+
+    # Keys are claimed per project; a question that names none is scoped to its asker.
+    return await idempotent(request, who, ask.project_id or who.label, ask, run)
 
 
 @routes.get("/api/v1/chatbot/conversations", summary="The caller's conversations, newest first", tag="chat",

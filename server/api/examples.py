@@ -26,7 +26,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "Resolve": {"reason": "expected spend for the quarterly report"},
     "DepositClaim": {"tx_hash": "0x" + "ab" * 32},
     "WithdrawalCreate": {"to_address": ADDRESS, "amount_micros": 1_000_000, "memo": "monthly payout"},
-    "SenderRegister": {"address": ADDRESS},
+    # a 65-byte personal_sign signature of the challenge message (GET .../deposit-senders/challenge)
+    "SenderRegister": {"address": ADDRESS, "signature": "0x" + "1b" * 65},
     "DevFund": {"address": ADDRESS, "amount_micros": 5_000_000},
     "ChatAsk": {"message": "How much did we spend today, by model?"},
     "DevTransfer": {"to_address": ADDRESS, "amount_micros": 1_000_000},
