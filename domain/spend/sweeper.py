@@ -1,0 +1,69 @@
+"""The sweeper: release reservations whose time is up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from domain.base import SYSTEM
+from domain.spend.close import Closing
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("smartspace.spend")
+
+
+class Sweeping(Closing):
+    """Releasing reservations whose time is up (``sweep``, the ``sweeper`` task)."""
+
+    async def sweep(self, limit: int = 100) -> int:
+        """Release reservations whose time is up: unanswered approvals → expired, executing/approved
+        requests abandoned past reservation_expires_at → failed. Returns how many were released."""
+        now = self.clock()
+        async with self.uow(SYSTEM) as scope:
+            stale = await scope.store.spend_requests.stale(now, limit)
+            for row in stale:
+                expired = row.status in ("pending_approval", "approved")
+                error = {"code": "approval_expired" if row.status == "pending_approval" else "reservation_expired",
+                         "message": "nobody approved the request in time" if row.status == "pending_approval"
+                         else "the reservation expired before the request settled", "details": {}}
+                done = await scope.store.spend_requests.transition(
+                    row.id, (row.status,), status="expired" if expired else "failed", error=error,
+                    reservation_expires_at=None)
+                if done is None:
+                    continue
+                await self._release(scope, done)
+                if row.status == "pending_approval":
+                    scope.emit(row.project_id, "approval.resolved", {
+                        "request_id": row.id, "resolution": "expired", "by": SYSTEM.label, "reason": None})
+                else:
+                    scope.emit(row.project_id, "request.failed", {"request_id": row.id, "error": error,
+                                                                  "cost_micros": 0})
+        return len(stale)
+
+    @contextlib.asynccontextmanager
+    async def sweeper(self, interval_seconds: float) -> AsyncIterator[asyncio.Task]:
+        """Run :meth:`sweep` every ``interval_seconds`` until the block exits (an app cleanup_ctx)."""
+
+        async def loop() -> None:
+            while True:
+                try:
+                    while await self.sweep() > 0:
+                        pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("reservation sweep failed")
+                await asyncio.sleep(interval_seconds)
+
+        task = asyncio.create_task(loop(), name="smartspace-reservation-sweeper")
+        try:
+            yield task
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
