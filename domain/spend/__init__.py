@@ -16,8 +16,8 @@ are reserved all or nothing (``domain.wallet`` / ``domain.budgets``), settled, o
 
 The package, by concern: ``entities`` (commands, rows, receipts, events), ``core`` (the collaborators
 and the reads), ``prepare`` (validate → decide → reserve), ``execute`` (the provider call → usage →
-settle or fail), ``close`` (settle / fail / release), ``approvals`` and ``sweeper``. :class:`Spending`
-is all of them; the container builds one.
+settle or fail, with fallbacks; ``stream`` for SSE), ``close`` (settle / fail / release), ``approvals``
+and ``sweeper``. :class:`Spending` is all of them; the container builds one.
 """
 
 from __future__ import annotations
@@ -43,12 +43,36 @@ from domain.spend.entities import (
     SpendResult,
     rejection_error,
 )
+from domain.spend.execute import Laps, Outcome, fallback_worthy
+from domain.spend.stream import SpendStream
 from domain.spend.sweeper import Sweeping
 
 __all__ = [
-    "FINAL_STATUSES", "OPEN_STATUSES", "STATUSES", "ApprovalExpired", "ApprovalRejected", "Brain", "CloseValues",
-    "HotPath", "Prepared", "Receipt", "RequestCreate", "Resolve", "SpendCommand", "SpendRepo", "SpendRequest",
-    "SpendResult", "Spending", "UowFactory", "get_request", "list_requests", "rejection_error",
+    "FINAL_STATUSES",
+    "OPEN_STATUSES",
+    "STATUSES",
+    "ApprovalExpired",
+    "ApprovalRejected",
+    "Brain",
+    "CloseValues",
+    "HotPath",
+    "Laps",
+    "Outcome",
+    "Prepared",
+    "Receipt",
+    "RequestCreate",
+    "Resolve",
+    "SpendCommand",
+    "SpendRepo",
+    "SpendRequest",
+    "SpendResult",
+    "SpendStream",
+    "Spending",
+    "UowFactory",
+    "fallback_worthy",
+    "get_request",
+    "list_requests",
+    "rejection_error",
 ]
 
 

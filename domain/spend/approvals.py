@@ -42,7 +42,7 @@ class Approving(Executing):
                 "request_id": request_id, "resolution": "approved", "by": actor.label, "reason": reason})
         if run_now:
             with contextlib.suppress(DomainError):  # a failed run is recorded on the request, shown below
-                await self._execute_and_settle(self._prepared(row))
+                await self.complete(self._prepared(row), keep_response=True)
         return await self.get(actor, request_id)
 
     async def reject(self, actor: Actor, request_id: str, reason: str | None = None) -> SpendRequest:

@@ -295,10 +295,3 @@ def settled_event(row: SpendRequest | Prepared, receipt: Receipt) -> PendingEven
 
 def failed_event(project_id: str, request_id: str, error: dict, cost: int) -> PendingEvent:
     return PendingEvent(project_id, "request.failed", {"request_id": request_id, "error": error, "cost_micros": cost})
-
-
-def output_text(body: dict) -> str:
-    try:
-        return str(body["choices"][0]["message"].get("content") or "")
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return ""
