@@ -22,15 +22,16 @@ and ``sweeper``. :class:`Spending` is all of them; the container builds one.
 
 from __future__ import annotations
 
+from domain.decisions import Brain
+from domain.ports import SpendRepo, UowFactory
 from domain.spend.approvals import Approving
-from domain.spend.core import UowFactory, get_request, list_requests
+from domain.spend.core import get_request, list_requests
 from domain.spend.entities import (
     FINAL_STATUSES,
     OPEN_STATUSES,
     STATUSES,
     ApprovalExpired,
     ApprovalRejected,
-    Brain,
     CloseValues,
     HotPath,
     Prepared,
@@ -38,7 +39,6 @@ from domain.spend.entities import (
     RequestCreate,
     Resolve,
     SpendCommand,
-    SpendRepo,
     SpendRequest,
     SpendResult,
     rejection_error,

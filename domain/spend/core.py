@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from domain.base import Actor, Page, PageRequest, utcnow
-from domain.decisions import Decision
+from domain.decisions import Brain, Decision
 from domain.errors import (
     Forbidden,
     InvalidRequest,
     NotFound,
 )
+from domain.ports import UowFactory
 from domain.providers import ProviderRegistry
-from domain.spend.entities import STATUSES, Brain, HotPath, Prepared, SpendRequest
+from domain.spend.entities import STATUSES, HotPath, Prepared, SpendRequest
 
 if TYPE_CHECKING:
     from domain.ratelimit import RateLimiter
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("smartspace.spend")
 
 
-UowFactory = Callable[[Actor], contextlib.AbstractAsyncContextManager["Scope"]]
 
 
 class SpendCore:

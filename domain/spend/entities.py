@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
 import msgspec
 from msgspec import Meta
 
-from domain.base import SYSTEM, Actor, Page, PageRequest
+from domain.base import SYSTEM, Actor
 from domain.catalog import MTOK
-from domain.decisions import Decision, SpendInput
+from domain.decisions import Decision
 from domain.errors import (
     BudgetExceeded,
     DomainError,
@@ -176,20 +176,6 @@ class SpendRequest(msgspec.Struct, kw_only=True):
 class SpendResult(msgspec.Struct, kw_only=True):
     status_code: int  # 200 executed, 202 held for review
     request: SpendRequest
-
-
-class SpendRepo(Protocol):
-    async def insert(self, request: SpendRequest) -> SpendRequest: ...
-    async def get(self, id_: str, *, for_update: bool = False) -> SpendRequest | None: ...
-    async def transition(self, id_: str, from_statuses: tuple[str, ...], **values: Any) -> SpendRequest | None: ...
-    async def list(self, project_id: str, page: PageRequest, status: str | None = None) -> Page[SpendRequest]: ...
-    async def stale(self, now: datetime, limit: int) -> list[SpendRequest]: ...
-    async def prices(self, model_id: str) -> tuple[int, int] | None: ...
-    async def by_idempotency_key(self, project_id: str, key: str) -> SpendRequest | None: ...
-
-
-class Brain(Protocol):
-    async def decide(self, req: SpendInput, now: datetime) -> Decision: ...
 
 
 class HotPath(Protocol):

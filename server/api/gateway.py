@@ -61,9 +61,7 @@ class KeyCache:
         self.max_entries = max_entries
         self._entries: dict[str, tuple[Actor, float]] = {}
         container.bus.listen(self._on_event)
-        on_resync = getattr(container.bus, "on_resync", None)
-        if on_resync is not None:
-            on_resync(self._on_resync)
+        container.bus.on_resync(self._on_resync)
 
     async def actor(self, token: str) -> Actor:
         digest = parse_key(token)
