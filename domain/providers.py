@@ -34,14 +34,14 @@ class ProviderCall(msgspec.Struct, kw_only=True):
     provider: str
     model: str  # the upstream's model name (catalog id without the "provider/" prefix)
     operation: Literal["chat", "embedding"] = "chat"
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     input: str | list[str] | None = None
     max_tokens: int | None = None
-    params: dict = {}  # other OpenAI parameters (temperature, stop, top_p, ...)
+    params: dict[str, Any] = {}  # other OpenAI parameters (temperature, stop, top_p, ...)
 
 
 class Completion(msgspec.Struct, kw_only=True):
-    body: dict  # OpenAI-shaped chat.completion or embeddings response
+    body: dict[str, Any]  # OpenAI-shaped chat.completion or embeddings response
     usage: Usage | None = None
     raw: bytes | None = None  # the exact JSON bytes of ``body`` when the adapter has them (forwarded as is)
 
@@ -49,7 +49,7 @@ class Completion(msgspec.Struct, kw_only=True):
 class Provider(Protocol):
     async def complete(self, call: ProviderCall) -> Completion: ...
 
-    def stream(self, call: ProviderCall) -> AsyncIterator[dict]: ...
+    def stream(self, call: ProviderCall) -> AsyncIterator[dict[str, Any]]: ...
 
     async def embed(self, call: ProviderCall) -> Completion: ...
 

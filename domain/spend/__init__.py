@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from domain.decisions import Brain
 from domain.ports import SpendRepo, UowFactory
-from domain.spend.approvals import Approving
 from domain.spend.core import get_request, list_requests
 from domain.spend.entities import (
     FINAL_STATUSES,
@@ -43,7 +42,7 @@ from domain.spend.entities import (
     SpendResult,
     rejection_error,
 )
-from domain.spend.execute import Laps, Outcome, fallback_worthy
+from domain.spend.execute import Executing, Laps, Outcome, fallback_worthy
 from domain.spend.stream import SpendStream
 from domain.spend.sweeper import Sweeping
 
@@ -76,5 +75,5 @@ __all__ = [
 ]
 
 
-class Spending(Approving, Sweeping):
+class Spending(Executing, Sweeping):
     """``container.spending``. Built once by the container; every method opens its own units of work."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -11,11 +10,10 @@ from domain.base import SYSTEM, Actor
 from domain.errors import (
     ApprovalRequired,
     Conflict,
-    DomainError,
     NotFound,
 )
-from domain.spend.entities import ApprovalExpired, ApprovalRejected, Prepared, SpendRequest, error_json
-from domain.spend.execute import Executing
+from domain.spend.close import Closing
+from domain.spend.entities import ApprovalExpired, ApprovalRejected, Prepared, SpendRequest
 
 if TYPE_CHECKING:
     from domain.scope import Scope
@@ -23,16 +21,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("smartspace.spend")
 
 
-class Approving(Executing):
-    """Held requests: ``approve``, ``reject``, ``wait_for_approval``."""
+class Approving(Closing):
+    """Held requests: approving (the call itself is ``Executing.approve``), ``reject``, ``wait_for_approval``."""
 
-    async def approve(self, actor: Actor, request_id: str, reason: str | None = None) -> SpendRequest:
-        """An owner/admin approves a held request. REST requests (source api) run at once and the
-        executed request is returned; gateway requests are released to their waiting caller."""
+    async def _approve(self, actor: Actor, request_id: str, reason: str | None) -> SpendRequest:
+        """Resolve a held request as approved: a REST one (source api) goes straight to executing, to run
+        at once; a gateway one to approved, for its waiting caller to claim."""
         now = self.clock()
         async with self.uow(actor) as scope:
-            row = await self._held(scope, request_id)
-            run_now = row.source != "gateway"
+            held = await self._held(scope, request_id)
+            run_now = held.source != "gateway"
             row = await scope.store.spend_requests.transition(
                 request_id, ("pending_approval",), status="executing" if run_now else "approved",
                 resolved_by=actor.label, reservation_expires_at=now + self.reservation_ttl)
@@ -40,10 +38,7 @@ class Approving(Executing):
                 raise Conflict("the request was resolved meanwhile", {"request_id": request_id})
             scope.emit(row.project_id, "approval.resolved", {
                 "request_id": request_id, "resolution": "approved", "by": actor.label, "reason": reason})
-        if run_now:
-            with contextlib.suppress(DomainError):  # a failed run is recorded on the request, shown below
-                await self.complete(self._prepared(row), keep_response=True)
-        return await self.get(actor, request_id)
+        return row
 
     async def reject(self, actor: Actor, request_id: str, reason: str | None = None) -> SpendRequest:
         async with self.uow(actor) as scope:
@@ -52,7 +47,7 @@ class Approving(Executing):
                                      {"request_id": request_id, "reason": reason})
             row = await scope.store.spend_requests.transition(
                 request_id, ("pending_approval",), status="rejected", resolved_by=actor.label,
-                error=error_json(error), reservation_expires_at=None)
+                error=error.to_dict(), reservation_expires_at=None)
             if row is None:
                 raise Conflict("the request was resolved meanwhile", {"request_id": request_id})
             await self._release(scope, row)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -19,7 +19,6 @@ from domain.spend.entities import (
     Receipt,
     SpendRequest,
     actor_from_label,
-    error_json,
     failed_event,
     settled_event,
 )
@@ -33,7 +32,7 @@ log = logging.getLogger("smartspace.spend")
 class Closing(SpendCore):
     """The last step of an executing request: ``settle`` or ``fail``; releasing a reservation."""
 
-    async def settle(self, prepared: Prepared, usage: Usage, response: dict | None = None) -> Receipt:
+    async def settle(self, prepared: Prepared, usage: Usage, response: dict[str, Any] | None = None) -> Receipt:
         """Charge the actual cost of ``usage`` (never more than reserved), release the rest, receipt."""
         cost = prepared.cost(usage)
         if cost > prepared.reserved_micros:
@@ -56,17 +55,17 @@ class Closing(SpendCore):
                 current = await scope.store.spend_requests.get(prepared.request_id)
                 raise Conflict("the request is no longer executing (its reservation expired or it was settled)",
                                {"request_id": prepared.request_id, "status": current.status if current else None})
-            receipt = row.receipt
-            assert receipt is not None
-            scope.pending.append(settled_event(row, receipt))
-        return receipt
+            stored = row.receipt
+            assert stored is not None
+            scope.pending.append(settled_event(row, stored))
+        return stored
 
     async def fail(self, prepared: Prepared, error: DomainError, usage: Usage | None = None) -> None:
         """The call failed after reserving: charge what was consumed (if the upstream reported usage),
         release the rest."""
         cost = min(prepared.cost(usage), prepared.reserved_micros) if usage is not None else 0
         now = self.clock()
-        values = CloseValues(status="failed", cost_micros=cost, error=error_json(error),
+        values = CloseValues(status="failed", cost_micros=cost, error=error.to_dict(),
                              input_tokens=usage.input_tokens if usage else None,
                              output_tokens=usage.output_tokens if usage else None, settled_at=now if cost else None)
         failed = failed_event(prepared.project_id, prepared.request_id, values.error or {}, cost)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
 from msgspec import Meta
@@ -42,13 +42,13 @@ STATUSES = (*OPEN_STATUSES, *FINAL_STATUSES)
 class SpendCommand(msgspec.Struct, kw_only=True):
     model: str
     operation: str = "chat"
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     input: str | list[str] | None = None
     max_tokens: int | None = None
     agent_id: str | None = None
-    metadata: dict = {}
-    params: dict = {}
+    metadata: dict[str, Any] = {}
+    params: dict[str, Any] = {}
     stream: bool = False
     project_id: str | None = None  # needed with a user token; an API key's project otherwise
 
@@ -57,15 +57,15 @@ class RequestCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The body of POST /api/v1/requests."""
 
     model: Annotated[str, Meta(min_length=1, max_length=200)]
-    messages: Annotated[list[dict], Meta(min_length=1, max_length=1000)] | None = None
+    messages: Annotated[list[dict[str, Any]], Meta(min_length=1, max_length=1000)] | None = None
     prompt: Annotated[str, Meta(min_length=1)] | None = None
     input: str | list[str] | None = None
     operation: Literal["chat", "embedding"] = "chat"
     max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     agent_id: str | None = None
     project_id: str | None = None
-    metadata: dict = {}
-    params: dict = {}
+    metadata: dict[str, Any] = {}
+    params: dict[str, Any] = {}
 
     def command(self) -> SpendCommand:
         return SpendCommand(model=self.model, operation=self.operation, messages=self.messages, prompt=self.prompt,
@@ -99,9 +99,9 @@ class Prepared(msgspec.Struct, kw_only=True):
     source: str
     agent_id: str | None = None
     key_id: str | None = None
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     input: str | list[str] | None = None
-    params: dict = {}
+    params: dict[str, Any] = {}
     stream: bool = False
     decision: Decision | None = None
 
@@ -142,9 +142,9 @@ class SpendRequest(msgspec.Struct, kw_only=True):
     model: str
     provider: str
     status: str
-    decision: dict | None
-    params: dict
-    metadata: dict
+    decision: dict[str, Any] | None
+    params: dict[str, Any]
+    metadata: dict[str, Any]
     estimated_cost_micros: int
     reserved_micros: int
     cost_micros: int | None
@@ -152,9 +152,9 @@ class SpendRequest(msgspec.Struct, kw_only=True):
     output_tokens: int | None
     risk_score: float | None
     budget_ids: list[str]
-    error: dict | None
+    error: dict[str, Any] | None
     idempotency_key: str | None
-    response: dict | None
+    response: dict[str, Any] | None
     reservation_expires_at: datetime | None
     approval_expires_at: datetime | None
     resolved_by: str | None
@@ -202,8 +202,8 @@ class CloseValues(msgspec.Struct, kw_only=True):
     cost_micros: int
     input_tokens: int | None
     output_tokens: int | None
-    response: dict | None = None
-    error: dict | None = None
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
     settled_at: datetime | None = None
 
 
@@ -239,11 +239,7 @@ def actor_from_label(label: str) -> Actor:
     return Actor(kind=kind, id=id_, user_id=id_ if kind == "user" else None)  # type: ignore[arg-type]
 
 
-def error_json(error: DomainError) -> dict:
-    return {"code": error.code, "message": error.message, "details": error.details}
-
-
-def decision_json(decision: Decision) -> dict:
+def decision_json(decision: Decision) -> dict[str, Any]:
     return {"outcome": decision.outcome, "reasons": msgspec.to_builtins(decision.reasons),
             "risk_score": decision.risk_score, "risk_factors": msgspec.to_builtins(decision.risk_factors),
             "estimated_cost_micros": decision.estimated_cost_micros, "model": decision.model, "tier": decision.tier,
@@ -279,5 +275,5 @@ def settled_event(row: SpendRequest | Prepared, receipt: Receipt) -> PendingEven
         "variance_micros": row.estimated_cost_micros - cost, "released_micros": row.reserved_micros - cost})
 
 
-def failed_event(project_id: str, request_id: str, error: dict, cost: int) -> PendingEvent:
+def failed_event(project_id: str, request_id: str, error: dict[str, Any], cost: int) -> PendingEvent:
     return PendingEvent(project_id, "request.failed", {"request_id": request_id, "error": error, "cost_micros": cost})

@@ -21,18 +21,19 @@ Callers: ``POST /api/v1/requests`` and any in-process caller (:meth:`Executing.r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from domain.base import Actor
 from domain.errors import ApprovalRequired, Conflict, DomainError, ProviderError, ProviderTimeout
 from domain.providers import Completion, UpstreamError, Usage, completion_usage
-from domain.spend.close import Closing
-from domain.spend.entities import Prepared, Receipt, SpendCommand, SpendResult
+from domain.spend.approvals import Approving
+from domain.spend.entities import Prepared, Receipt, SpendCommand, SpendRequest, SpendResult
 from domain.spend.prepare import Preparing
 from domain.spend.stream import SpendStream
 
@@ -69,8 +70,17 @@ def fallback_worthy(exc: DomainError) -> bool:
     return isinstance(exc, ProviderTimeout) or (isinstance(exc, UpstreamError) and exc.retryable)
 
 
-class Executing(Preparing, Closing):
+class Executing(Preparing, Approving):
     """The provider call between prepare and close."""
+
+    async def approve(self, actor: Actor, request_id: str, reason: str | None = None) -> SpendRequest:
+        """An owner/admin approves a held request. REST requests (source api) run at once and the
+        executed request is returned; gateway requests are released to their waiting caller."""
+        row = await self._approve(actor, request_id, reason)
+        if row.status == "executing":
+            with contextlib.suppress(DomainError):  # a failed run is recorded on the request, shown below
+                await self.complete(self._prepared(row), keep_response=True)
+        return await self.get(actor, request_id)
 
     # ------------------------------------------------------------ entry points
     async def run(self, actor: Actor, cmd: SpendCommand, idempotency_key: str | None = None, *,
@@ -136,7 +146,7 @@ class Executing(Preparing, Closing):
             laps.lap("settle")
         return Outcome(prepared=prepared, completion=completion, usage=usage, receipt=receipt)
 
-    async def settle_or_fail(self, prepared: Prepared, usage: Usage, response: dict | None = None) -> Receipt:
+    async def settle_or_fail(self, prepared: Prepared, usage: Usage, response: dict[str, Any] | None = None) -> Receipt:
         """Settle (shielded: a cancelled caller still pays what it used). A request that is no longer
         executing is a Conflict; any other failure fails the request with ``usage`` and raises."""
         try:
@@ -176,7 +186,7 @@ class Executing(Preparing, Closing):
         try:
             iterator = self.providers.get(prepared.provider).stream(call).__aiter__()
             async with asyncio.timeout(limit):
-                first: dict | None = await anext(iterator, None)
+                first: dict[str, Any] | None = await anext(iterator, None)
         except asyncio.CancelledError:
             await self._fail_shielded(prepared, ProviderError("the call was cancelled",
                                                               {"request_id": prepared.request_id}))

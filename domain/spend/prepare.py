@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -30,7 +30,6 @@ from domain.spend.entities import (
     approval_requested_events,
     created_events,
     decision_json,
-    error_json,
     rejection_error,
 )
 
@@ -106,7 +105,8 @@ class Preparing(SpendCore):
                  "approval_expires_at": row.approval_expires_at.isoformat() if row.approval_expires_at else None})
         return self._prepared(row, decision)
 
-    async def _validate(self, actor: Actor, cmd: SpendCommand) -> tuple[str, str | None, list[dict] | None, int]:
+    async def _validate(self, actor: Actor,
+                        cmd: SpendCommand) -> tuple[str, str | None, list[dict[str, Any]] | None, int]:
         if actor.kind == "key":
             project_id = actor.project_id or ""
             if cmd.project_id and cmd.project_id != project_id:
@@ -208,7 +208,7 @@ class Preparing(SpendCore):
         row.reserved_micros = 0
         row.budget_ids = []
         row.reservation_expires_at = row.approval_expires_at = None
-        row.error = error_json(error)
+        row.error = error.to_dict()
         async with self.uow(actor) as scope:
             await scope.store.spend_requests.insert(row)
             scope.pending.extend(created_events(row))

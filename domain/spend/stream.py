@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from domain.errors import DomainError, ProviderError, ProviderTimeout
 from domain.providers import ProviderCall, Usage, conservative_usage, delta_text, usage_from_openai
@@ -30,15 +30,16 @@ log = logging.getLogger("smartspace.spend")
 
 
 class SpendStream:
-    def __init__(self, spending: Executing, prepared: Prepared, call: ProviderCall, upstream: AsyncIterator[dict],
-                 first: dict | None, timeout_seconds: float, laps: Laps) -> None:
+    def __init__(self, spending: Executing, prepared: Prepared, call: ProviderCall,
+                 upstream: AsyncIterator[dict[str, Any]], first: dict[str, Any] | None, timeout_seconds: float,
+                 laps: Laps) -> None:
         self.prepared = prepared
         self.laps = laps
         self.receipt: Receipt | None = None  # set when settled
         self.error: DomainError | None = None  # set when failed mid-stream
         self.usage: Usage | None = None  # what was charged (settled or failed)
-        self.usage_chunk: dict | None = None  # the upstream's usage-only chunk, held back
-        self.template: dict | None = None  # the first chunk with an id (for a final usage chunk of our own)
+        self.usage_chunk: dict[str, Any] | None = None  # the upstream's usage-only chunk, held back
+        self.template: dict[str, Any] | None = None  # the first chunk with an id (for a final usage chunk of our own)
         self._spending = spending
         self._call = call
         self._upstream = upstream
@@ -53,7 +54,7 @@ class SpendStream:
         """The client asked for a final usage chunk (``stream_options.include_usage``)."""
         return bool((self.prepared.params.get("stream_options") or {}).get("include_usage"))
 
-    async def chunks(self) -> AsyncIterator[dict]:
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """The chunks to forward, once. Close it (``contextlib.aclosing``) if you stop early."""
         chunk = self._first
         self._first = None
@@ -93,7 +94,7 @@ class SpendStream:
             await self._upstream.aclose()  # type: ignore[attr-defined]
         await self._fail(ProviderError(reason, {"request_id": self.prepared.request_id}), show=False)
 
-    async def _next(self) -> dict | None:
+    async def _next(self) -> dict[str, Any] | None:
         try:
             async with asyncio.timeout(self._timeout):
                 return await anext(self._upstream, None)

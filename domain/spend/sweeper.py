@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from domain.base import SYSTEM
 from domain.spend.close import Closing
@@ -28,9 +28,11 @@ class Sweeping(Closing):
             stale = await scope.store.spend_requests.stale(now, limit)
             for row in stale:
                 expired = row.status in ("pending_approval", "approved")
-                error = {"code": "approval_expired" if row.status == "pending_approval" else "reservation_expired",
-                         "message": "nobody approved the request in time" if row.status == "pending_approval"
-                         else "the reservation expired before the request settled", "details": {}}
+                held = row.status == "pending_approval"
+                error: dict[str, Any] = {
+                    "code": "approval_expired" if held else "reservation_expired",
+                    "message": "nobody approved the request in time" if held
+                    else "the reservation expired before the request settled", "details": {}}
                 done = await scope.store.spend_requests.transition(
                     row.id, (row.status,), status="expired" if expired else "failed", error=error,
                     reservation_expires_at=None)
@@ -46,7 +48,7 @@ class Sweeping(Closing):
         return len(stale)
 
     @contextlib.asynccontextmanager
-    async def sweeper(self, interval_seconds: float) -> AsyncIterator[asyncio.Task]:
+    async def sweeper(self, interval_seconds: float) -> AsyncIterator[asyncio.Task[None]]:
         """Run :meth:`sweep` every ``interval_seconds`` until the block exits (an app cleanup_ctx)."""
 
         async def loop() -> None:
