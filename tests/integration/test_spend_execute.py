@@ -8,6 +8,7 @@ usage (the shared fake always reports usage and never calls tools), or stalls wh
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -33,33 +34,18 @@ ARGUMENTS = '{"city": "Lisbon", "unit": "celsius", "days": 1}'
 LIMIT = 0.5  # the provider timeout of these tests, seconds
 
 
-class ToolUpstream:
+@dataclass
+class ToolUpstream(FakeUpstream):
     """OpenAI's chat completions, answering every call with one ``get_weather`` tool call and no usage
     (JSON, or SSE in two argument pieces); ``stall`` makes the next calls wait before answering."""
 
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.stall = 0
-        self.runner: web.AppRunner | None = None
-        self.port = 0
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    stall: int = 0
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> ToolUpstream:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        return app
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -90,21 +76,19 @@ class ToolUpstream:
 @pytest.fixture
 async def env(aiohttp_client, settings, db, metrics):
     upstream = await ToolUpstream().start()
-    shared = await FakeUpstream().start()  # GatewayEnv closes one; unused otherwise
     settings = msgspec.structs.replace(settings, provider_timeout_seconds=LIMIT)
     providers = Providers(settings, upstreams=[
         Upstream(provider="openai", kind="openai", base_url=upstream.base_url, api_key=OPENAI_KEY)])
     container = Container(settings, db, LocalBus(metrics), metrics=metrics, providers=providers)
     client = await aiohttp_client(create_app(settings, container=container))
     owner = await register(client)
-    gw = GatewayEnv(client=client, container=container, fake=shared, owner=owner,
+    gw = GatewayEnv(client=client, container=container, fake=upstream, owner=owner,
                     key=await create_key(client, owner), oai=None)  # type: ignore[arg-type]
     gw.oai = gw.sdk()
     await gw.credit(FUNDS)
     gw.upstream = upstream  # type: ignore[attr-defined]
     yield gw
-    await gw.close()
-    await upstream.stop()
+    await gw.close()  # stops the upstream too
 
 
 async def rest(env: GatewayEnv, **extra: Any) -> tuple[int, dict]:
