@@ -61,9 +61,7 @@ class Container:
         self.spending = Spending(
             uow=self.uow, reader=self.reader, brain=self.brain, providers=self.providers, limiter=self.limiter,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
-            approval_ttl_seconds=settings.approval_ttl_seconds,
-            provider_timeout_seconds=settings.provider_timeout_seconds,
-            default_output_tokens=settings.default_output_tokens, hot=hot)
+            approval_ttl_seconds=settings.approval_ttl_seconds, hot=hot)
         if hot is not None:
             self.metrics.watch_hot_path(hot.outcomes)
 

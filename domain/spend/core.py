@@ -32,8 +32,7 @@ class SpendCore:
 
     def __init__(self, *, uow: UowFactory, reader: UowFactory, brain: Brain, providers: ProviderRegistry,
                  limiter: RateLimiter | None = None, reservation_ttl_seconds: int = 600,
-                 approval_ttl_seconds: int = 3600, provider_timeout_seconds: float = 60.0,
-                 default_output_tokens: int = 1024, clock: Callable[[], datetime] = utcnow,
+                 approval_ttl_seconds: int = 3600, clock: Callable[[], datetime] = utcnow,
                  hot: HotPath | None = None) -> None:
         self.uow = uow
         self.hot = hot
@@ -43,8 +42,6 @@ class SpendCore:
         self.limiter = limiter
         self.reservation_ttl = timedelta(seconds=reservation_ttl_seconds)
         self.approval_ttl = timedelta(seconds=approval_ttl_seconds)
-        self.provider_timeout = provider_timeout_seconds
-        self.default_output_tokens = default_output_tokens
         self.clock = clock
         self.approval_poll_seconds = 0.2
 
