@@ -17,10 +17,11 @@ configured default (``SMARTSPACE_DEFAULT_OUTPUT_TOKENS``), capped by the model's
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from agentic import risk
 from domain import policies as pol
+from domain.budgets import needs_roll
 from domain.catalog import CatalogModel, cost_micros, resolve
 from domain.decisions import Activity, BrainView, BudgetState, Decision, Reason, SpendInput
 from domain.errors import DomainError
@@ -38,22 +39,9 @@ class _Rejected(Exception):
         self.retry_after = retry_after
 
 
-def period_start(period: str, now: datetime) -> datetime | None:
-    """The start of the UTC calendar period containing ``now`` (None for "total")."""
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day
-    if period == "week":
-        return day - timedelta(days=day.weekday())
-    if period == "month":
-        return day.replace(day=1)
-    return None
-
-
 def effective_spent(budget: BudgetState, now: datetime) -> int:
     """A budget whose period has rolled over has spent nothing in the new period yet."""
-    start = period_start(budget.period, now)
-    return 0 if start is not None and budget.period_start < start else budget.spent_micros
+    return 0 if needs_roll(budget.period, budget.period_start, now) else budget.spent_micros
 
 
 class _Pass:

@@ -270,9 +270,12 @@ async def gateway_layer_alone(client, base: str, container, fake, body: bytes, h
     """The gateway's own cost: the same requests with the spend path stubbed out (no database), against
     the same requests sent straight to the fake upstream, both from this process (sequential)."""
     from domain.base import utcnow
-    from domain.spend import Prepared, Receipt
+    from domain.spend import Prepared, Receipt, Spending
 
-    class StubSpending:
+    class StubSpending(Spending):  # the real execute path; its database steps stubbed
+        def __init__(self, real: Spending) -> None:
+            self.__dict__.update(real.__dict__)
+
         async def prepare(self, actor, cmd, *, source="api", idempotency_key=None):
             return Prepared(request_id="req_stub", project_id=actor.project_id or "", model="openai/gpt-4o-mini",
                             provider="openai", upstream_model="gpt-4o-mini", operation=cmd.operation,
@@ -290,7 +293,7 @@ async def gateway_layer_alone(client, base: str, container, fake, body: bytes, h
             return None
 
     real = container.spending
-    container.spending = StubSpending()
+    container.spending = StubSpending(real)
     direct_body = msgspec.json.encode({**BODY})
     try:
         async def timed(url: str, data: bytes, hdrs: dict) -> tuple[float, float]:

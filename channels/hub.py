@@ -35,10 +35,9 @@ import socketio
 from aiohttp import web
 
 from domain.base import Actor
-from domain.errors import DomainError, Forbidden, InvalidRequest
+from domain.errors import DomainError, Forbidden, InvalidRequest, Unavailable
 from domain.events import NAMESPACES, Event, namespace_for
-from server.container import Container
-from server.metrics import Metrics
+from domain.ports import HubMetrics, Units
 
 log = logging.getLogger("smartspace.hub")
 REPLAY_PAGE = 500
@@ -74,7 +73,7 @@ class _Stream:
 
 
 class Hub:
-    def __init__(self, container: Container, metrics: Metrics) -> None:
+    def __init__(self, container: Units, metrics: HubMetrics) -> None:
         self.container = container
         self.metrics = metrics
         self.sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*", logger=False,
@@ -90,9 +89,7 @@ class Hub:
         for namespace in NAMESPACES:
             self.sio.register_namespace(ProjectNamespace(namespace, self))
         container.bus.listen(self.deliver)
-        on_resync = getattr(container.bus, "on_resync", None)
-        if on_resync is not None:
-            on_resync(self.catch_up_all)
+        container.bus.on_resync(self.catch_up_all)
 
     # ------------------------------------------------------------------ delivery
     async def deliver(self, event: Event) -> None:
@@ -329,7 +326,7 @@ class ProjectNamespace(socketio.AsyncNamespace):
             return ack_error(exc)
         except Exception:
             log.exception("subscribe failed", extra={"sid": sid})
-            return {"ok": False, "error": {"code": "unavailable", "message": "try again"}}
+            return ack_error(Unavailable("try again"))
         return {"ok": True, "project_id": project_id, "seq": seq}
 
     async def on_unsubscribe(self, sid: str, data: Any = None) -> dict[str, Any]:
@@ -350,7 +347,7 @@ def _subscription(data: Any) -> tuple[str, int]:
     return data["project_id"], since
 
 
-def attach(app: web.Application, container: Container, metrics: Metrics) -> Hub:
+def attach(app: web.Application, container: Units, metrics: HubMetrics) -> Hub:
     hub = Hub(container, metrics)
     hub.sio.attach(app)
     app[HUB] = hub

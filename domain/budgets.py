@@ -13,6 +13,7 @@ Every reservation is one conditional UPDATE per budget row: ``reserved += n WHER
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
@@ -112,7 +113,7 @@ class BudgetRepo(Protocol):
     async def insert(self, budget: Budget) -> Budget: ...
     async def get(self, id_: str) -> Budget | None: ...
     async def list(self, project_id: str, page: PageRequest, agent_id: str | None = None) -> Page[Budget]: ...
-    async def applicable(self, project_id: str, agent_id: str | None) -> list[Budget]: ...
+    async def applicable(self, project_id: str, agent_id: str | None) -> builtins.list[Budget]: ...
     async def roll(self, id_: str, new_start: datetime, now: datetime) -> Budget | None: ...
     async def reserve(self, id_: str, amount: int, now: datetime) -> Budget | None: ...
     async def release(self, id_: str, amount: int, now: datetime) -> Budget | None: ...
@@ -209,12 +210,12 @@ class Budgets:
         self._updated(rolled, "reset")
         return rolled
 
-    async def applicable(self, project_id: str, agent_id: str | None) -> list[Budget]:
+    async def applicable(self, project_id: str, agent_id: str | None) -> builtins.list[Budget]:
         """Active budgets that apply to a request of ``agent_id`` (project-wide + the agent's), by id."""
         return await self.repo.applicable(project_id, agent_id)
 
     async def reserve_all(self, project_id: str, agent_id: str | None, amount: int, *, ref: str,
-                          now: datetime, budgets: list[Budget] | None = None) -> list[Budget]:
+                          now: datetime, budgets: builtins.list[Budget] | None = None) -> builtins.list[Budget]:
         """Reserve ``amount`` on every active budget that applies (project-wide + this agent's), in id
         order (consistent lock order across processes). Raises BudgetExceeded on the first that has
         no room — the caller's transaction then rolls back every hold it made. ``budgets``: the

@@ -1,7 +1,8 @@
 """Domain errors: each carries a stable ``code`` and the HTTP status it maps to.
 
-They are rendered in exactly one place per transport (the aiohttp error middleware, the
-Socket.IO ack wrapper, the gateway's OpenAI-shaped error renderer).
+They are rendered in exactly one place per transport: HTTP answers in ``server.middleware.error_response``
+(REST's shape, or OpenAI's under ``/v1/`` — also the error event inside a gateway stream, via
+``openai_error``), Socket.IO acks in ``channels.hub.ack_error``.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ async def hash_password(deps: Deps, password: str) -> str:
 
 async def _unknown_user_hash(deps: Deps) -> str:
     """A hash no password matches, made once per process, to verify against for unknown emails."""
-    found = getattr(deps, "unknown_user_hash", None)
+    found = deps.unknown_user_hash
     if found is None:
         found = deps.unknown_user_hash = await hash_password(deps, secrets.token_urlsafe(32))
     return found

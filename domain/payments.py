@@ -250,15 +250,14 @@ class Payments:
 
     @property
     def chain(self) -> Chain:
-        chain = getattr(self.scope.deps, "chain", None)
+        chain = self.scope.deps.chain
         if chain is None:
             raise Unavailable("the chain is not connected yet; try again shortly")
         return chain
 
     @property
     def confirmations_required(self) -> int:
-        settings = getattr(self.scope.deps, "settings", None)
-        return settings.confirmations if settings is not None else 1
+        return self.scope.deps.confirmations
 
     # ------------------------------------------------------------ deposit addresses and senders
     async def deposit_address(self, project_id: str) -> str:
@@ -476,7 +475,7 @@ class Payments:
         return found[0] if found is not None else None
 
     def _wake_worker(self) -> None:
-        worker = getattr(self.scope.deps, "payment_worker", None)
+        worker = self.scope.deps.payment_worker
         if worker is not None:
             async def wake() -> None:
                 worker.wake()

@@ -63,7 +63,7 @@ class ProjectPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_risk_score: Annotated[float, Meta(ge=0, le=10)] = 7.0  # risk above this is rejected
     # the "high" band: risk above this (and not above max_risk_score) is held for review
     review_risk_above: Annotated[float, Meta(ge=0, le=10)] = 6.0
-    fallback_models: list[Name] = []  # tried in order by the gateway on 429/timeouts
+    fallback_models: list[Name] = []  # tried in order on 429/5xx/timeouts (domain/spend/execute.py)
     # payout addresses (empty: any); a withdrawal elsewhere is refused. Any case; mixed case must be EIP-55
     allowed_recipients: list[Name] = []
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -11,7 +13,16 @@ from domain.events import Event, PendingEvent
 
 if TYPE_CHECKING:
     from domain.audit import AuditFilter
+    from domain.base import Actor
+    from domain.budgets import BudgetRepo
+    from domain.catalog import CatalogRepo
     from domain.identity import Agent, ApiKey, KeyPrincipal, Member, Project, User
+    from domain.payments import PaymentRepo
+    from domain.policies import PolicyRepo
+    from domain.scope import Scope
+    from domain.spend import SpendRequest
+    from domain.usage import UsageRow
+    from domain.wallet import WalletRepo
 
 
 class UserRepo(Protocol):
@@ -62,21 +73,100 @@ class EventLog(Protocol):
     async def list(self, project_id: str, filters: AuditFilter, page: PageRequest) -> Page[Event]: ...
 
 
-class Store(Protocol):
-    """One transaction's repositories."""
+class SpendRepo(Protocol):
+    async def insert(self, request: SpendRequest) -> SpendRequest: ...
+    async def get(self, id_: str, *, for_update: bool = False) -> SpendRequest | None: ...
+    async def update(self, id_: str, **values: Any) -> SpendRequest | None: ...
+    async def transition(self, id_: str, from_statuses: tuple[str, ...], **values: Any) -> SpendRequest | None: ...
+    async def list(self, project_id: str, page: PageRequest, status: str | None = None) -> Page[SpendRequest]: ...
+    async def stale(self, now: datetime, limit: int) -> builtins.list[SpendRequest]: ...
+    async def prices(self, model_id: str) -> tuple[int, int] | None: ...
+    async def by_idempotency_key(self, project_id: str, key: str, since: datetime) -> SpendRequest | None: ...
+    async def usage(self, project_id: str, since: datetime, until: datetime, by: str) -> builtins.list[UsageRow]: ...
+    async def status_counts(self, project_id: str, since: datetime, until: datetime) -> dict[str, int]: ...
 
-    users: UserRepo
-    projects: ProjectRepo
-    members: MemberRepo
-    agents: AgentRepo
-    keys: KeyRepo
-    events: EventLog
+
+class Store(Protocol):
+    """One transaction's repositories (``storage.uow.SqlStore``)."""
+
+    @property
+    def users(self) -> UserRepo: ...
+    @property
+    def projects(self) -> ProjectRepo: ...
+    @property
+    def members(self) -> MemberRepo: ...
+    @property
+    def agents(self) -> AgentRepo: ...
+    @property
+    def keys(self) -> KeyRepo: ...
+    @property
+    def events(self) -> EventLog: ...
+    @property
+    def catalog(self) -> CatalogRepo: ...
+    @property
+    def policies(self) -> PolicyRepo: ...
+    @property
+    def wallets(self) -> WalletRepo: ...
+    @property
+    def budgets(self) -> BudgetRepo: ...
+    @property
+    def payments(self) -> PaymentRepo: ...
+    @property
+    def spend_requests(self) -> SpendRepo: ...
+
+
+Listener = Callable[[Event], Awaitable[None]]
 
 
 class EventBus(Protocol):
     """Fans committed events out to every server process (each delivers to its own sockets)."""
 
     async def publish(self, events: Sequence[Event]) -> None: ...
-    def listen(self, callback: Callable[[Event], Awaitable[None]]) -> None: ...
+    def listen(self, callback: Listener) -> None: ...
+
+    def on_resync(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """``callback`` runs after the bus reconnects from an outage: events may have been missed."""
+        ...
+
     async def start(self) -> None: ...
     async def close(self) -> None: ...
+
+
+UowFactory = Callable[["Actor"], AbstractAsyncContextManager["Scope"]]
+
+
+class Units(Protocol):
+    """What a consumer of the live books (the Socket.IO hub) needs from the container: read-only units
+    of work, and turning a token (access token or ``sk-`` key) into the acting principal."""
+
+    def reader(self, actor: Actor = ...) -> AbstractAsyncContextManager[Scope]: ...
+    async def authenticate(self, token: str) -> Actor: ...
+    @property
+    def bus(self) -> EventBus: ...
+
+
+class Count(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Level(Count, Protocol):
+    def dec(self, amount: float = 1) -> None: ...
+
+
+class Counters(Protocol):
+    def labels(self, *values: str) -> Count: ...
+
+
+class Levels(Protocol):
+    def labels(self, *values: str) -> Level: ...
+
+
+class HubMetrics(Protocol):
+    """The hub's counters by namespace (``server.metrics.Metrics``, prometheus_client)."""
+
+    @property
+    def events_delivered(self) -> Counters: ...
+    @property
+    def events_replayed(self) -> Counters: ...
+    @property
+    def sockets(self) -> Levels: ...

@@ -34,14 +34,14 @@ class ProviderCall(msgspec.Struct, kw_only=True):
     provider: str
     model: str  # the upstream's model name (catalog id without the "provider/" prefix)
     operation: Literal["chat", "embedding"] = "chat"
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     input: str | list[str] | None = None
     max_tokens: int | None = None
-    params: dict = {}  # other OpenAI parameters (temperature, stop, top_p, ...)
+    params: dict[str, Any] = {}  # other OpenAI parameters (temperature, stop, top_p, ...)
 
 
 class Completion(msgspec.Struct, kw_only=True):
-    body: dict  # OpenAI-shaped chat.completion or embeddings response
+    body: dict[str, Any]  # OpenAI-shaped chat.completion or embeddings response
     usage: Usage | None = None
     raw: bytes | None = None  # the exact JSON bytes of ``body`` when the adapter has them (forwarded as is)
 
@@ -49,13 +49,19 @@ class Completion(msgspec.Struct, kw_only=True):
 class Provider(Protocol):
     async def complete(self, call: ProviderCall) -> Completion: ...
 
-    def stream(self, call: ProviderCall) -> AsyncIterator[dict]: ...
+    def stream(self, call: ProviderCall) -> AsyncIterator[dict[str, Any]]: ...
 
     async def embed(self, call: ProviderCall) -> Completion: ...
 
 
 class ProviderRegistry(Protocol):
     def get(self, provider: str) -> Provider: ...
+
+    def names(self) -> list[str]: ...
+
+    def timeout_seconds(self, provider: str) -> float:
+        """The provider's time limit: a JSON call's whole duration; a stream's longest wait for a chunk."""
+        ...
 
 
 class UnknownProvider(NotFound):
@@ -120,6 +126,40 @@ def estimate_input_tokens(call: ProviderCall) -> int:
     if call.operation == "embedding":
         return sum(tokens.count_text(t) for t in input_text(call))
     return tokens.count_messages(call.messages or [])
+
+
+def message_text(body: Mapping[str, Any]) -> str:
+    """The generated text of a ``chat.completion`` — content and tool calls (name + arguments) — what
+    output is counted on when the upstream reports no usage."""
+    out = ""
+    for choice in body.get("choices") or ():
+        message = choice.get("message") or {}
+        out += str(message.get("content") or "")
+        for tc in message.get("tool_calls") or ():
+            fn = tc.get("function") or {}
+            out += str(fn.get("name") or "") + str(fn.get("arguments") or "")
+    return out
+
+
+def delta_text(chunk: Mapping[str, Any]) -> str:
+    """The generated text a ``chat.completion.chunk`` carries (content and tool-call name/arguments)."""
+    out = ""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
+        if content:
+            out += content
+        for tc in delta.get("tool_calls") or ():
+            fn = tc.get("function") or {}
+            out += (fn.get("name") or "") + (fn.get("arguments") or "")
+    return out
+
+
+def completion_usage(call: ProviderCall, completion: Completion) -> Usage:
+    """The usage a non-streaming call is charged: the reported one, else counted conservatively."""
+    if call.operation == "embedding":
+        return completion.usage or conservative_usage(call, "")
+    return conservative_usage(call, message_text(completion.body), completion.usage)
 
 
 def conservative_usage(call: ProviderCall, output_text: str, reported: Usage | None = None) -> Usage:

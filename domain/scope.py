@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from functools import cached_property
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from domain import budgets, catalog, identity, policies, usage, wallet
 from domain.audit import Audit
@@ -19,6 +19,9 @@ from domain.errors import Unauthorized
 from domain.events import PendingEvent
 from domain.payments import Payments
 from domain.ports import Store
+
+if TYPE_CHECKING:
+    from domain.chain import Chain
 
 
 class PasswordHasher(Protocol):
@@ -32,16 +35,43 @@ class TokenIssuer(Protocol):
     def issue(self, user_id: str) -> str: ...
 
 
-class Deps:
-    """What services need beyond the store; filled once by the container, shared by all scopes."""
+class Waker(Protocol):
+    def wake(self) -> None: ...
 
-    def __init__(self, *, passwords: PasswordHasher, tokens: TokenIssuer, **extra: Any) -> None:
+
+class ChainLink(Protocol):
+    """The chain as the payments service finds it. The server opens it lazily (the devnet on first use,
+    an RPC node at start-up), so both are None until then."""
+
+    @property
+    def chain(self) -> Chain | None: ...
+
+    @property
+    def worker(self) -> Waker | None:
+        """The payment worker, woken after a payout is stored."""
+        ...
+
+
+class Deps:
+    """What services need beyond the store; built once by the container, shared by all scopes."""
+
+    def __init__(self, *, passwords: PasswordHasher, tokens: TokenIssuer, confirmations: int = 1,
+                 chain: ChainLink | None = None) -> None:
         self.passwords = passwords
         self.tokens = tokens
+        self.confirmations = confirmations  # before a deposit or payout counts
+        self.chain_link = chain
         # Called inside the unit of work that creates a project (e.g. to open its wallet).
         self.project_created_hooks: list[Callable[[Scope, identity.Project], Awaitable[None]]] = []
-        for name, value in extra.items():
-            setattr(self, name, value)
+        self.unknown_user_hash: str | None = None  # login's constant-time stand-in, computed once
+
+    @property
+    def chain(self) -> Chain | None:
+        return self.chain_link.chain if self.chain_link is not None else None
+
+    @property
+    def payment_worker(self) -> Waker | None:
+        return self.chain_link.worker if self.chain_link is not None else None
 
 
 class Scope:

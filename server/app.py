@@ -37,8 +37,8 @@ def build_container(settings: Settings, metrics: Metrics, *, db: Database | None
 
 def create_app(settings: Settings, *, container: Container | None = None,
                migrate: Callable[[Database], Awaitable[None]] | None = None) -> web.Application:
-    metrics = container.deps.metrics if container is not None else Metrics()
-    container = container or build_container(settings, metrics)
+    container = container or build_container(settings, Metrics())
+    metrics = container.metrics
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[SETTINGS] = settings
     app[CONTAINER] = container

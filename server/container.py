@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from agentic.assistant import Assistant
 from agentic.pipeline import decide
@@ -21,9 +20,12 @@ from domain.chat import ChatService, call_model
 from domain.errors import Unauthorized
 from domain.events import Event
 from domain.ports import EventBus
+from domain.ratelimit import RateLimiter
 from domain.scope import Deps, Scope
 from domain.spend import Spending
 from domain.wallet import open_wallet
+from server.chain.workers import ChainRuntime
+from server.metrics import Metrics
 from server.providers import Providers
 from server.security import Passwords, Tokens
 from server.settings import Settings
@@ -38,40 +40,40 @@ log = logging.getLogger("smartspace.container")
 
 
 class Container:
-    def __init__(self, settings: Settings, db: Database, bus: EventBus, **extra: Any) -> None:
+    """Every long-lived part of one server process, wired explicitly (each field typed); built once."""
+
+    def __init__(self, settings: Settings, db: Database, bus: EventBus, *, metrics: Metrics | None = None,
+                 providers: Providers | None = None, limiter: RateLimiter | None = None) -> None:
         self.settings = settings
         self.db = db
         self.bus = bus
+        self.metrics: Metrics = metrics or Metrics()
         self.tokens = Tokens(settings.resolved_jwt_secret, settings.access_token_ttl_seconds)
-        self.providers = extra.pop("providers", None) or Providers(settings)
+        self.providers: Providers = providers or Providers(settings)
         # Rate limits: per process, or shared through Redis when configured. The brain peeks, spending acquires.
-        self.limiter = extra.pop("limiter", None) or build_limiter(settings.redis_url, extra.get("metrics"))
+        self.limiter: RateLimiter = limiter or build_limiter(settings.redis_url, self.metrics)
         self.brain = SqlBrain(db, self.limiter, decide, settings.default_output_tokens)
         self.brain.listen(bus)  # cached policies / catalog entries drop on policy.updated / catalog.updated
-        extra.setdefault("limiter", self.limiter)
-        extra.setdefault("brain", self.brain)
-        self.deps = Deps(passwords=Passwords(), tokens=self.tokens, settings=settings, providers=self.providers,
-                         **extra)
+        # The chain opens lazily (server/chain/workers.py); the domain sees it through the runtime.
+        self.chain_runtime = ChainRuntime(self, start_worker=settings.chain_worker)
+        self.deps = Deps(passwords=Passwords(), tokens=self.tokens, confirmations=settings.confirmations,
+                         chain=self.chain_runtime)
         self.admin_emails = frozenset(e.lower() for e in settings.admin_emails)
-        # Spend control: every new project gets a wallet; the spend service (decide → reserve → settle).
+        # Spend control: every new project gets a wallet; the spend service (decide → reserve → execute → settle).
         self.deps.project_created_hooks.append(open_wallet)
+        hot = None if db.is_sqlite or not settings.hot_path else PgHotPath(db, bus.publish)
         self.spending = Spending(
             uow=self.uow, reader=self.reader, brain=self.brain, providers=self.providers, limiter=self.limiter,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
-            approval_ttl_seconds=settings.approval_ttl_seconds,
-            provider_timeout_seconds=settings.provider_timeout_seconds,
-            default_output_tokens=settings.default_output_tokens,
-            hot=None if db.is_sqlite or not settings.hot_path else PgHotPath(db, bus.publish))
-        self.deps.spending = self.spending
+            approval_ttl_seconds=settings.approval_ttl_seconds, hot=hot)
+        if hot is not None:
+            self.metrics.watch_hot_path(hot.outcomes)
         # The chat assistant: read tools over the brain's read-only sessions; its model calls (LLM mode)
         # through the spend service above, like any agent's.
         model = settings.assistant_model or None
         self.chat = ChatService(uow=self.uow, reader=self.reader, history_messages=settings.assistant_history_messages,
                                 responder=Assistant(lambda: chat_view(db), model=model, call_model=functools.partial(
                                     call_model, self.spending, model) if model else None))
-        metrics = extra.get("metrics")
-        if metrics is not None and isinstance(self.spending.hot, PgHotPath):
-            metrics.watch_hot_path(self.spending.hot.outcomes)
 
     @contextlib.asynccontextmanager
     async def uow(self, actor: Actor = SYSTEM) -> AsyncIterator[Scope]:

@@ -23,19 +23,25 @@ def _route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def error_body(request: web.Request, code: str, message: str, details: dict | None = None,
-               type_: str | None = None) -> bytes:
-    if request.path.startswith("/v1/"):
-        # The gateway speaks OpenAI's error shape so the official SDKs parse it.
-        return encode({"error": {"message": message, "type": type_ or code, "code": code,
-                                 "param": None, **({"details": details} if details else {})}})
-    return encode({"error": {"code": code, "message": message, "details": details or {}}})
+# ---------------------------------------------------------------- the HTTP error renderers
+# One per shape: REST's {"error": {code, message, details}} and, under /v1/, OpenAI's shape (the gateway,
+# so the official SDKs parse it; also used for the error event inside an SSE stream).
+def openai_error(code: str, message: str, details: dict | None = None, type_: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_ or code, "code": code, "param": None,
+                      **({"details": details} if details else {})}}
 
 
 def error_response(request: web.Request, status: int, code: str, message: str,
                    details: dict | None = None, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=error_body(request, code, message, details),
-                        content_type="application/json", headers=headers)
+    """Every HTTP error answer (domain errors, bad JSON, unknown routes, 500s) is built here."""
+    if request.path.startswith("/v1/"):
+        body = encode(openai_error(code, message, details))
+        rid = details.get("request_id") if details else None
+        if rid:  # the gateway's spend request, as on its successful answers
+            headers = {**(headers or {}), "x-smartspace-request-id": str(rid)}
+    else:
+        body = encode({"error": {"code": code, "message": message, "details": details or {}}})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def render_domain_error(request: web.Request, exc: DomainError) -> web.Response:

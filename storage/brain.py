@@ -38,6 +38,7 @@ from domain.decisions import (
     WalletState,
 )
 from domain.events import Event
+from domain.ports import EventBus
 from domain.ratelimit import RateLimit, RateLimiter
 from storage.catalog import CatalogModels
 from storage.db import Database
@@ -391,12 +392,10 @@ class SqlBrain:
         self.default_output_tokens = default_output_tokens
         self.cache = BrainCache()
 
-    def listen(self, bus: Any) -> None:
+    def listen(self, bus: EventBus) -> None:
         """Hear policy / catalog changes (and bus resyncs) so cached entries drop at once."""
         bus.listen(self.cache.on_event)
-        on_resync = getattr(bus, "on_resync", None)
-        if on_resync is not None:
-            on_resync(self.cache.on_resync)
+        bus.on_resync(self.cache.on_resync)
 
     async def decide(self, req: SpendInput, now: datetime) -> Decision:
         return await decide_for(self.db, self.limiter, req, now, decide=self._decide,

@@ -1,9 +1,10 @@
 """The OpenAI-compatible gateway: ``/v1/chat/completions`` (JSON and SSE), ``/v1/embeddings``, ``/v1/models``.
 
-Every call runs the spend path (DESIGN.md §3): ``spending.prepare`` (brain decides, worst case reserved
-against the wallet and every budget) → the provider adapter → ``spending.settle`` with the reported
-usage (or a conservative count when the upstream reports none) — or ``spending.fail`` with what was
-consumed when the upstream fails, times out, or the client hangs up mid-stream.
+This module is OpenAI translation, SSE framing and routes only. Every call runs the one execute path of
+``domain.spend`` (DESIGN.md §3): ``spending.call`` (JSON) or ``spending.open_stream`` (SSE) prepare the
+request (the brain decides, the worst case is reserved against the wallet and every budget), call the
+provider, count the usage and settle — or fail, charging what was consumed — with the policy's
+fallback models and one timeout policy; see ``domain/spend/execute.py``.
 
 Auth is a project API key (``Authorization: Bearer sk-…`` or ``X-API-Key``). Keys are resolved through a
 small per-process cache (``KeyCache``); a revoked key, a deleted project or any change to a project
@@ -27,34 +28,17 @@ from aiohttp import web
 
 from domain.base import Actor
 from domain.catalog import Catalog, ModelFilter
-from domain.errors import (
-    ApprovalRequired,
-    Conflict,
-    DomainError,
-    InvalidRequest,
-    NotFound,
-    ProviderError,
-    ProviderTimeout,
-    Unauthorized,
-)
+from domain.errors import ApprovalRequired, Conflict, DomainError, InvalidRequest, NotFound, ProviderError, Unauthorized
 from domain.events import Event
 from domain.identity import KEY_PREFIX, parse_key
-from domain.policies import Policies
-from domain.providers import (
-    ProviderCall,
-    UpstreamError,
-    Usage,
-    conservative_usage,
-    usage_from_openai,
-    usage_to_openai,
-)
-from domain.spend import Prepared, SpendCommand
+from domain.providers import usage_to_openai
+from domain.spend import Laps, SpendCommand
 from server.container import Container
 from server.http import REQUEST_ID, read_body, routes
 from server.http import container as _c
 from server.idempotency import HEADER as IDEMPOTENCY_KEY
 from server.idempotency import idempotent
-from server.middleware import bearer, render_domain_error
+from server.middleware import bearer, openai_error
 
 log = logging.getLogger("smartspace.gateway")
 
@@ -80,9 +64,7 @@ class KeyCache:
         self.max_entries = max_entries
         self._entries: dict[str, tuple[Actor, float]] = {}
         container.bus.listen(self._on_event)
-        on_resync = getattr(container.bus, "on_resync", None)
-        if on_resync is not None:
-            on_resync(self._on_resync)
+        container.bus.on_resync(self._on_resync)
 
     async def actor(self, token: str) -> Actor:
         digest = parse_key(token)
@@ -209,35 +191,8 @@ def _receipt_headers(request_id: str, cost: int) -> dict[str, str]:
     return {"x-smartspace-request-id": request_id, "x-smartspace-cost-micros": str(cost)}
 
 
-def _fallback_worthy(exc: DomainError) -> bool:
-    if isinstance(exc, ProviderTimeout):
-        return True
-    return isinstance(exc, UpstreamError) and exc.retryable
-
-
-def _delta_text(chunk: dict) -> str:
-    """The generated text (content and tool-call arguments) a chunk carries — what output is counted on."""
-    out = ""
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") or {}
-        content = delta.get("content")
-        if content:
-            out += content
-        for tc in delta.get("tool_calls") or ():
-            fn = tc.get("function") or {}
-            out += (fn.get("name") or "") + (fn.get("arguments") or "")
-    return out
-
-
-def _message_text(body: dict) -> str:
-    out = ""
-    for choice in body.get("choices") or ():
-        message = choice.get("message") or {}
-        out += str(message.get("content") or "")
-        for tc in message.get("tool_calls") or ():
-            fn = tc.get("function") or {}
-            out += str(fn.get("name") or "") + str(fn.get("arguments") or "")
-    return out
+def _server_timing(laps: Laps) -> str:
+    return ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in laps.stages.items())
 
 
 def _base64_embeddings(body: dict) -> None:
@@ -247,239 +202,67 @@ def _base64_embeddings(body: dict) -> None:
             item["embedding"] = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-# ---------------------------------------------------------------- one gateway call
-class GatewayCall:
-    def __init__(self, request: web.Request, actor: Actor, cmd: SpendCommand) -> None:
-        self.request = request
-        self.container = _c(request)
-        self.spending = self.container.spending
-        self.actor = actor
-        self.cmd = cmd
-        self.wait = wait_seconds(request)
-        self.base64 = False
-        self.timing: dict[str, float] = {}  # stage → seconds, sent as Server-Timing
-        self._t = time.perf_counter()
+# ---------------------------------------------------------------- OpenAI answers of the one execute path
+async def _json_answer(request: web.Request, actor: Actor, cmd: SpendCommand, laps: Laps,
+                       as_base64: bool = False) -> web.Response:
+    outcome = await _c(request).spending.call(actor, cmd, source="gateway", wait_seconds=wait_seconds(request),
+                                              idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
+    completion = outcome.completion
+    headers = _receipt_headers(outcome.prepared.request_id, outcome.receipt.cost_micros)
+    headers["Server-Timing"] = _server_timing(laps)
+    body, raw = completion.body, completion.raw
+    if as_base64:
+        _base64_embeddings(body)
+        raw = None
+    if raw is None or completion.usage is None:
+        if completion.usage is None:
+            body["usage"] = usage_to_openai(outcome.usage)
+        raw = _encode(body)
+    return web.Response(body=raw, content_type="application/json", headers=headers)
 
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.timing[stage] = self.timing.get(stage, 0.0) + now - self._t
-        self._t = now
 
-    def server_timing(self) -> str:
-        return ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in self.timing.items())
-
-    async def prepare(self, cmd: SpendCommand) -> Prepared:
-        try:
-            prepared = await self.spending.prepare(self.actor, cmd, source="gateway",
-                                                   idempotency_key=self.request.headers.get(IDEMPOTENCY_KEY))
-        except ApprovalRequired as held:
-            if self.wait <= 0:
-                raise
-            prepared = await self.spending.wait_for_approval(held.details["request_id"], self.wait)
-        self.lap("prepare")
-        return prepared
-
-    async def fallbacks(self, prepared: Prepared) -> list[str]:
-        try:
-            async with self.container.reader(self.actor) as scope:
-                policy = await Policies(scope).current(prepared.project_id)
-        except Exception:  # no policy, no fallback: the original error stands
-            log.exception("could not read the fallback models", extra={"request_id": prepared.request_id})
-            return []
-        return [m for m in policy.fallback_models if m not in (prepared.model, self.cmd.model)]
-
-    async def fail(self, prepared: Prepared, error: DomainError, usage: Usage | None) -> None:
-        # Shielded: the money must be released even if this task is being cancelled.
-        await asyncio.shield(self.spending.fail(prepared, error, usage))
-
-    async def call_failed(self, prepared: Prepared, exc: Exception, log_message: str) -> DomainError:
-        """The provider call raised before answering: fail the request (its reservation released) and return the
-        error to raise — ``exc`` itself, with the request id added, if it is a DomainError; otherwise a
-        ProviderError, and ``exc`` is logged."""
-        if isinstance(exc, DomainError):
-            exc.details = {**exc.details, "request_id": prepared.request_id}
-            error = exc
-        else:
-            log.exception(log_message, extra={"request_id": prepared.request_id}, exc_info=exc)
-            error = ProviderError(f"the provider call failed: {type(exc).__name__}",
-                                  {"request_id": prepared.request_id})
-        await self.fail(prepared, error, None)
-        return error
-
-    async def run(self, attempt) -> web.StreamResponse:
-        """prepare → attempt; on a 429/5xx/timeout upstream, retry on the policy's fallback models."""
-        prepared = await self.prepare(self.cmd)
-        try:
-            return await attempt(prepared)
-        except DomainError as first:
-            if not _fallback_worthy(first):
-                raise
-            error: DomainError = first
-            for model in await self.fallbacks(prepared):
-                cmd = msgspec.structs.replace(self.cmd, model=model, metadata={
-                    **self.cmd.metadata, "fallback_of": prepared.request_id, "fallback_reason": error.code})
-                try:
-                    retry = await self.prepare(cmd)
-                except DomainError as rejected:  # re-checked: the fallback may itself be refused
-                    log.info("fallback refused", extra={"model": model, "code": rejected.code})
-                    continue
-                try:
-                    return await attempt(retry)
-                except DomainError as again:
-                    if not _fallback_worthy(again):
-                        raise
-                    error = again
-            raise error from None
-
-    def call(self, prepared: Prepared) -> ProviderCall:
-        return prepared.call()
-
-    # ------------------------------------------------------------ non-streaming chat / embeddings
-    async def complete(self, prepared: Prepared) -> web.Response:
-        call = self.call(prepared)
-        try:
-            provider = self.container.providers.get(prepared.provider)  # inside: an unknown one releases too
-            if call.operation == "embedding":
-                completion = await provider.embed(call)
-            else:
-                completion = await provider.complete(call)
-        except Exception as exc:
-            if (error := await self.call_failed(prepared, exc, "provider call failed")) is exc:
-                raise
-            raise error from None
-        self.lap("upstream")
-        body = completion.body
-        if call.operation == "embedding":
-            usage = completion.usage or conservative_usage(call, "")
-        else:
-            usage = conservative_usage(call, _message_text(body), completion.usage)
-        try:
-            receipt = await asyncio.shield(self.spending.settle(prepared, usage, None))
-        except Exception as exc:
-            await self.fail(prepared, ProviderError(f"settlement failed: {type(exc).__name__}",
-                                                    {"request_id": prepared.request_id}), usage)
-            raise
-        self.lap("settle")
-        headers = _receipt_headers(prepared.request_id, receipt.cost_micros)
-        headers["Server-Timing"] = self.server_timing()
-        raw = completion.raw
-        if self.base64:
-            _base64_embeddings(body)
-            raw = None
-        if raw is None or completion.usage is None:
-            if completion.usage is None:
-                body["usage"] = usage_to_openai(usage)
-            raw = _encode(body)
-        return web.Response(body=raw, content_type="application/json", headers=headers)
-
-    # ------------------------------------------------------------ streaming chat
-    async def open_stream(self, prepared: Prepared):
-        """Start the upstream stream and pull its first chunk, so an immediate failure is still a
-        plain 502/504 answer (and can fall back) rather than an error inside a 200 stream."""
-        call = self.call(prepared)
-        try:
-            iterator = self.container.providers.get(prepared.provider).stream(call).__aiter__()
-            first = await iterator.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except Exception as exc:
-            if (error := await self.call_failed(prepared, exc, "provider stream failed")) is exc:
-                raise
-            raise error from None
-        return await self.forward(prepared, call, iterator, first)
-
-    async def forward(self, prepared: Prepared, call: ProviderCall, iterator, first) -> web.StreamResponse:
-        request = self.request
-        want_usage = bool((self.cmd.params.get("stream_options") or {}).get("include_usage"))
-        resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-smartspace-request-id": prepared.request_id,
-                                           "X-Request-ID": request.get(REQUEST_ID, "")})
+async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, laps: Laps) -> web.StreamResponse:
+    stream = await _c(request).spending.open_stream(actor, cmd, source="gateway", wait_seconds=wait_seconds(request),
+                                                    idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
+    prepared = stream.prepared
+    resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-smartspace-request-id": prepared.request_id,
+                                       "X-Request-ID": request.get(REQUEST_ID, "")})
+    try:
         await resp.prepare(request)
-        text: list[str] = []
-        reported: Usage | None = None
-        usage_chunk: dict | None = None
-        template: dict | None = None
-        chunk = first
-        try:
-            while chunk is not None:
-                if template is None and chunk.get("id"):
-                    template = chunk
-                if chunk.get("usage"):
-                    reported = usage_from_openai(chunk["usage"]) or reported
-                    if not chunk.get("choices"):
-                        usage_chunk = chunk  # held back: it goes out with the cost once settled
-                        chunk = await anext(iterator, None)
-                        continue
-                piece = _delta_text(chunk)
-                if piece:
-                    text.append(piece)
+        async with contextlib.aclosing(stream.chunks()) as chunks:
+            async for chunk in chunks:
                 raw = getattr(chunk, "raw", None)
                 await resp.write(b"data: " + (raw if raw is not None else _encode(chunk)) + b"\n\n")
-                chunk = await anext(iterator, None)
-        except DomainError as exc:  # the upstream failed mid-stream: charge what was consumed
-            usage = conservative_usage(call, "".join(text), reported)
-            exc.details = {**exc.details, "request_id": prepared.request_id}
-            await self.fail(prepared, exc, usage)
-            await self._stream_error(resp, exc)
-            return resp
-        except (ConnectionError, asyncio.CancelledError) as exc:  # the client hung up
-            with contextlib.suppress(Exception):
-                await iterator.aclose()
-            usage = conservative_usage(call, "".join(text), reported)
-            await self.fail(prepared, ProviderError("the client disconnected mid-stream",
-                                                    {"request_id": prepared.request_id}), usage)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return resp
-        except Exception as exc:
-            log.exception("stream forwarding failed", extra={"request_id": prepared.request_id})
-            usage = conservative_usage(call, "".join(text), reported)
-            error = ProviderError(f"the stream failed: {type(exc).__name__}", {"request_id": prepared.request_id})
-            await self.fail(prepared, error, usage)
-            await self._stream_error(resp, error)
-            return resp
-        usage = conservative_usage(call, "".join(text), reported)
-        self.lap("upstream")
-        try:
-            receipt = await asyncio.shield(self.spending.settle(prepared, usage, None))
-        except Exception as exc:
-            log.exception("settlement failed", extra={"request_id": prepared.request_id})
-            error = exc if isinstance(exc, DomainError) else ProviderError(f"settlement failed: {type(exc).__name__}")
-            with contextlib.suppress(Exception):
-                await self.fail(prepared, error, usage)
-            await self._stream_error(resp, error)
-            return resp
-        self.lap("settle")
-        tail = b""
-        if want_usage:
-            final = dict(usage_chunk) if usage_chunk is not None else {
-                "id": (template or {}).get("id", prepared.request_id), "object": "chat.completion.chunk",
-                "created": (template or {}).get("created", int(time.time())),
-                "model": (template or {}).get("model", prepared.upstream_model), "choices": []}
-            final["usage"] = {**usage_to_openai(usage), "cost_micros": receipt.cost_micros,
-                              "request_id": prepared.request_id}
-            tail = b"data: " + _encode(final) + b"\n\n"
-        tail += (f": smartspace cost_micros={receipt.cost_micros} request_id={prepared.request_id} "
-                 f"timing={self.server_timing().replace(' ', '')}\n\n".encode() + b"data: [DONE]\n\n")
-        with contextlib.suppress(ConnectionError):
-            await resp.write(tail)
-            await resp.write_eof()
+    except (ConnectionError, asyncio.CancelledError) as exc:  # the client hung up: pay what was streamed
+        await stream.abort()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         return resp
+    if stream.error is not None or stream.receipt is None or stream.usage is None:
+        await _sse_error(resp, stream.error or ProviderError("the stream ended without a settlement"))
+        return resp
+    cost = stream.receipt.cost_micros
+    tail = b""
+    if stream.want_usage:
+        template = stream.template or {}
+        final = dict(stream.usage_chunk) if stream.usage_chunk is not None else {
+            "id": template.get("id", prepared.request_id), "object": "chat.completion.chunk",
+            "created": template.get("created", int(time.time())),
+            "model": template.get("model", prepared.upstream_model), "choices": []}
+        final["usage"] = {**usage_to_openai(stream.usage), "cost_micros": cost, "request_id": prepared.request_id}
+        tail = b"data: " + _encode(final) + b"\n\n"
+    tail += (f": smartspace cost_micros={cost} request_id={prepared.request_id} "
+             f"timing={_server_timing(laps).replace(' ', '')}\n\n".encode() + b"data: [DONE]\n\n")
+    with contextlib.suppress(ConnectionError):
+        await resp.write(tail)
+        await resp.write_eof()
+    return resp
 
-    @staticmethod
-    async def _stream_error(resp: web.StreamResponse, exc: DomainError) -> None:
-        payload = {"error": {"message": exc.message, "type": exc.code, "code": exc.code, "param": None,
-                             "details": exc.details}}
-        with contextlib.suppress(ConnectionError):
-            await resp.write(b"data: " + _encode(payload) + b"\n\n")
-            await resp.write_eof()
 
-
-def _render(request: web.Request, exc: DomainError) -> web.Response:
-    response = render_domain_error(request, exc)
-    rid = exc.details.get("request_id") if isinstance(exc.details, dict) else None
-    if rid:
-        response.headers["x-smartspace-request-id"] = str(rid)
-    return response
+async def _sse_error(resp: web.StreamResponse, exc: DomainError) -> None:
+    with contextlib.suppress(ConnectionError):
+        await resp.write(b"data: " + _encode(openai_error(exc.code, exc.message, exc.details)) + b"\n\n")
+        await resp.write_eof()
 
 
 def _recover(request: web.Request, actor: Actor):
@@ -497,35 +280,34 @@ def _recover(request: web.Request, actor: Actor):
 
 
 # ---------------------------------------------------------------- routes
+# Errors are raised, not rendered here: the error middleware answers every /v1/ error in OpenAI's shape.
 @routes.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (JSON or SSE with stream: true; "
              "Idempotency-Key honoured)", tag="gateway", auth=False, errors=(*_ERRORS, 409))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    try:
-        start = time.perf_counter()
-        actor = await key_actor(request)
-        body = await _body(request)
-        cmd = chat_command(body, actor)
-        call = GatewayCall(request, actor, cmd)
-        call.timing["auth"] = call._t - start
-        return await idempotent(request, actor, actor.project_id, body,
-                                lambda: call.run(call.open_stream if cmd.stream else call.complete),
-                                recover=_recover(request, actor), render=_render)
-    except DomainError as exc:
-        return _render(request, exc)
+    laps = Laps()
+    actor = await key_actor(request)
+    body = await _body(request)
+    cmd = chat_command(body, actor)
+    laps.lap("auth")
+    return await idempotent(
+        request, actor, actor.project_id, body,
+        lambda: _sse_answer(request, actor, cmd, laps) if cmd.stream else _json_answer(request, actor, cmd, laps),
+        recover=_recover(request, actor))
 
 
 @routes.post("/v1/embeddings", summary="OpenAI-compatible embeddings (Idempotency-Key honoured)", tag="gateway",
              auth=False, errors=(*_ERRORS, 409))
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    try:
-        actor = await key_actor(request)
-        body = await _body(request)
-        call = GatewayCall(request, actor, embedding_command(body, actor))
-        call.base64 = body.get("encoding_format") == "base64"  # the upstream is asked for floats
-        return await idempotent(request, actor, actor.project_id, body, lambda: call.run(call.complete),
-                                recover=_recover(request, actor), render=_render)
-    except DomainError as exc:
-        return _render(request, exc)
+    laps = Laps()
+    actor = await key_actor(request)
+    body = await _body(request)
+    cmd = embedding_command(body, actor)
+    laps.lap("auth")
+    # The upstream is asked for floats; base64 is this gateway's translation.
+    as_base64 = body.get("encoding_format") == "base64"
+    return await idempotent(request, actor, actor.project_id, body,
+                            lambda: _json_answer(request, actor, cmd, laps, as_base64=as_base64),
+                            recover=_recover(request, actor))
 
 
 def _model_json(m) -> dict[str, Any]:
@@ -544,11 +326,7 @@ async def _available(request: web.Request, actor: Actor) -> list:
 @routes.get("/v1/models", summary="OpenAI-compatible model list (the catalog's models this server can reach)",
             tag="gateway", auth=False, errors=(401,))
 async def models(request: web.Request) -> web.Response:
-    try:
-        actor = await key_actor(request)
-        items = await _available(request, actor)
-    except DomainError as exc:
-        return _render(request, exc)
+    items = await _available(request, await key_actor(request))
     return web.Response(body=_encode({"object": "list", "data": [_model_json(m) for m in items]}),
                         content_type="application/json")
 
@@ -556,12 +334,9 @@ async def models(request: web.Request) -> web.Response:
 @routes.get("/v1/models/{model:.+}", summary="One model (OpenAI-compatible)", tag="gateway", auth=False,
             errors=(401, 404))
 async def model(request: web.Request) -> web.Response:
-    try:
-        actor = await key_actor(request)
-        wanted = request.match_info["model"]
-        for m in await _available(request, actor):
-            if m.id == wanted:
-                return web.Response(body=_encode(_model_json(m)), content_type="application/json")
-        raise NotFound(f"the model {wanted!r} is not available", {"model": wanted})
-    except DomainError as exc:
-        return _render(request, exc)
+    actor = await key_actor(request)
+    wanted = request.match_info["model"]
+    for m in await _available(request, actor):
+        if m.id == wanted:
+            return web.Response(body=_encode(_model_json(m)), content_type="application/json")
+    raise NotFound(f"the model {wanted!r} is not available", {"model": wanted})

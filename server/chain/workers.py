@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -25,8 +26,10 @@ from domain.payments import Payment
 from server.chain import open_chain
 from server.chain.devnet import Devnet
 from server.chain.web3chain import Web3Chain
-from server.container import Container
 from server.settings import SettingsError
+
+if TYPE_CHECKING:
+    from server.container import Container
 
 log = logging.getLogger("smartspace.payments")
 
@@ -170,7 +173,10 @@ class PaymentWorker:
 
 class ChainRuntime:
     """Opens the chain once and runs the worker. An RPC chain opens at start-up; the devnet opens on first
-    use (any payments route), so processes and tests that never touch payments pay nothing for it."""
+    use (any payments route), so processes and tests that never touch payments pay nothing for it.
+
+    Built by the container (``container.chain_runtime``), which hands it to the domain as its
+    ``domain.scope.ChainLink``: ``chain`` and ``worker`` are None until the chain is open."""
 
     def __init__(self, container: Container, *, start_worker: bool = True) -> None:
         self.container = container
@@ -199,8 +205,6 @@ class ChainRuntime:
                             log.warning("devnet restarted: %s unfinished payments of the previous run failed", failed)
                 worker = PaymentWorker(self.container, chain, poll_seconds=self.container.settings.chain_poll_seconds)
                 self.devnet, self.worker = devnet, worker
-                self.container.deps.payment_worker = worker
-                self.container.deps.chain = chain
                 self.chain = chain
                 if self.start_worker:
                     worker.start()
@@ -230,9 +234,8 @@ class ChainRuntime:
         if self.worker is not None:
             await self.worker.stop()
         if self.chain is not None:
-            self.container.deps.chain = None
-            await self.chain.close()
-            self.chain = None
+            chain, self.chain = self.chain, None
+            await chain.close()
 
 
 CHAIN = web.AppKey("chain", ChainRuntime)
@@ -242,9 +245,9 @@ def chain_context(container: Container, *, start_worker: bool = True):
     """The cleanup_ctx for the chain (devnet by default, Arc or any EVM RPC when configured)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        runtime = ChainRuntime(container, start_worker=start_worker)
+        runtime = container.chain_runtime
+        runtime.start_worker = start_worker
         app[CHAIN] = runtime
-        container.deps.chain_runtime = runtime
         if container.settings.chain == "rpc":  # a bad configuration stops start-up; a node that is down does not
             try:
                 await runtime.get()

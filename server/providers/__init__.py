@@ -100,6 +100,13 @@ class Providers:
     def names(self) -> list[str]:
         return sorted(self._adapters)
 
+    def timeout_seconds(self, provider: str) -> float:
+        """The provider's time limit (its upstream's ``timeout_seconds``, else the server's)."""
+        for upstream in self.upstreams:
+            if upstream.provider == provider and upstream.timeout_seconds:
+                return upstream.timeout_seconds
+        return self.settings.provider_timeout_seconds
+
     def timeout(self, upstream: Upstream, stream: bool = False) -> aiohttp.ClientTimeout:
         """JSON calls: the whole call within the provider timeout. Streams: at most that long between
         two reads (a long answer may stream for longer, a stalled one is cut)."""

@@ -227,8 +227,8 @@ async def test_the_container_uses_redis_for_rate_limits_when_configured(db, tmp_
     container = Container(settings, db, LocalBus(None))
     try:
         assert isinstance(container.limiter, RedisLimiter)
-        assert container.deps.limiter is container.limiter
-        assert isinstance(container.brain, SqlBrain) and container.deps.brain is container.brain
+        assert container.spending.limiter is container.limiter
+        assert isinstance(container.brain, SqlBrain) and container.spending.brain is container.brain
     finally:
         await container.limiter.close()
 

@@ -35,9 +35,8 @@ def settings(settings):
 
 def restarted_worker(container: Container, chain) -> PaymentWorker:
     """What a new process builds at start: its own container over the same database, the same chain."""
-    fresh = Container(container.settings, container.db, LocalBus(container.deps.metrics),
-                      metrics=container.deps.metrics)
-    fresh.deps.chain = chain
+    fresh = Container(container.settings, container.db, LocalBus(container.metrics), metrics=container.metrics)
+    fresh.chain_runtime.chain = chain
     return PaymentWorker(fresh, chain)
 
 

@@ -211,8 +211,8 @@ async def test_with_redis_cut_spending_goes_on_with_per_process_limits_then_shar
     statuses = await asyncio.gather(*(spend(x, own, body) for x in (a, b) * 4), chat(a, key), chat(b, key))
     codes = sorted(s if isinstance(s, int) else s[0] for s in statuses)
     assert codes == [200] + [429] * 9
-    assert fallbacks(ca.deps.metrics) == fallbacks(cb.deps.metrics) == 3
-    assert fallbacks(ca.deps.metrics, "peek") == fallbacks(cb.deps.metrics, "peek") == 5
+    assert fallbacks(ca.metrics) == fallbacks(cb.metrics) == 3
+    assert fallbacks(ca.metrics, "peek") == fallbacks(cb.metrics, "peek") == 5
     ready = await a.get("/ready")
     assert (ready.status, await ready.json()) == (200, {"status": "ok", "checks": {"database": "ok", "redis": "ok"}})
     await assert_books_balance(db, owner.project_id)
@@ -234,7 +234,7 @@ async def test_requests_right_after_a_redis_blip_do_not_fail(settings, db, redis
     statuses = await asyncio.gather(*(spend(a, owner.headers, body) for _ in range(8)),
                                     *(chat(a, key) for _ in range(4)))
     assert [s if isinstance(s, int) else s[0] for s in statuses] == [200] * 12
-    assert fallbacks(ca.deps.metrics) == fallbacks(ca.deps.metrics, "peek") == 0  # served by Redis throughout
+    assert fallbacks(ca.metrics) == fallbacks(ca.metrics, "peek") == 0  # served by Redis throughout
     await assert_books_balance(db, owner.project_id)
 
 
@@ -275,7 +275,7 @@ async def test_a_key_revoked_on_another_process_during_a_cut_cannot_spend_here(
     key = await create_key(a, owner)
     assert await chat(a, key["key"]) == 200  # A's gateway has the key cached now
     await proxy.cut()
-    await until_errors(ca.deps.metrics, "listen")  # A's listener noticed
+    await until_errors(ca.metrics, "listen")  # A's listener noticed
     resp = await b.delete(f"/api/v1/projects/{owner.project_id}/keys/{key['id']}", headers=owner.headers)
     assert resp.status in (200, 204), await resp.text()
     before = await assert_books_balance(db, owner.project_id)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
 import pytest
 
-from agentic.pipeline import decide, period_start
+from agentic.pipeline import decide
+from domain.budgets import period_start
 from domain.decisions import Activity, AgentState, KeyState, ProjectState
 from domain.policies import RateLimitRules, Window
 from tests.unit.brain_fakes import NOW, PROJECT, USDC, FakeView, budget, request
@@ -357,6 +358,15 @@ async def test_a_budget_whose_period_rolled_over_starts_from_zero():
     await assert_rejected(view, "budget_exceeded", "budget_exceeded")
     view.budget_list = [budget(COST, spent=COST, period="total", period_start=yesterday)]
     await assert_rejected(view, "budget_exceeded", "budget_exceeded")
+
+
+async def test_the_brain_rolls_periods_on_utc_boundaries_whatever_the_clocks_zone():
+    # 02:30 on 26 Nov in UTC+14 is still 25 Nov in UTC: a day budget spent on the 25th is still spent.
+    ahead = NOW.astimezone(timezone(timedelta(hours=14)))
+    assert ahead.day == 26
+    view = FakeView()
+    view.budget_list = [budget(COST, spent=COST, period="day", period_start=datetime(2026, 11, 25, tzinfo=UTC))]
+    await assert_rejected(view, "budget_exceeded", "budget_exceeded", now=ahead)
 
 
 def test_periods_follow_utc_calendar_boundaries():

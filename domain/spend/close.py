@@ -1,0 +1,101 @@
+"""Close an executing request: settle to its usage, or fail it (charge what was consumed); release."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from domain.errors import (
+    Conflict,
+    DomainError,
+)
+from domain.providers import Usage
+from domain.spend.core import SpendCore
+from domain.spend.entities import (
+    CloseValues,
+    Prepared,
+    Receipt,
+    SpendRequest,
+    actor_from_label,
+    failed_event,
+    settled_event,
+)
+
+if TYPE_CHECKING:
+    from domain.scope import Scope
+
+log = logging.getLogger("smartspace.spend")
+
+
+class Closing(SpendCore):
+    """The last step of an executing request: ``settle`` or ``fail``; releasing a reservation."""
+
+    async def settle(self, prepared: Prepared, usage: Usage, response: dict[str, Any] | None = None) -> Receipt:
+        """Charge the actual cost of ``usage`` (never more than reserved), release the rest, receipt."""
+        cost = prepared.cost(usage)
+        if cost > prepared.reserved_micros:
+            log.warning("actual cost above the reservation; charging the reservation",
+                        extra={"request_id": prepared.request_id, "cost_micros": cost,
+                               "reserved_micros": prepared.reserved_micros})
+            cost = prepared.reserved_micros
+        now = self.clock()
+        values = CloseValues(status="settled", cost_micros=cost, input_tokens=usage.input_tokens,
+                             output_tokens=usage.output_tokens, response=response, settled_at=now)
+        receipt = Receipt(request_id=prepared.request_id, model=prepared.model, input_tokens=usage.input_tokens,
+                          output_tokens=usage.output_tokens, estimated_cost_micros=prepared.estimated_cost_micros,
+                          cost_micros=cost, settled_at=now)
+        if prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
+                prepared, ("executing",), values, prepared.actor, [settled_event(prepared, receipt)], now):
+            return receipt
+        async with self.uow(actor_from_label(prepared.actor)) as scope:
+            row = await self._close(scope, prepared.request_id, ("executing",), values)
+            if row is None:
+                current = await scope.store.spend_requests.get(prepared.request_id)
+                raise Conflict("the request is no longer executing (its reservation expired or it was settled)",
+                               {"request_id": prepared.request_id, "status": current.status if current else None})
+            stored = row.receipt
+            assert stored is not None
+            scope.pending.append(settled_event(row, stored))
+        return stored
+
+    async def fail(self, prepared: Prepared, error: DomainError, usage: Usage | None = None) -> None:
+        """The call failed after reserving: charge what was consumed (if the upstream reported usage),
+        release the rest."""
+        cost = min(prepared.cost(usage), prepared.reserved_micros) if usage is not None else 0
+        now = self.clock()
+        values = CloseValues(status="failed", cost_micros=cost, error=error.to_dict(),
+                             input_tokens=usage.input_tokens if usage else None,
+                             output_tokens=usage.output_tokens if usage else None, settled_at=now if cost else None)
+        failed = failed_event(prepared.project_id, prepared.request_id, values.error or {}, cost)
+        if prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
+                prepared, ("executing", "approved"), values, prepared.actor, [failed], now):
+            return
+        async with self.uow(actor_from_label(prepared.actor)) as scope:
+            row = await self._close(scope, prepared.request_id, ("executing", "approved"), values)
+            if row is None:
+                return  # already released (expired by the sweeper, or failed before)
+            scope.pending.append(failed)
+
+    async def _close(self, scope: Scope, request_id: str, from_statuses: tuple[str, ...],
+                     values: CloseValues) -> SpendRequest | None:
+        row = await scope.store.spend_requests.transition(request_id, from_statuses, reservation_expires_at=None,
+                                                          **msgspec.structs.asdict(values))
+        if row is not None:
+            await self._move_money(scope, row, values.cost_micros)
+        return row
+
+    async def _move_money(self, scope: Scope, row: SpendRequest, cost: int) -> None:
+        """Charge ``cost`` of the request's reservation and release the rest (wallet + its budgets)."""
+        reserved = row.reserved_micros
+        if reserved <= 0:
+            return
+        await scope.wallets.capture(row.project_id, cost, kind="spend", ref=row.id, memo=row.model,
+                                    release_micros=reserved - cost)
+        await scope.budgets.settle_all(row.budget_ids, reserved, cost, ref=row.id)
+
+    async def _release(self, scope: Scope, row: SpendRequest) -> None:
+        if row.reserved_micros > 0:
+            await scope.wallets.release(row.project_id, row.reserved_micros, ref=row.id)
+            await scope.budgets.release_all(row.budget_ids, row.reserved_micros, ref=row.id)
