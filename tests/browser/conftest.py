@@ -129,8 +129,22 @@ class Dashboard:
         await self.server.ready(self.http)
 
 
+_PROBES = {"needs_chat": ("POST", "/api/v1/chatbot/chat", {"message": "ping"}),
+           "needs_insights": ("GET", "/api/v1/projects/{project_id}/insights", None)}
+
+
+async def _skip_missing_features(request: pytest.FixtureRequest, dash: Dashboard) -> None:
+    """``needs_chat`` / ``needs_insights``: skip while the feature's route answers 404 on this server."""
+    for name, (method, path, body) in _PROBES.items():
+        if request.node.get_closest_marker(name):
+            project = await dash.project()
+            status, _ = await dash.call(method, path.format(project_id=project.project_id), project.token, body)
+            if status in (404, 405):
+                pytest.skip(f"{name}: {path} answers {status} on this server (the feature is not merged yet)")
+
+
 @pytest.fixture
-async def dashboard(tmp_path: Path) -> AsyncIterator[Dashboard]:
+async def dashboard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Dashboard]:
     data = tmp_path / "data"
     data.mkdir()
     env = server_env(f"sqlite+aiosqlite:///{data / 'smartspace.db'}", data, access_log="false",
@@ -139,7 +153,10 @@ async def dashboard(tmp_path: Path) -> AsyncIterator[Dashboard]:
         dash = Dashboard(Server("server-0", env, tmp_path), http, env, tmp_path)
         try:
             await dash.server.ready(http)
+            await _skip_missing_features(request, dash)
             yield dash
+        except pytest.skip.Exception:
+            raise
         except BaseException:
             print(f"----- server log tail -----\n{dash.server.tail()}", file=sys.stderr)
             raise
@@ -186,23 +203,6 @@ async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             with contextlib.suppress(Exception):
                 await context.close()
             shutil.rmtree(profile, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-async def _needs(request: pytest.FixtureRequest) -> None:
-    """``needs_chat`` / ``needs_insights``: skip while the feature's route answers 404 on this server."""
-    probes = {"needs_chat": ("POST", "/api/v1/chatbot/chat", {"message": "ping"}),
-              "needs_insights": ("GET", "/api/v1/projects/{project_id}/insights", None)}
-    wanted = [name for name in probes if request.node.get_closest_marker(name)]
-    if not wanted:
-        return
-    dash: Dashboard = request.getfixturevalue("dashboard")
-    project = await dash.project()
-    for name in wanted:
-        method, path, body = probes[name]
-        status, _ = await dash.call(method, path.format(project_id=project.project_id), project.token, body)
-        if status in (404, 405):
-            pytest.skip(f"{name}: {path} answers {status} on this server (the feature is not merged yet)")
 
 
 async def sign_in(browser: Browser, dash: Dashboard, email: str = ADMIN_EMAIL, password: str = PASSWORD) -> None:
