@@ -11,6 +11,10 @@ type Refresh = () => void;
 
 const POLICY_META = new Set(["project_id", "version", "created_at", "created_by"]);
 
+// What the panel last said, and a new key's secret, survive the panel being redrawn (once per
+// project: switching projects forgets them; a reload forgets the secret for good).
+const said = { projectId: "", text: "", bad: false, secret: "" };
+
 function errorText(exc: unknown): string {
   if (exc instanceof ApiError) return `${exc.code}: ${exc.message}`;
   return (exc as Error).message;
@@ -29,8 +33,14 @@ function agentSelect(board: Board, name: string): HTMLSelectElement {
 
 export function renderAdmin(el: Element, board: Board, refresh: Refresh): void {
   const base = `/api/v1/projects/${board.projectId}`;
-  const status = h("p", { class: "small", "data-testid": "admin-status", "aria-live": "polite" });
-  const say = (text: string, bad = false) => { status.textContent = text; status.className = bad ? "small over" : "small"; };
+  if (said.projectId !== board.projectId) Object.assign(said, { projectId: board.projectId, text: "", bad: false, secret: "" });
+  const status = h("p", { class: said.bad ? "small over" : "small", "data-testid": "admin-status", "aria-live": "polite" },
+                   said.text);
+  const say = (text: string, bad = false) => {
+    Object.assign(said, { text, bad });
+    status.textContent = text;
+    status.className = bad ? "small over" : "small";
+  };
 
   // agents
   const agentName_ = h("input", { name: "agent-name", placeholder: "agent name", required: true }) as HTMLInputElement;
@@ -47,13 +57,15 @@ export function renderAdmin(el: Element, board: Board, refresh: Refresh): void {
   // keys
   const keyName = h("input", { name: "key-name", placeholder: "key name", required: true }) as HTMLInputElement;
   const keyAgent = agentSelect(board, "key-agent");
-  const secret = h("div", { class: "secret", "data-testid": "new-key" });
+  const secret = h("div", { class: "secret", "data-testid": "new-key" },
+                   said.secret ? ["Copy this key now, it is shown once: ", h("code", {}, said.secret)] : null);
   const keys = h("form", { class: "inline", onsubmit: async (e: Event) => {
     e.preventDefault();
     try {
       const created = await api("POST", `${base}/keys`, { name: keyName.value, ...(keyAgent.value ? { agent_id: keyAgent.value } : {}) });
       board.keys.set(created.id, created);
-      fill(secret, "Copy this key now, it is shown once: ", h("code", {}, created.key));
+      said.secret = created.key;
+      say(`Key ${created.prefix}… created.`);
       refresh();
     } catch (exc) { say(errorText(exc), true); }
   } }, keyName, keyAgent, h("button", { type: "submit" }, "Create key"));

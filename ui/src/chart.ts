@@ -28,8 +28,9 @@ export class SpendChart {
     }
     const key = (r: (typeof settled)[number]) => (this.by === "model" ? r.model : agentName(board, r.agent_id));
     const names = [...new Set(settled.map(key))].slice(0, COLORS.length);
-    const xs: number[] = [];
-    const ys: number[][] = names.map(() => []);
+    // every line starts at zero just before the first settlement
+    const xs: number[] = [Date.parse(settled[0].settled_at!) / 1000 - 1];
+    const ys: number[][] = names.map(() => [0]);
     const totals = names.map(() => 0);
     for (const r of settled) {
       const i = names.indexOf(key(r));
@@ -42,7 +43,8 @@ export class SpendChart {
     const width = Math.max(280, this.el.clientWidth || 560);
     this.plot = new uPlot({
       width, height: 220,
-      scales: { x: { time: true } },
+      // at least a five-minute window, so a handful of points does not stretch over years
+      scales: { x: { time: true, range: (_u, min, max) => (max - min < 300 ? [max - 300, max + 5] : [min, max]) } },
       axes: [{}, { values: (_u, ticks) => ticks.map((t) => usdc(Math.round(t * 1_000_000))), size: 80 }],
       series: [{}, ...names.map((name, i) => ({
         label: name, stroke: COLORS[i], width: 2,

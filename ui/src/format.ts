@@ -25,7 +25,8 @@ export function duration(ms: number | null | undefined): string {
   if (ms < 120_000) return `${(ms / 1000).toFixed(1)} s`;
   if (ms < 7_200_000) return `${Math.round(ms / 60_000)} min`;
   if (ms < 172_800_000) return `${(ms / 3_600_000).toFixed(1)} h`;
-  return `${(ms / 86_400_000).toFixed(1)} days`;
+  if (ms < 365 * 86_400_000) return `${(ms / 86_400_000).toFixed(1)} days`;
+  return "over a year";
 }
 
 export function short(hash: string | null | undefined, keep = 10): string {

@@ -53,8 +53,8 @@ function draw(): void {
         if (!chartTimer) chartTimer = window.setTimeout(() => { chartTimer = 0; if (board) chart.render(board); }, 500);
         break;
       case "admin": {
-        const el = byId("admin");
-        if (isAdmin(b) && !el.contains(document.activeElement)) renderAdmin(el, b, () => schedule("admin", "budgets"));
+        // An event does not redraw the forms under someone's fingers; the panel's own actions do.
+        if (isAdmin(b) && !byId("admin").contains(document.activeElement)) drawAdmin(b);
         break;
       }
       case "policy":
@@ -62,6 +62,13 @@ function draw(): void {
         break;
     }
   }
+}
+
+function drawAdmin(b: Board): void {
+  renderAdmin(byId("admin"), b, () => {
+    drawAdmin(b);
+    schedule("budgets", "feed");
+  });
 }
 
 function flash(text: string, bad = true): void {
