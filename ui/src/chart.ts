@@ -43,8 +43,8 @@ export class SpendChart {
     const width = Math.max(280, this.el.clientWidth || 560);
     this.plot = new uPlot({
       width, height: 220,
-      // at least a five-minute window, so a handful of points does not stretch over years
-      scales: { x: { time: true, range: (_u, min, max) => (max - min < 300 ? [max - 300, max + 5] : [min, max]) } },
+      // at least a minute wide, so a handful of points does not stretch over years
+      scales: { x: { time: true, range: (_u, min, max) => (max - min < 60 ? [max - 60, max + 2] : [min, max]) } },
       axes: [{}, { values: (_u, ticks) => ticks.map((t) => usdc(Math.round(t * 1_000_000))), size: 80 }],
       series: [{}, ...names.map((name, i) => ({
         label: name, stroke: COLORS[i], width: 2,

@@ -152,7 +152,8 @@ async function openProject(projectId: string): Promise<void> {
   try {
     // The log's head first: the subscription replays everything after it, so an event committed
     // while the snapshot loads is applied on top of it, never lost.
-    const head = await optional(api("GET", `${base}/audit?limit=1`), { items: [] });
+    // Without it (a role that may not read the log), since 0 replays the whole log: slower, as correct.
+    const head = await api("GET", `${base}/audit?limit=1`).catch(() => ({ items: [] }));
     const since = head.items[0]?.seq ?? 0;
     const [wallet, budgets, requests, held, payments, deposits, insights, agents, keys, policy] = await Promise.all([
       api("GET", `${base}/wallet`),

@@ -41,8 +41,18 @@ export function renderWallet(el: Element, board: Board): void {
          figure("Balance", usdc(w.balance_micros), "wallet-balance", w.balance_micros),
          figure("Reserved", usdc(w.reserved_micros), "wallet-reserved", w.reserved_micros),
          figure("Runway", runway, "wallet-runway")),
+       lastHour(board),
        w.deposit_address ? h("p", { class: "muted mono", title: w.deposit_address },
                              "Deposit address ", short(w.deposit_address, 12)) : null);
+}
+
+function lastHour(board: Board, now = Date.now()): HTMLElement {
+  const recent = [...board.requests.values()].filter((r) => now - Date.parse(r.created_at) <= 3_600_000);
+  const count = (test: (status: string) => boolean) => recent.filter((r) => test(r.status)).length;
+  return h("div", { class: "figures" },
+    figure("Requests, last hour", String(recent.length), "requests-hour"),
+    figure("Settled", String(count((s) => s === "settled"))),
+    figure("Refused or failed", String(count((s) => ["rejected", "failed", "expired"].includes(s)))));
 }
 
 function forecast(budget: any, now = Date.now()): number | null {
@@ -70,7 +80,7 @@ export function renderBudgets(el: Element, board: Board, onDelete: (id: string) 
     reserved.style.width = `${reservedPct}%`;
     const projected = forecast(b);
     const insight = insightFor(board, "budget_forecast", (s) => s.budget_id === b.id);
-    const threshold = board.thresholds.get(b.id);
+    const threshold = board.thresholds.get(b.id) ?? (b.alerted?.length ? Math.max(...b.alerted) : undefined);
     return h("div", { class: "budget", "data-testid": `budget-${b.id}`, "data-spent-micros": b.spent_micros,
                       "data-reserved-micros": b.reserved_micros, "data-limit-micros": b.limit_micros },
       h("div", { class: "row" },
