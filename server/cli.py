@@ -84,24 +84,24 @@ def demo(args: argparse.Namespace) -> None:
         raise SystemExit(130) from None
 
 
-def _seconds(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1
-    if not 1 <= value <= 86_400:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds between 1 and 86400")
-    return value
+def _within(cast: type, low: float, high: float, what: str):
+    """An argparse type: ``cast(raw)`` between ``low`` and ``high``, else a message naming ``what``."""
+
+    def parse(raw: str):
+        try:
+            value = cast(raw)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {what} between {low} and {high}")
+        return value
+
+    return parse
 
 
-def _port(raw: str) -> int:
-    try:
-        port = int(raw)
-    except ValueError:
-        port = -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port between 1 and 65535")
-    return port
+_port = _within(int, 1, 65535, "a TCP port")
+_seconds = _within(float, 1, 86_400, "a number of seconds")
+_wait = _within(int, 0, 300, "a number of seconds")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p_demo.add_argument("--no-serve", action="store_true", help="fail instead of starting a server")
     p_demo.add_argument("--exit", action="store_true", help="stop a server it started when the traffic ends")
     p_demo.add_argument("--seed", type=int, default=None, help="random seed for the traffic")
-    p_demo.add_argument("--approval-wait", type=int, default=20, choices=range(0, 301), metavar="SECONDS",
+    p_demo.add_argument("--approval-wait", type=_wait, default=20, metavar="SECONDS",
                         help="how long every other held request waits for a person to approve it (default 20)")
     p_demo.set_defaults(func=demo)
     args = parser.parse_args(argv)
