@@ -180,7 +180,9 @@ class Browser:
 
 @pytest.fixture
 async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Browser]:
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
+
+    expect.set_options(timeout=WAIT_MS)  # the devnet and a restarted server can take a few seconds
 
     profile = tmp_path / f"chromium-{uuid.uuid4().hex[:8]}"
     async with async_playwright() as pw:

@@ -51,6 +51,11 @@ async def test_a_gateway_call_shows_in_the_feed_and_moves_the_budget_bar_without
     await expect(budget).to_have_attribute("data-spent-micros", str(cost))
     await expect(page.get_by_test_id("wallet-available")).to_have_attribute("data-micros", str(5_000_000 - cost))
     assert await page.evaluate("window.__sameDocument") is True
+    chart = page.get_by_test_id("spend-chart")
+    await expect(chart.locator("canvas")).to_have_count(1)
+    await expect(chart).to_contain_text("local/echo-1")  # the legend: one line per model
+    await page.locator("#chart-by").select_option("agent")
+    await expect(chart).to_contain_text("researcher")
     await browser.shot("after-call")
     assert browser.errors == []
 
@@ -123,3 +128,32 @@ async def test_the_page_reconnects_after_a_server_restart_and_catches_up(dashboa
     await browser.shot("caught-up")
     # the offline spell logs the failed websocket attempts; nothing else may have gone wrong
     assert [e for e in browser.errors if "ERR_INTERNET_DISCONNECTED" not in e] == []
+
+
+async def test_deposits_and_payouts_appear_with_their_tx_hashes(dashboard: Dashboard, browser: Browser) -> None:
+    project = await dashboard.project()
+    await sign_in(browser, dashboard)
+    page = browser.page
+    wallet = page.get_by_test_id("wallet-available")
+    await expect(wallet).to_have_attribute("data-micros", "5000000")
+
+    await page.get_by_role("button", name="+ 10 test USDC (devnet)").click()  # devnet transfer + deposit claim
+    deposit = page.get_by_test_id("payments").locator("[data-payment-id]").filter(has_text="deposit")
+    await expect(deposit).to_have_count(1)
+    _, deposits = await dashboard.call("GET", f"/api/v1/projects/{project.project_id}/deposits", project.token)
+    tx_hash = deposits["items"][0]["tx_hash"]
+    await expect(deposit).to_contain_text("+$10.00")
+    await expect(deposit.locator(f'[title="{tx_hash}"]')).to_contain_text(tx_hash[:10])
+    await expect(wallet).to_have_attribute("data-micros", "15000000")
+
+    _, payout = await dashboard.call(
+        "POST", f"/api/v1/projects/{project.project_id}/withdrawals", project.token, expect=201,
+        headers={"Idempotency-Key": "browser-payout-1"},
+        json={"to_address": "0x000000000000000000000000000000000000dEaD", "amount_micros": 2_000_000})
+    row = page.get_by_test_id("payments").locator(f'[data-payment-id="{payout["id"]}"]')
+    await expect(row).to_contain_text("−$2.00")
+    await expect(row.locator(".status")).to_have_text("confirmed")  # pending → submitted → confirmed, live
+    await expect(row.locator(f'[title="{payout["tx_hash"]}"]')).to_be_visible()
+    await expect(wallet).to_have_attribute("data-micros", "13000000")
+    await browser.shot("payments")
+    assert browser.errors == []

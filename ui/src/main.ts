@@ -127,9 +127,12 @@ async function reloadPolicy(b: Board): Promise<void> {
 
 async function fundOnDevnet(): Promise<void> {
   const b = board;
-  if (!b?.wallet?.deposit_address) return;
+  if (!b) return;
   try {
-    const tx = await api("POST", "/api/v1/devnet/transfer", { to_address: b.wallet.deposit_address, amount_micros: 10_000_000 });
+    // the devnet starts on the first payments call: the address comes from there
+    const info = await api("GET", `/api/v1/projects/${b.projectId}/deposit-address`);
+    if (b.wallet) b.wallet.deposit_address = info.deposit_address;
+    const tx = await api("POST", "/api/v1/devnet/transfer", { to_address: info.deposit_address, amount_micros: 10_000_000 });
     await api("POST", `/api/v1/projects/${b.projectId}/deposits`, { tx_hash: tx.tx_hash });
     flash("10 test USDC deposited on the devnet.", false);
   } catch (exc) {
