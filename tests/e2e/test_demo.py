@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from server.demo import DEMO_EMAIL, DEMO_PASSWORD, DEMO_PROJECT, FUNDING_MICROS
-from tests.e2e.procs import ROOT, Server, server_env
+from tests.e2e.procs import ROOT, Server, free_port, server_env
 
 pytestmark = pytest.mark.e2e
 
@@ -84,3 +84,20 @@ def test_the_demo_fails_clearly_without_a_server() -> None:
                            "--duration", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "no SmartSpace server answers at http://127.0.0.1:9" in proc.stderr
+
+
+async def test_the_demo_starts_a_server_when_none_answers_and_stops_it_with_exit(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = server_env(f"sqlite+aiosqlite:///{tmp_path / 'own.db'}", data, access_log="false", log_level="WARNING")
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "demo", "--url", url, "--exit", "--duration", "2", "--approval-wait", "1",
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 180))[0].decode(errors="replace")
+    assert proc.returncode == 0, out
+    assert f"no server answers at {url}: starting `smartspace serve`" in out
+    assert "settled" in out and f"dashboard: {url}/" in out
+    assert (tmp_path / ".smartspace" / "demo-server.log").is_file()
+    async with aiohttp.ClientSession() as http:  # --exit: the server it started is gone
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.get(url + "/health")
