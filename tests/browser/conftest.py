@@ -49,7 +49,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if reason:
             item.add_marker(pytest.mark.skip(reason=f"browser tests skipped: {reason}"))
     if reason and mine:
-        print(f"\n{'!' * 78}\n!! BROWSER TESTS SKIPPED: {reason}\n{'!' * 78}", file=sys.stderr)
+        banner = f"{'!' * 78}\n!! {len(mine)} BROWSER TESTS SKIPPED: {reason}\n{'!' * 78}"
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(banner, red=True, bold=True)
+        else:
+            print(banner, file=sys.stderr)
 
 
 @dataclass
