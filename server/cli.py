@@ -1,4 +1,4 @@
-"""The ``smartspace`` command: ``serve`` and ``migrate``."""
+"""The ``smartspace`` command: ``serve``, ``migrate`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -65,14 +65,43 @@ def migrate(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
-def _port(raw: str) -> int:
+def demo(args: argparse.Namespace) -> None:
+    from server.demo import DemoError, run
+
+    url = args.url
+    if url is None:
+        settings = _settings_or_exit()
+        url = f"http://{settings.host}:{settings.port}"
     try:
-        port = int(raw)
-    except ValueError:
-        port = -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port between 1 and 65535")
-    return port
+        raise SystemExit(asyncio.run(run(url, args.duration, serve=not args.no_serve,
+                                         keep_serving=not args.exit, seed=args.seed,
+                                         approval_wait=args.approval_wait)))
+    except DemoError as exc:
+        print(f"\nsmartspace demo: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("\nsmartspace demo: stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _within(cast: type, low: float, high: float, what: str):
+    """An argparse type: ``cast(raw)`` between ``low`` and ``high``, else a message naming ``what``."""
+
+    def parse(raw: str):
+        try:
+            value = cast(raw)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {what} between {low} and {high}")
+        return value
+
+    return parse
+
+
+_port = _within(int, 1, 65535, "a TCP port")
+_seconds = _within(float, 1, 86_400, "a number of seconds")
+_wait = _within(int, 0, 300, "a number of seconds")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,6 +114,16 @@ def main(argv: list[str] | None = None) -> None:
     p_migrate = sub.add_parser("migrate", help="apply database migrations")
     p_migrate.add_argument("revision", nargs="?", default="head")
     p_migrate.set_defaults(func=migrate)
+    p_demo = sub.add_parser("demo", help="a demo project with simulated agent traffic, for the dashboard")
+    p_demo.add_argument("--url", default=None, help="the server (default http://SMARTSPACE_HOST:SMARTSPACE_PORT); "
+                        "started here when none answers")
+    p_demo.add_argument("--duration", type=_seconds, default=90.0, help="seconds of traffic (default 90)")
+    p_demo.add_argument("--no-serve", action="store_true", help="fail instead of starting a server")
+    p_demo.add_argument("--exit", action="store_true", help="stop a server it started when the traffic ends")
+    p_demo.add_argument("--seed", type=int, default=None, help="random seed for the traffic")
+    p_demo.add_argument("--approval-wait", type=_wait, default=20, metavar="SECONDS",
+                        help="how long every other held request waits for a person to approve it (default 20)")
+    p_demo.set_defaults(func=demo)
     args = parser.parse_args(argv)
     args.func(args)
 
