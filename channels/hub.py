@@ -275,12 +275,9 @@ class Hub:
 
     # ------------------------------------------------------------------ subscriptions
     async def subscribe(self, namespace: str, sid: str, actor: Actor, project_id: str, since: int) -> int:
-        async with self.container.reader(actor) as scope:
-            try:
-                await scope.projects.require(project_id, "viewer")
-            except DomainError:
-                raise Forbidden("you are not a member of this project", {"project_id": project_id}) from None
-        # Hold first, then join, then read: nothing committed from here on can slip past this subscriber.
+        # Hold first, then join, then read: nothing committed from here on can slip past this subscriber. The
+        # membership check, the log's head and the first replay page are one read; until it passes, what the
+        # room carries only goes to this subscriber's hold buffer, which a refusal discards.
         key = (namespace, sid, project_id, next(self._ids))
         self.holding[key] = []
         self._holds += 1
@@ -288,10 +285,14 @@ class Hub:
         try:
             await self.sio.enter_room(sid, room(project_id), namespace=namespace)
             if not self.sio.manager.is_connected(sid, namespace):
-                await self.sio.leave_room(sid, room(project_id), namespace=namespace)
                 raise Forbidden("the connection is closing")
-            async with self.container.reader() as scope:
+            async with self.container.reader(actor) as scope:
+                try:
+                    await scope.projects.require(project_id, "viewer")
+                except DomainError:
+                    raise Forbidden("you are not a member of this project", {"project_id": project_id}) from None
                 head = await scope.store.events.head(project_id)
+                page = await scope.store.events.since(project_id, since, REPLAY_PAGE)
             latest = top = head[0] if head else 0
             if stream.upto is None:
                 # Everything up to the head is in the log, and every member of the room is still holding.
@@ -301,8 +302,6 @@ class Hub:
                 self._kick(project_id, stream)
             last = since
             while True:
-                async with self.container.reader() as scope:
-                    page = await scope.store.events.since(project_id, last, REPLAY_PAGE)
                 for event in page:
                     last = event.seq
                     top = max(top, last)
@@ -311,6 +310,8 @@ class Hub:
                         self.metrics.events_replayed.labels(namespace).inc()
                 if len(page) < REPLAY_PAGE:
                     break
+                async with self.container.reader() as scope:
+                    page = await scope.store.events.since(project_id, last, REPLAY_PAGE)
             buffer = self.holding[key]
             while buffer:
                 event = buffer.pop(0)
@@ -365,7 +366,7 @@ class ProjectNamespace(socketio.AsyncNamespace):
         if not token:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized")
         try:
-            actor = await self.hub.container.authenticate(str(token))
+            actor = await self.hub.container.authenticate(str(token), count_use=False)  # a read, no write
         except DomainError:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized") from None
         except Exception:
@@ -384,7 +385,7 @@ class ProjectNamespace(socketio.AsyncNamespace):
         try:
             project_id, since = _subscription(data)
             session = await self.get_session(sid)
-            actor = await self.hub.container.authenticate(session["token"])
+            actor = await self.hub.container.authenticate(session["token"], count_use=False)  # still valid?
             seq = await self.hub.subscribe(self.namespace, sid, actor, project_id, since)
         except DomainError as exc:
             return ack_error(exc)

@@ -90,11 +90,12 @@ class Container:
         return Actor(kind="user", id=user_id, user_id=user_id, email=email,
                      platform_admin=email.lower() in self.admin_emails)
 
-    async def authenticate(self, token: str) -> Actor:
-        """An access token (JWT) or a project API key → the acting principal."""
+    async def authenticate(self, token: str, *, count_use: bool = True) -> Actor:
+        """An access token (JWT) or a project API key → the acting principal. ``count_use=False``: one read, no
+        write transaction (a key's use is not counted), e.g. for a socket connect."""
         if token.startswith("sk-"):
-            async with self.uow() as scope:
-                key = await scope.keys.authenticate(token)
+            async with (self.uow() if count_use else self.reader()) as scope:
+                key = await scope.keys.authenticate(token, count_use=count_use)
             return Actor(kind="key", id=key.key_id, project_id=key.project_id, agent_id=key.agent_id)
         user_id = self.tokens.verify(token)
         async with self.reader() as scope:
