@@ -299,7 +299,9 @@ class SmartSpace(System):
         database = await create_database(args.database_url, self.db_name)
         redis = urlparse(args.redis_url)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
         env = server_env(database, logs / "data", access_log="false", chain_worker="false", redis_url=redis,
-                         redis_channel_prefix=f"bench-{uuid.uuid4().hex[:8]}", log_level="WARNING")
+                         log_level="WARNING")
+        if not args.server_root:  # (a tree from before the setting listens on the shared smartspace:events)
+            env["SMARTSPACE_REDIS_CHANNEL_PREFIX"] = f"bench-{uuid.uuid4().hex[:8]}"
         await migrate(env)
         # --server-root: another tree's server (e.g. an older commit) measured by this bench
         root = Path(args.server_root) if args.server_root else ROOT
