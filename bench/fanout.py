@@ -393,7 +393,7 @@ class Stock(System):
 
 # ---------------------------------------------------------------- the measurement
 class Run:
-    def __init__(self, system: System, workers: Workers, head: int) -> None:
+    def __init__(self, system: System, workers: Workers | None, head: int) -> None:
         self.system, self.workers = system, workers
         self.head = head  # the seq every client acked at subscribe
         self.caused = 0
@@ -443,6 +443,11 @@ class Run:
 
 async def measure(system: System, args, http: aiohttp.ClientSession) -> dict:
     print(f"\n== {system.name}: {args.clients} clients over {len(system.urls)} processes", file=sys.stderr)
+    # The causing call's own CPU, measured with nobody subscribed: subtracted for "CPU per delivery, fan-out only".
+    calibrate = Run(system, None, 0)
+    cpu0 = sum(cpu_seconds(p) for p in system.pids)
+    await calibrate.load(http, 10, 3)
+    cause_cpu = (sum(cpu_seconds(p) for p in system.pids) - cpu0) / max(1, calibrate.caused)
     rss0 = sum(rss_bytes(p) for p in system.pids)
     cpu0 = sum(cpu_seconds(p) for p in system.pids)
     workers = await Workers.start(args.client_procs, system.urls, args.clients, system.token, system.project)
@@ -459,6 +464,7 @@ async def measure(system: System, args, http: aiohttp.ClientSession) -> dict:
         await asyncio.sleep(1.0)  # let the servers' allocations settle before reading RSS
         result["rss_per_conn_kb"] = (sum(rss_bytes(p) for p in system.pids) - rss0) / 1024 / max(1, connected)
         print(f"   connected {connected} in {connect_seconds:.2f}s; acks {sorted(acks)}", file=sys.stderr)
+        result["cause_cpu_ms"] = cause_cpu * 1000
         run = Run(system, workers, head=max(acks) if acks else 0)
         idle, _, _ = await run.load(http, 2, 3)  # REST latency with clients connected but little to deliver
         await workers.ask({"cmd": "step", "t0": 0, "t1": 0, "hi": run.hi, "wait": 10})
@@ -475,11 +481,13 @@ async def measure(system: System, args, http: aiohttp.ClientSession) -> dict:
             step = {"rate": rate, "caused": len(rest) / args.step_seconds, "deliveries": n,
                     "per_s": n / max(last - t0, 1e-9), "asked_per_s": rate * connected,
                     "local": (pct(local, 50), pct(local, 99)), "cross": (pct(cross, 50), pct(cross, 99)),
-                    "cpu_us": cpu * 1e6 / max(1, n), "rest": (pct(rest, 50), pct(rest, 99))}
+                    "cpu_us": cpu * 1e6 / max(1, n), "rest": (pct(rest, 50), pct(rest, 99)),
+                    "fanout_cpu_us": max(0.0, cpu - len(rest) * cause_cpu) * 1e6 / max(1, n)}
             result["steps"].append(step)
             print(f"   {rate:>5} ev/s: caused {step['caused']:.1f}/s, {step['per_s']:.0f} deliveries/s "
                   f"(asked {step['asked_per_s']}), local p50/p99 {step['local'][0]:.1f}/{step['local'][1]:.1f} ms, "
-                  f"cross {step['cross'][0]:.1f}/{step['cross'][1]:.1f} ms, {step['cpu_us']:.1f} µs CPU/delivery, "
+                  f"cross {step['cross'][0]:.1f}/{step['cross'][1]:.1f} ms, {step['cpu_us']:.1f} µs CPU/delivery "
+                  f"({step['fanout_cpu_us']:.1f} without the causing call), "
                   f"REST p50/p99 {step['rest'][0]:.1f}/{step['rest'][1]:.1f} ms", file=sys.stderr)
             if step["per_s"] < 0.8 * step["asked_per_s"] or step["local"][0] > 1000 or step["caused"] < 0.8 * rate:
                 break
@@ -534,6 +542,7 @@ def table(results: dict[str, dict]) -> str:
     rows = [("connect + subscribe /s (token checked)", lambda r: f"{r['connect']['per_s']:.0f}"),
             ("server CPU per connect + subscribe", lambda r: f"{r['connect']['cpu_ms_each']:.2f} ms"),
             ("RSS per connection", lambda r: f"{r['rss_per_conn_kb']:.1f} KB"),
+            ("server CPU per causing call (no subscribers)", lambda r: f"{r['cause_cpu_ms']:.2f} ms"),
             ("REST p50/p99, idle", lambda r: "{:.1f}/{:.1f} ms".format(*r["rest_idle_ms"]))]
     steps = max(len(r["steps"]) for r in results.values())
     for i in range(steps):
@@ -547,6 +556,7 @@ def table(results: dict[str, dict]) -> str:
                  (f"{rate} ev/s: cross-process p50/p99", lambda r, g=get: g(r, "cross")),
                  (f"{rate} ev/s: deliveries/s", lambda r, g=get: g(r, "per_s", fmt="{:.0f}")),
                  (f"{rate} ev/s: server CPU per delivery", lambda r, g=get: g(r, "cpu_us", fmt="{:.1f} µs")),
+                 (f"{rate} ev/s: … without the causing call", lambda r, g=get: g(r, "fanout_cpu_us", fmt="{:.1f} µs")),
                  (f"{rate} ev/s: REST p50/p99 of the causes", lambda r, g=get: g(r, "rest"))]
     rows += [("peak deliveries/s", lambda r: f"{max(s['per_s'] for s in r['steps']):.0f}"),
              ("lost / duplicated (all clients)", lambda r: f"{r['loss']['lost']} / {r['loss']['dups']}")]

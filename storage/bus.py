@@ -126,6 +126,11 @@ class RedisBus(LocalBus):
         self.connected = asyncio.Event()  # the listener is subscribed
         self.resyncs = 0  # completed resyncs after a lost connection (for tests and logs)
 
+    @property
+    def deaf_after_seconds(self) -> float:
+        """Silence after which the listener counts its connection as lost (a frozen subscription): 1.5 s by default."""
+        return self.heartbeat_seconds * 3
+
     async def ping(self) -> None:
         await self.redis.ping()
 
@@ -206,7 +211,7 @@ class RedisBus(LocalBus):
             message = await pubsub.get_message(timeout=min(self.heartbeat_seconds, 1.0))
             now = time.monotonic()
             if message is None:
-                if now - heard > self.heartbeat_seconds * 3:
+                if now - heard > self.deaf_after_seconds:
                     raise _Deaf(f"nothing heard from redis for {now - heard:.1f}s")
                 continue
             heard = now
