@@ -71,7 +71,7 @@ class Client:
         self.records = array("d")  # (event ts, latency) pairs
 
 
-async def run_client(session: aiohttp.ClientSession, url: str, token: str, project: str, client: Client,
+async def run_client(session: aiohttp.ClientSession, url: str, token: str, project: str, since: int, client: Client,
                      subscribed: asyncio.Future, ts_cache: dict[str, float], progress: asyncio.Event) -> None:
     ws_url = url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
     async with session.ws_connect(ws_url, max_msg_size=0) as ws:
@@ -99,7 +99,7 @@ async def run_client(session: aiohttp.ClientSession, url: str, token: str, proje
             elif data == "2":
                 await ws.send_str("3")
             elif data.startswith(f"40{NS},"):
-                await ws.send_str(f"42{NS},1" + json.dumps(["subscribe", {"project_id": project}]))
+                await ws.send_str(f"42{NS},1" + json.dumps(["subscribe", {"project_id": project, "since": since}]))
             elif data.startswith(f"44{NS},"):
                 subscribed.set_exception(RuntimeError(f"connect refused: {data}"))
                 return
@@ -159,8 +159,9 @@ async def worker(spec: dict) -> None:
                     nonlocal errors
                     async with gate:
                         client, done = Client(local), loop.create_future()
-                        task = asyncio.create_task(run_client(session, url, spec["token"], spec["project"],
-                                                              client, done, ts_cache, progress))
+                        task = asyncio.create_task(run_client(
+                            session, url, spec["token"], spec["project"], spec["since"], client, done, ts_cache,
+                            progress))
                         task.add_done_callback(lambda t, d=done: d.done() or d.set_exception(
                             RuntimeError(repr(t.exception()) if not t.cancelled() else "cancelled")))
                         try:
@@ -206,11 +207,11 @@ class Workers:
         self.procs = procs
 
     @classmethod
-    async def start(cls, n: int, urls: list[str], clients: int, token: str, project: str) -> Workers:
+    async def start(cls, n: int, urls: list[str], clients: int, token: str, project: str, since: int) -> Workers:
         targets = [(urls[i % len(urls)], i % len(urls) == 0) for i in range(clients)]
         procs = []
         for w in range(n):
-            spec = {"targets": targets[w::n], "token": token, "project": project}
+            spec = {"targets": targets[w::n], "token": token, "project": project, "since": since}
             procs.append(await asyncio.create_subprocess_exec(
                 PY, __file__, "--worker", json.dumps(spec), stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024))
@@ -280,8 +281,8 @@ class System:
     async def cause(self, http: aiohttp.ClientSession, n: int) -> bool:
         raise NotImplementedError
 
-    async def deaf_noticed(self, http: aiohttp.ClientSession) -> float:
-        return 0.0
+    async def head(self, http: aiohttp.ClientSession) -> int:
+        return 0
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -324,6 +325,11 @@ class SmartSpace(System):
                               json={"name": f"fanout {n}"}) as r:
             await r.read()
             return r.status == 200
+
+    async def head(self, http: aiohttp.ClientSession) -> int:
+        async with http.get(f"{self.urls[0]}/api/v1/projects/{self.project}/audit?limit=1",
+                            headers=self.headers) as r:
+            return (await r.json())["items"][0]["seq"]
 
     async def listen_errors(self, http: aiohttp.ClientSession) -> float:
         total = 0.0
@@ -450,7 +456,8 @@ async def measure(system: System, args, http: aiohttp.ClientSession) -> dict:
     cause_cpu = (sum(cpu_seconds(p) for p in system.pids) - cpu0) / max(1, calibrate.caused)
     rss0 = sum(rss_bytes(p) for p in system.pids)
     cpu0 = sum(cpu_seconds(p) for p in system.pids)
-    workers = await Workers.start(args.client_procs, system.urls, args.clients, system.token, system.project)
+    since = await system.head(http)  # clients pass the last seq they saw: nothing old to replay
+    workers = await Workers.start(args.client_procs, system.urls, args.clients, system.token, system.project, since)
     result: dict = {"steps": []}
     try:
         t = time.monotonic()

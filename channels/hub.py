@@ -274,10 +274,12 @@ class Hub:
                 log.exception("catch-up from the log failed", extra={"project_id": project_id})
 
     # ------------------------------------------------------------------ subscriptions
-    async def subscribe(self, namespace: str, sid: str, actor: Actor, project_id: str, since: int) -> int:
+    async def subscribe(self, namespace: str, sid: str, actor: Actor, project_id: str, since: int,
+                        token: str | None = None) -> int:
         # Hold first, then join, then read: nothing committed from here on can slip past this subscriber. The
-        # membership check, the log's head and the first replay page are one read; until it passes, what the
-        # room carries only goes to this subscriber's hold buffer, which a refusal discards.
+        # token's re-check (a revoked key, a deleted user), the membership check, the log's head and the first
+        # replay page are one read; until it passes, what the room carries only goes to this subscriber's hold
+        # buffer, which a refusal discards.
         key = (namespace, sid, project_id, next(self._ids))
         self.holding[key] = []
         self._holds += 1
@@ -287,6 +289,8 @@ class Hub:
             if not self.sio.manager.is_connected(sid, namespace):
                 raise Forbidden("the connection is closing")
             async with self.container.reader(actor) as scope:
+                if token is not None:
+                    await self.container.authenticate(token, count_use=False, scope=scope)
                 try:
                     await scope.projects.require(project_id, "viewer")
                 except DomainError:
@@ -385,8 +389,8 @@ class ProjectNamespace(socketio.AsyncNamespace):
         try:
             project_id, since = _subscription(data)
             session = await self.get_session(sid)
-            actor = await self.hub.container.authenticate(session["token"], count_use=False)  # still valid?
-            seq = await self.hub.subscribe(self.namespace, sid, actor, project_id, since)
+            seq = await self.hub.subscribe(self.namespace, sid, session["actor"], project_id, since,
+                                           token=session["token"])  # re-checked in the subscribe's one read
         except DomainError as exc:
             return ack_error(exc)
         except Exception:
