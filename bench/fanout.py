@@ -272,11 +272,16 @@ class System:
     """One side of the comparison: its processes, how to cause an event, what it acks at subscribe."""
 
     name: str
-    pids: list[int]
-    urls: list[str]
     token: str
     project: str
-    proxy: TcpProxy
+
+    def __init__(self, args, proxy: TcpProxy) -> None:
+        self.args, self.proxy = args, proxy
+        self.pids: list[int] = []
+        self.urls: list[str] = []
+
+    async def start(self, logs: Path, http: aiohttp.ClientSession) -> None:
+        raise NotImplementedError
 
     async def cause(self, http: aiohttp.ClientSession, n: int) -> bool:
         raise NotImplementedError
@@ -291,14 +296,15 @@ class System:
 class SmartSpace(System):
     name = "smartspace"
 
-    @classmethod
-    async def start(cls, args, proxy: TcpProxy, logs: Path, http: aiohttp.ClientSession) -> SmartSpace:
-        self = cls()
-        self.proxy = proxy
-        self.db_name = f"smartspace_fanout_{uuid.uuid4().hex[:10]}"
-        self.database_url = args.database_url
-        database = await create_database(args.database_url, self.db_name)
-        redis = urlparse(args.redis_url)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    servers: list[Server] = []
+    db_name: str | None = None
+
+    async def start(self, logs: Path, http: aiohttp.ClientSession) -> None:
+        args = self.args
+        db_name = f"smartspace_fanout_{uuid.uuid4().hex[:10]}"
+        database = await create_database(args.database_url, db_name)
+        self.db_name = db_name
+        redis = urlparse(args.redis_url)._replace(netloc=f"127.0.0.1:{self.proxy.port}").geturl()
         env = server_env(database, logs / "data", access_log="false", chain_worker="false", redis_url=redis,
                          log_level="WARNING")
         if not args.server_root:  # (a tree from before the setting listens on the shared smartspace:events)
@@ -318,7 +324,6 @@ class SmartSpace(System):
         self.headers = {"Authorization": f"Bearer {self.token}"}
         async with http.get(self.urls[0] + "/api/v1/projects", headers=self.headers) as r:
             self.project = (await r.json())["items"][0]["id"]
-        return self
 
     async def cause(self, http: aiohttp.ClientSession, n: int) -> bool:
         async with http.patch(f"{self.urls[0]}/api/v1/projects/{self.project}", headers=self.headers,
@@ -343,23 +348,23 @@ class SmartSpace(System):
     async def close(self) -> None:
         for s in self.servers:
             s.stop()
-        await drop_database(self.database_url, self.db_name)
+        if self.db_name:
+            await drop_database(self.args.database_url, self.db_name)
 
 
 class Stock(System):
     name = "stock"
 
-    @classmethod
-    async def start(cls, args, proxy: TcpProxy, logs: Path, http: aiohttp.ClientSession) -> Stock:
-        self = cls()
-        self.proxy = proxy
+    procs: list = []
+
+    async def start(self, logs: Path, http: aiohttp.ClientSession) -> None:
+        import subprocess
         self.token = uuid.uuid4().hex * 2
         self.project = "prj_bench"
-        redis = urlparse(args.redis_url)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+        redis = urlparse(self.args.redis_url)._replace(netloc=f"127.0.0.1:{self.proxy.port}").geturl()
         channel = f"bench-stock-{uuid.uuid4().hex[:8]}"
-        self.procs, self.urls = [], []
-        import subprocess
-        for i in range(args.servers):
+        self.procs = []
+        for i in range(self.args.servers):
             port = free_port()
             log = (logs / f"stock-{i}.log").open("wb")
             self.procs.append(subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
@@ -378,7 +383,6 @@ class Stock(System):
                 await asyncio.sleep(0.1)
         self.pids = [p.pid for p in self.procs]
         await asyncio.sleep(0.5)  # the Redis manager subscribes in a background task with no signal to await
-        return self
 
     async def cause(self, http: aiohttp.ClientSession, n: int) -> bool:
         async with http.post(self.urls[0] + "/trigger", json={"project_id": self.project,
@@ -586,13 +590,12 @@ async def main(args) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
         for kind in [k for k in ("smartspace", "stock") if args.only in (None, k)]:
             proxy = await TcpProxy(redis.hostname or "127.0.0.1", redis.port or 6379).start()
-            system = None
+            system = (SmartSpace if kind == "smartspace" else Stock)(args, proxy)
             try:
-                system = await (SmartSpace if kind == "smartspace" else Stock).start(args, proxy, logs, http)
+                await system.start(logs, http)
                 results[kind] = await measure(system, args, http)
             finally:
-                if system is not None:
-                    await system.close()
+                await system.close()  # also after a partial start: nothing left running
                 await proxy.close()
     print(f"\nfanout: {args.clients} clients over {args.servers} processes, {args.step_seconds:g} s per step "
           f"(logs in {logs})\n")

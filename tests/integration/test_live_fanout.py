@@ -6,26 +6,15 @@ Real Socket.IO clients over real sockets on a real app; every wait is "until, or
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
 
 import pytest
 
 from tests.factories import create_key, register
+from tests.integration import test_sockets
 from tests.integration.test_sockets import patch, url
 from tests.live import LiveClient
 
-
-@pytest.fixture
-async def live(client):
-    """Factory of connected LiveClients, all disconnected at the end."""
-    async with AsyncExitStack() as stack:
-        async def make(token, namespace="/budgets") -> LiveClient:
-            lc = LiveClient(url(client), token, namespace)
-            await lc.connect()
-            stack.push_async_callback(lc.disconnect)
-            return lc
-
-        yield make
+live = test_sockets.live  # the fixture: connected LiveClients, disconnected at the end
 
 
 @pytest.fixture
