@@ -13,13 +13,14 @@ import asyncio
 import os
 import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.e2e.procs import Server, fresh_database, migrate, server_env
+from tests.e2e.procs import ROOT, Server, fresh_database, migrate, server_env
 from tests.live import WAIT, LiveClient
 
 PG_URL = os.environ.get("SMARTSPACE_TEST_DATABASE_URL", "")
@@ -112,3 +113,18 @@ async def test_two_workers_share_the_port_and_events_cross_between_them(tmp_path
             server.stop()
         assert server.proc.returncode == 0, server.tail()
         assert not any(alive(pid) for pid in workers)  # the workers went with the supervisor
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({}, "--workers needs SMARTSPACE_REDIS_URL"),
+    ({"redis_url": "redis://127.0.0.1:1/0"}, "--workers needs PostgreSQL"),
+])
+def test_workers_refuse_a_setup_where_events_could_not_cross(tmp_path: Path, settings, message):
+    env = server_env("sqlite+aiosqlite:///" + str(tmp_path / "x.db"), tmp_path / "data", **settings)
+    env.pop("SMARTSPACE_DATABASE_URL")  # SQLite in the data dir
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    bad = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "0"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a number of workers" in bad.stderr
