@@ -8,6 +8,12 @@ gap fills from the bus, or — after ``GAP_GRACE_SECONDS`` — from the log. An 
 is a duplicate and is dropped. When the bus reconnects after an outage it asks for a resync: every
 stream reads what it has not emitted from the log. The log, not pub/sub, makes delivery reliable.
 
+Fast (bench/fanout.py, bench/README.md): the bus listener only files the event and returns, so neither the
+publishing request nor the Redis reader waits for a broadcast; one drainer task per project emits its events
+in order. An event is encoded once per process (msgspec, the Socket.IO v4 text packet inside one engine.io
+packet) and that same packet is put on each recipient socket's send queue, in steps of ``FANOUT_CHUNK``
+recipients with the loop free in between — no task per recipient, no binary scan.
+
 Replay-then-live without loss or duplicates (DESIGN.md §9): a subscriber is marked *holding* and
 joins the room before anything is read; live events for it are buffered while the log is replayed to
 it; then the buffer is released (only seqs above the last replayed) and the hold removed — all on
