@@ -40,17 +40,22 @@ def _secured(response: web.StreamResponse, request: web.Request) -> web.StreamRe
 
 def _missing(request: web.Request) -> web.Response:
     return _secured(web.Response(status=503, content_type="text/plain",
-                                 text="The dashboard bundle is missing: run `make ui` (needs Node) to build it."),
+                                 text="The page bundle (server/static) is missing: run `make ui` (Node) to build it."),
                     request)
 
 
-@routes.get("/", summary="The live dashboard (HTML; sign in, then REST + Socket.IO)", tag="dashboard", auth=False)
-async def dashboard(request: web.Request) -> web.StreamResponse:
-    page = STATIC / "index.html"
+def static_page(request: web.Request, name: str) -> web.StreamResponse:
+    """A page of the bundle (the dashboard, the API reference) with the strict policy above."""
+    page = STATIC / name
     if not page.is_file():
         return _missing(request)
     return _secured(web.Response(body=page.read_bytes(), content_type="text/html", charset="utf-8",
                                  headers={"Cache-Control": "no-cache"}), request)
+
+
+@routes.get("/", summary="The live dashboard (HTML; sign in, then REST + Socket.IO)", tag="dashboard", auth=False)
+async def dashboard(request: web.Request) -> web.StreamResponse:
+    return static_page(request, "index.html")
 
 
 @routes.get("/assets/{name}", summary="The dashboard's built assets (content-hashed names)", tag="dashboard",

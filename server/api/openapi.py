@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from server.api.dashboard import static_page
 from server.api.examples import example_for
 from server.http import RouteSpec, routes
 
@@ -105,10 +105,7 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=_cache["doc"], content_type="application/json")
 
 
-_DOCS = Path(__file__).with_name("docs.html")
-
-
-@routes.get("/api/docs", summary="A page that renders the OpenAPI document", tag="docs", auth=False)
-async def docs(request: web.Request) -> web.Response:
-    return web.Response(body=_DOCS.read_bytes(), content_type="text/html")
-
+@routes.get("/api/docs", summary="The API reference: Swagger UI over this document, to read and try calls",
+            tag="docs", auth=False)
+async def docs(request: web.Request) -> web.StreamResponse:
+    return static_page(request, "docs.html")

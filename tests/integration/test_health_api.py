@@ -233,12 +233,17 @@ async def test_openapi_schemas_come_from_the_msgspec_types(openapi):
     assert audit["project_id"] == {"type": "string"}
 
 
-async def test_the_docs_page_renders_the_document(client):
+async def test_the_docs_page_is_the_bundled_reference_under_a_strict_policy(client):
     resp = await client.get("/api/docs")
     assert resp.status == 200
     assert resp.content_type == "text/html"
+    csp = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
     html = await resp.text()
-    assert "/api/v1/openapi.json" in html
+    scripts = re.findall(r'<script[^>]*src="(/assets/[^"]+\.js)"', html)
+    assert scripts and "<script>" not in html  # no inline script: the page's code is a bundled asset
+    bundle = "".join([await (await client.get(src)).text() for src in scripts])
+    assert "/api/v1/openapi.json" in bundle
 
 
 def test_openapi_handles_regex_path_params_and_reused_handler_names():
