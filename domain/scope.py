@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from functools import cached_property
 from typing import Any, Protocol
 
-from domain import budgets, catalog, identity, policies, usage, wallet
+from domain import budgets, catalog, identity, insights, policies, usage, wallet
 from domain.audit import Audit
 from domain.base import SYSTEM, Actor
 from domain.errors import Unauthorized
@@ -103,3 +103,7 @@ class Scope:
     @cached_property
     def usage(self) -> usage.Usage:
         return usage.Usage(self)
+
+    @cached_property
+    def insights(self) -> insights.Insights:
+        return insights.Insights(self)
