@@ -130,6 +130,7 @@ class ProjectActivity(msgspec.Struct, kw_only=True):
     rejections: list[Rejections]
     idle_keys: list[KeyUse]
     catalog: list[CatalogModel]  # active models of the providers used in the cheaper-model window
+    found: bool = True  # False: no such project in this database (an event from another deployment's bus)
 
 
 class Subject(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -397,7 +398,10 @@ class InsightRunner:
         findings: list[Finding] | None = None
         started = self.clock()
         if not self.lock_first:
-            findings = self.evaluate_fn(await self.read(project_id, started), self.thresholds)
+            activity = await self.read(project_id, started)
+            if not activity.found:
+                return None
+            findings = self.evaluate_fn(activity, self.thresholds)
         async with self.uow(SYSTEM) as scope:
             repo: InsightRepo = scope.store.insights  # type: ignore[attr-defined]
             if not await repo.try_lock(project_id):
@@ -407,7 +411,10 @@ class InsightRunner:
                 return None
             if findings is None:
                 started = self.clock()  # the snapshot starts after the lock: it sees every earlier evaluation
-                findings = self.evaluate_fn(await self.read(project_id, started), self.thresholds)
+                activity = await self.read(project_id, started)
+                if not activity.found:
+                    return None
+                findings = self.evaluate_fn(activity, self.thresholds)
             await repo.mark_evaluated(project_id, started)
             await scope.insights.apply(project_id, findings, started, self.update_after)  # type: ignore[attr-defined]
         self.evaluations += 1

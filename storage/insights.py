@@ -212,7 +212,8 @@ async def activity(conn: AsyncConnection, project_id: str, now: datetime, th: Th
     return ProjectActivity(
         project_id=project_id, now=now, active=head is not None and head.status != "deleted",
         available_micros=(head.balance_micros or 0) - (head.reserved_micros or 0) if head is not None else 0,
-        budgets=figures, burn=burn, models=models, rejections=rejections, idle_keys=idle, catalog=catalog)
+        budgets=figures, burn=burn, models=models, rejections=rejections, idle_keys=idle, catalog=catalog,
+        found=head is not None)
 
 
 def _aware(value: datetime) -> datetime:
