@@ -355,7 +355,9 @@ class InsightRunner:
 
     # ------------------------------------------------------------ triggers
     async def on_event(self, event: Event) -> None:
-        if event.type in TRIGGERS and event.project_id != PLATFORM_PROJECT:
+        """The bus listener. Heard only between ``start`` and ``close`` (the app's lifetime), so no
+        evaluation outlives the app and its database."""
+        if self._loop_task is not None and event.type in TRIGGERS and event.project_id != PLATFORM_PROJECT:
             self.poke(event.project_id)
 
     async def on_resync(self) -> None:
@@ -363,6 +365,8 @@ class InsightRunner:
 
     def poke(self, project_id: str, delay: float | None = None) -> None:
         """Evaluate ``project_id`` after the debounce (one pending evaluation per project)."""
+        if self._loop_task is None:
+            return  # not started, or closed
         self._heard[project_id] = self.clock()
         if project_id in self._tasks:
             return

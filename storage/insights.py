@@ -13,6 +13,7 @@ import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -137,14 +138,74 @@ def _count(*where: Any) -> Any:
     return sa.func.count().filter(sa.and_(*where))
 
 
-async def activity(conn: AsyncConnection, project_id: str, now: datetime, th: Thresholds) -> ProjectActivity:
-    """A project's activity at ``now``, in six statements whatever its number of requests."""
+class History(msgspec.Struct, kw_only=True):
+    """The per-model figures of a project's requests older than a day: the bulk of the 30-day window,
+    which changes slowly. ``activity`` adds the requests from ``until`` on, read fresh each time, so a
+    cached history (SqlInsightView keeps one for HISTORY_TTL) shifts the baseline by minutes, not less."""
+
+    until: datetime
+    models: list[ModelUsage]
+
+
+HISTORY_TTL = timedelta(minutes=5)
+
+
+async def _model_rows(conn: AsyncConnection, project_id: str, since: datetime, until: datetime, now: datetime,
+                      th: Thresholds, *, inclusive: bool = True) -> list[ModelUsage]:
+    """Per-model figures of the requests created in [since, until] (``inclusive``) or [since, until), split
+    into the windows of ``now`` by FILTER clauses: one pass over the (project_id, created_at) index range."""
     hour_ago = now - timedelta(hours=1)
     day_ago = now - timedelta(hours=RECENT_MODEL_HOURS)
     week_ago = now - timedelta(days=th.cheaper_window_days)
-    start = now - timedelta(days=th.baseline_days)
     cost = sa.func.coalesce(s.cost_micros, 0)
-    in_window = [s.project_id == project_id, s.created_at >= start, s.created_at <= now]
+    charged = cost > 0
+    end = s.created_at <= until if inclusive else s.created_at < until
+    rows = await conn.execute(
+        sa.select(s.model, s.provider, s.operation, sa.func.min(s.created_at),
+                  _count(s.created_at < hour_ago), _sum(cost, s.created_at < hour_ago),
+                  _count(s.created_at >= hour_ago), _sum(cost, s.created_at >= hour_ago),
+                  _count(s.created_at < day_ago), _count(s.created_at >= day_ago), _sum(cost, s.created_at >= day_ago),
+                  _sum(sa.func.coalesce(s.input_tokens, 0), s.created_at >= week_ago, charged),
+                  _sum(sa.func.coalesce(s.output_tokens, 0), s.created_at >= week_ago, charged),
+                  _sum(cost, s.created_at >= week_ago))
+        .where(s.project_id == project_id, s.created_at >= since, end).group_by(s.model, s.provider, s.operation))
+    return [ModelUsage(model=r[0], provider=r[1], operation=r[2], first_at=_aware(r[3]), base_requests=r[4],
+                       base_cost_micros=int(r[5]), hour_requests=r[6], hour_cost_micros=int(r[7]),
+                       before_recent_requests=r[8], recent_requests=r[9], recent_cost_micros=int(r[10]),
+                       week_input_tokens=int(r[11]), week_output_tokens=int(r[12]), week_cost_micros=int(r[13]))
+            for r in rows]
+
+
+async def model_history(conn: AsyncConnection, project_id: str, now: datetime, th: Thresholds) -> History:
+    until = now - timedelta(hours=RECENT_MODEL_HOURS)
+    start = now - timedelta(days=th.baseline_days)
+    return History(until=until, models=await _model_rows(conn, project_id, start, until, now, th, inclusive=False))
+
+
+_SUMMED = [f for f in ModelUsage.__struct_fields__ if f not in ("model", "provider", "operation", "first_at")]
+
+
+def _merge(*parts: list[ModelUsage]) -> list[ModelUsage]:
+    merged: dict[tuple[str, str, str], ModelUsage] = {}
+    for part in parts:
+        for m in part:
+            key = (m.model, m.provider, m.operation)
+            have = merged.get(key)
+            if have is None:
+                merged[key] = msgspec.structs.replace(m)
+                continue
+            have.first_at = min(have.first_at, m.first_at)
+            for f in _SUMMED:
+                setattr(have, f, getattr(have, f) + getattr(m, f))
+    return sorted(merged.values(), key=lambda m: (m.model, m.provider, m.operation))
+
+
+async def activity(conn: AsyncConnection, project_id: str, now: datetime, th: Thresholds,
+                   history: History | None = None) -> ProjectActivity:
+    """A project's activity at ``now`` in a few aggregate statements, whatever its number of requests.
+    ``history``: the per-model figures older than a day, if the caller holds a recent one."""
+    hour_ago = now - timedelta(hours=1)
+    cost = sa.func.coalesce(s.cost_micros, 0)
 
     head = (await conn.execute(
         sa.select(projects.c.status, wallets.c.balance_micros, wallets.c.reserved_micros)
@@ -161,20 +222,9 @@ async def activity(conn: AsyncConnection, project_id: str, now: datetime, th: Th
                                      reserved_micros=budget.reserved_micros, period_end=budget.period_end))
 
     charged = cost > 0
-    model_rows = await conn.execute(
-        sa.select(s.model, s.provider, s.operation, sa.func.min(s.created_at),
-                  _count(s.created_at < hour_ago), _sum(cost, s.created_at < hour_ago),
-                  _count(s.created_at >= hour_ago), _sum(cost, s.created_at >= hour_ago),
-                  _count(s.created_at < day_ago), _count(s.created_at >= day_ago), _sum(cost, s.created_at >= day_ago),
-                  _sum(sa.func.coalesce(s.input_tokens, 0), s.created_at >= week_ago, charged),
-                  _sum(sa.func.coalesce(s.output_tokens, 0), s.created_at >= week_ago, charged),
-                  _sum(cost, s.created_at >= week_ago))
-        .where(*in_window).group_by(s.model, s.provider, s.operation))
-    models = [ModelUsage(model=r[0], provider=r[1], operation=r[2], first_at=_aware(r[3]), base_requests=r[4],
-                         base_cost_micros=int(r[5]), hour_requests=r[6], hour_cost_micros=int(r[7]),
-                         before_recent_requests=r[8], recent_requests=r[9], recent_cost_micros=int(r[10]),
-                         week_input_tokens=int(r[11]), week_output_tokens=int(r[12]), week_cost_micros=int(r[13]))
-              for r in model_rows]
+    if history is None or history.until > now:
+        history = await model_history(conn, project_id, now, th)
+    models = _merge(history.models, await _model_rows(conn, project_id, history.until, now, now, th))
 
     edges = [hour_ago + timedelta(seconds=BUCKET_SECONDS * n) for n in range(BURN_BUCKETS + 1)]
     edges[-1] = now + timedelta(microseconds=1)
@@ -226,13 +276,24 @@ def _aware(value: datetime) -> datetime:
 class SqlInsightView:
     """The evaluator's read-only view: each call opens ``db.read_only()`` (the database refuses writes)."""
 
-    def __init__(self, db: Database, thresholds: Thresholds) -> None:
+    def __init__(self, db: Database, thresholds: Thresholds, history_ttl: timedelta = HISTORY_TTL) -> None:
         self.db = db
         self.thresholds = thresholds
+        self.history_ttl = history_ttl
+        self._history: dict[str, History] = {}  # per project; read again once older than history_ttl
 
     async def activity(self, project_id: str, now: datetime) -> ProjectActivity:
+        history = self._history.get(project_id)
+        if history is not None and not (timedelta(0) <= now - history.until - timedelta(hours=RECENT_MODEL_HOURS)
+                                        < self.history_ttl):
+            history = None  # too old (or from a later clock than this evaluation's)
         async with self.db.read_only() as conn:
-            return await activity(conn, project_id, now, self.thresholds)
+            if history is None:
+                history = await model_history(conn, project_id, now, self.thresholds)
+                if len(self._history) > 10_000:
+                    self._history.clear()
+                self._history[project_id] = history
+            return await activity(conn, project_id, now, self.thresholds, history)
 
     async def due(self, cutoff: datetime, limit: int) -> list[str]:
         async with self.db.read_only() as conn:

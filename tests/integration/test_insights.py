@@ -259,6 +259,7 @@ async def test_rest_lists_gets_acknowledges_and_dismisses_with_roles(client, con
 async def gw(aiohttp_client, settings, db, metrics):
     env = await start_gateway(aiohttp_client, settings, db, metrics)
     yield env
+    await env.container.insights.close()  # before the db fixture drops the schema (the app closes after it)
     await env.close()
 
 
