@@ -32,7 +32,8 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from domain.base import PageRequest, new_id, utcnow
+from bench.reserve import make_project
+from domain.base import PageRequest, utcnow
 from server.container import Container
 from server.metrics import Metrics
 from server.settings import Settings
@@ -40,7 +41,7 @@ from storage.bus import LocalBus
 from storage.catalog import seed_catalog
 from storage.db import Database
 from storage.insights import SqlInsightView
-from storage.models import event_heads, memberships, metadata, projects, users, wallets
+from storage.models import metadata
 
 URL = (os.environ.get("SMARTSPACE_BENCH_DATABASE_URL") or os.environ.get("SMARTSPACE_TEST_DATABASE_URL")
        or "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -65,22 +66,6 @@ FROM generate_series(1, CAST(:n AS integer)) AS g
 """
 
 
-async def make_project(db: Database) -> str:
-    now = utcnow()
-    user_id, project_id = new_id("usr"), new_id("prj")
-    async with db.write() as conn:
-        await conn.execute(sa.insert(users).values(id=user_id, email=f"bench-{uuid.uuid4().hex[:6]}@x.test",
-                                                   name="bench", password_hash="x", created_at=now))
-        await conn.execute(sa.insert(projects).values(id=project_id, name="bench insights", owner_id=user_id,
-                                                      created_at=now, updated_at=now))
-        await conn.execute(sa.insert(memberships).values(project_id=project_id, user_id=user_id, role="owner",
-                                                         created_at=now))
-        await conn.execute(sa.insert(event_heads).values(project_id=project_id, seq=0, hash="0" * 64))
-        await conn.execute(sa.insert(wallets).values(project_id=project_id, balance_micros=5_000_000_000,
-                                                     reserved_micros=0, updated_at=now))
-    return project_id
-
-
 async def timed(fn, repeat: int) -> tuple[float, float]:
     await fn()  # warm-up (plans, pools, caches)
     samples = []
@@ -102,7 +87,7 @@ async def main(n: int, repeat: int) -> None:
         async with db.engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
         await seed_catalog(db)
-        project_id = await make_project(db)
+        project_id = await make_project(db, 0)  # bench/reserve.py's: funded wallet, a month budget, an agent
         now = utcnow()
         started = time.perf_counter()
         async with db.write() as conn:

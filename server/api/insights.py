@@ -32,27 +32,23 @@ async def get_insight(request: web.Request) -> web.Response:
                                                     request.match_info["insight_id"]))
 
 
-async def _body(request: web.Request) -> InsightAction:
+async def _act(request: web.Request, verb: str) -> web.Response:
     raw = await request.read()
-    return _action.decode(raw) if raw.strip() else InsightAction()
+    action = _action.decode(raw) if raw.strip() else InsightAction()  # the body is optional
+    async with _c(request).uow(actor(request)) as uow:
+        act = uow.insights.acknowledge if verb == "acknowledge" else uow.insights.dismiss
+        insight = await act(request.match_info["project_id"], request.match_info["insight_id"], action)
+    return json_response(insight)
 
 
 @routes.post(P + "/{insight_id}/acknowledge", summary="Acknowledge an insight (any member but a viewer)",
              tag="insights", body=InsightAction, response=Insight, errors=(401, 403, 404, 409, 422))
 async def acknowledge_insight(request: web.Request) -> web.Response:
-    action = await _body(request)
-    async with _c(request).uow(actor(request)) as uow:
-        insight = await uow.insights.acknowledge(request.match_info["project_id"], request.match_info["insight_id"],
-                                                 action)
-    return json_response(insight)
+    return await _act(request, "acknowledge")
 
 
 @routes.post(P + "/{insight_id}/dismiss", summary="Dismiss an insight: not raised again until its condition "
              "clears and comes back (any member but a viewer)", tag="insights", body=InsightAction, response=Insight,
              errors=(401, 403, 404, 409, 422))
 async def dismiss_insight(request: web.Request) -> web.Response:
-    action = await _body(request)
-    async with _c(request).uow(actor(request)) as uow:
-        insight = await uow.insights.dismiss(request.match_info["project_id"], request.match_info["insight_id"],
-                                             action)
-    return json_response(insight)
+    return await _act(request, "dismiss")
