@@ -17,6 +17,7 @@ from aiohttp import web
 
 from agentic.insights import evaluate
 from domain.base import new_id, utcnow
+from domain.budgets import BudgetCreate
 from domain.catalog import SEED, cost_micros
 from domain.insights import InsightRunner
 from server.alerts import SIGNATURE, TIMESTAMP, WebhookAlerts
@@ -25,8 +26,8 @@ from server.settings import Settings
 from storage.bus import LocalBus
 from storage.catalog import seed_catalog
 from storage.db import Database
-from storage.insights import SqlInsightView
-from storage.models import events, insights, platform_ledger, spend_requests
+from storage.insights import InsightRows, SqlInsightView
+from storage.models import api_keys, events, insights, platform_ledger, spend_requests
 from tests.factories import add_member, quick_user, register
 from tests.fakes.gateway import start_gateway
 from tests.fakes.upstream import Behavior
@@ -189,6 +190,60 @@ async def test_two_evaluators_at_once_raise_each_insight_once(container, db, bac
         assert types.count("insight.created") == len(rows)
     finally:
         await other_db.dispose()
+
+
+async def test_a_steady_drain_forecasts_the_budget_and_the_wallet_and_idle_keys_are_found(container):
+    """budget_forecast, wallet_runway and idle_key from rows in the real tables, through the runner."""
+    user = await quick_user(container)
+    now = utcnow()
+    async with container.uow() as scope:
+        budget = await scope.budgets.create(user.project_id, BudgetCreate(name="prod-daily", limit_micros=2_000_000,
+                                                                          period="total"))
+        await scope.wallets.credit(user.project_id, 3_000_000, kind="admin_credit", ref=None, memo="test")
+    # 100 000 µUSDC in each of the last six 10-minute buckets (600 000 / h): the wallet lasts 5 h, the budget 3.3 h
+    await add_requests(container.db, user.project_id, [
+        {"created_at": now - timedelta(minutes=5 + 10 * b), "cost_micros": 100_000} for b in range(6)])
+    async with container.db.write() as conn:
+        await conn.execute(sa.insert(api_keys).values(
+            id="key_old", project_id=user.project_id, name="forgotten", prefix="sk-old", key_hash="h" * 64,
+            created_by=user.id, created_at=now - timedelta(days=60), last_used_at=now - timedelta(days=31)))
+        await conn.execute(sa.insert(api_keys).values(
+            id="key_new", project_id=user.project_id, name="busy", prefix="sk-new", key_hash="g" * 64,
+            created_by=user.id, created_at=now - timedelta(days=60), last_used_at=now - timedelta(days=1)))
+    await runner(container, lambda: now).evaluate(user.project_id)
+    found = {r["kind"]: r for r in await project_insights(container.db, user.project_id)}
+    assert set(found) == {"budget_forecast", "wallet_runway", "idle_key"}
+    forecast = found["budget_forecast"]
+    assert forecast["subject"] == {"budget_id": budget.id} and forecast["severity"] == "warning"
+    assert forecast["evidence"]["burn_micros_per_hour"] == 600_000
+    assert forecast["evidence"]["limit_micros"] == 2_000_000 and forecast["evidence"]["period_end"] is None
+    assert found["wallet_runway"]["evidence"]["available_micros"] == 3_000_000
+    assert found["wallet_runway"]["severity"] == "critical"
+    assert found["idle_key"]["subject"] == {"key_id": "key_old"}
+
+
+async def test_the_schedule_evaluates_projects_left_alone_and_a_covered_event_is_skipped(container):
+    user = await quick_user(container)
+    now = utcnow()
+    await add_requests(container.db, user.project_id, spiky_history(now))
+    clock = [now]
+    r = runner(container, lambda: clock[0])
+    assert await r.evaluate(user.project_id) is True
+    assert await r.evaluate(user.project_id, heard=now - timedelta(seconds=5)) is None  # already covered
+    assert await r.evaluate(user.project_id, heard=now) is True  # heard after that evaluation began
+    assert await r.run_schedule_once() == 0  # evaluated a moment ago: not due
+    clock[0] = now + timedelta(hours=2)  # nothing happened since; time alone clears the spikes
+    assert await r.run_schedule_once() == 1
+    rows = {r["kind"]: r for r in await project_insights(container.db, user.project_id)}
+    assert rows["request_spike"]["status"] == "resolved"
+
+
+async def test_the_evaluators_view_cannot_write(container):
+    user = await quick_user(container)
+    with pytest.raises(sa.exc.DBAPIError):
+        async with container.db.read_only() as conn:
+            await InsightRows(conn).mark_evaluated(user.project_id, utcnow())
+    assert (await container.insight_view.activity(user.project_id, utcnow())).found is True  # reads work
 
 
 async def test_the_slot_is_a_database_constraint_not_a_check(container):

@@ -256,3 +256,9 @@ def test_money_in_messages_is_exact_to_the_micro():
 def test_subjects_have_one_canonical_key():
     assert Subject().key() == ""
     assert Subject(model="m", budget_id="b").key() == Subject(budget_id="b", model="m").key() == "budget_id=b|model=m"
+
+
+def test_insight_events_go_to_the_budgets_namespace():
+    from domain.events import BUDGETS, namespace_for
+
+    assert {namespace_for(t) for t in ("insight.created", "insight.updated", "insight.resolved")} == {BUDGETS}
