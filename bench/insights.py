@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.reserve import make_project
+from bench.reserve import URL, create_schema, drop_schema, make_project
 from domain.base import PageRequest, utcnow
 from server.container import Container
 from server.metrics import Metrics
@@ -42,9 +40,6 @@ from storage.catalog import seed_catalog
 from storage.db import Database
 from storage.insights import SqlInsightView
 from storage.models import metadata
-
-URL = (os.environ.get("SMARTSPACE_BENCH_DATABASE_URL") or os.environ.get("SMARTSPACE_TEST_DATABASE_URL")
-       or "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
 GENERATE = """
 INSERT INTO spend_requests (id, project_id, agent_id, key_id, actor, source, operation, model, provider, status,
@@ -77,11 +72,7 @@ async def timed(fn, repeat: int) -> tuple[float, float]:
 
 
 async def main(n: int, repeat: int) -> None:
-    schema = f"bench_ins_{uuid.uuid4().hex[:8]}"
-    admin = Database(URL)
-    async with admin.engine.begin() as conn:
-        await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    await admin.dispose()
+    schema = await create_schema("bench_ins_")
     db = Database(URL, schema=schema)
     try:
         async with db.engine.begin() as conn:
@@ -135,10 +126,7 @@ async def main(n: int, repeat: int) -> None:
         print("insights raised:", sorted(i.kind for i in page.items))
     finally:
         await db.dispose()
-        admin = Database(URL)
-        async with admin.engine.begin() as conn:
-            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        await admin.dispose()
+        await drop_schema(schema)
 
 
 if __name__ == "__main__":
