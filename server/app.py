@@ -75,6 +75,18 @@ def create_app(settings: Settings, *, container: Container | None = None,
 
     app.cleanup_ctx.append(sweeper)
     app.cleanup_ctx.append(chain_context(container, start_worker=settings.chain_worker))  # payments (issue 5)
+
+    async def insights(app: web.Application) -> AsyncIterator[None]:  # issue 11: the evaluator's schedule, alerts
+        if container.alerts is not None:
+            await container.alerts.start()
+        if settings.insight_evaluator:
+            container.insights.start()
+        yield
+        await container.insights.close()
+        if container.alerts is not None:
+            await container.alerts.close()
+
+    app.cleanup_ctx.append(insights)
     hub = attach_hub(app, container, metrics)
     attach_chat(app, hub, container.chat)  # /chat: the assistant's message and cancel
     return app

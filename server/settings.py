@@ -70,6 +70,23 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     settlement_batch_micros: int = 10_000_000
     chain_poll_seconds: float = 1.0  # how often the payments worker looks at the chain
     chain_worker: bool = True  # run the payouts / deposit watcher / settlement loop in this process
+    # --- insights (issue 11): when each kind fires, when the evaluator runs, outbound alerts ---
+    insight_evaluator: bool = True  # evaluate projects in this process (after their events, and on a schedule)
+    insight_debounce_seconds: float = 1.0
+    insight_schedule_seconds: float = 60.0
+    insight_update_seconds: float = 60.0
+    insight_runway_hours: float = 72.0
+    insight_spike_ratio: float = 3.0
+    insight_spike_min_requests: int = 10
+    insight_baseline_days: int = 30
+    insight_rejection_count: int = 10
+    insight_rejection_window_seconds: int = 600
+    insight_idle_key_days: int = 30
+    insight_cheaper_window_days: int = 7
+    insight_cheaper_min_saving_micros: int = 10_000
+    insight_cheaper_min_saving_ratio: float = 0.2
+    alert_webhook_url: str = ""  # receives each new warning / critical insight as signed JSON
+    alert_webhook_secret: str = ""
 
     def __post_init__(self) -> None:
         checks = [
@@ -103,6 +120,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("usdc_decimals", 0 <= self.usdc_decimals <= 36, "a number of decimals between 0 and 36"),
             *((field, _is_address(getattr(self, field)), "an EVM address: 0x + 40 hex digits, EIP-55 if mixed case")
               for field in ("usdc_address", "revenue_address") if getattr(self, field)),
+            *_insight_checks(self),
         ]
         for field, ok, expected in checks:
             if not ok:
@@ -111,7 +129,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 )
 
     def __repr__(self) -> str:  # the treasury key and the JWT secret never reach a log line through repr()
-        hidden = {"treasury_private_key", "jwt_secret"}
+        hidden = {"treasury_private_key", "jwt_secret", "alert_webhook_secret"}
         return "Settings(" + ", ".join(
             f"{f}={'***' if f in hidden and getattr(self, f) else repr(getattr(self, f))}"
             for f in self.__struct_fields__) + ")"
@@ -142,6 +160,25 @@ def _is_address(value: str) -> bool:
     except InvalidRequest:
         return False
     return True
+
+
+def _insight_checks(s: Settings) -> list[tuple[str, bool, str]]:
+    positive = ("insight_debounce_seconds", "insight_schedule_seconds", "insight_runway_hours", "insight_baseline_days",
+                "insight_rejection_count", "insight_rejection_window_seconds", "insight_idle_key_days",
+                "insight_cheaper_window_days")
+    checks = [(f, getattr(s, f) > 0, "a positive number") for f in positive]
+    checks += [
+        ("insight_update_seconds", s.insight_update_seconds >= 0, "zero or a positive number"),
+        ("insight_spike_ratio", s.insight_spike_ratio > 1, "a ratio above 1"),
+        ("insight_spike_min_requests", s.insight_spike_min_requests >= 1, "at least 1"),
+        ("insight_cheaper_min_saving_micros", s.insight_cheaper_min_saving_micros >= 0, "zero or more micro-USDC"),
+        ("insight_cheaper_min_saving_ratio", 0 <= s.insight_cheaper_min_saving_ratio < 1, "a fraction from 0 to 1"),
+        ("alert_webhook_url", s.alert_webhook_url == "" or s.alert_webhook_url.startswith(("http://", "https://")),
+         "an http(s) URL"),
+        ("alert_webhook_secret", s.alert_webhook_url == "" or len(s.alert_webhook_secret) >= 16,
+         "at least 16 characters when SMARTSPACE_ALERT_WEBHOOK_URL is set"),
+    ]
+    return checks
 
 
 def _shown(field: str, value: Any) -> str:

@@ -34,7 +34,7 @@ class Closing(SpendCore):
 
     async def settle(self, prepared: Prepared, usage: Usage, response: dict[str, Any] | None = None) -> Receipt:
         """Charge the actual cost of ``usage`` (never more than reserved), release the rest, receipt."""
-        cost = prepared.cost(usage)
+        cost = actual = prepared.cost(usage)
         if cost > prepared.reserved_micros:
             log.warning("actual cost above the reservation; charging the reservation",
                         extra={"request_id": prepared.request_id, "cost_micros": cost,
@@ -46,7 +46,8 @@ class Closing(SpendCore):
         receipt = Receipt(request_id=prepared.request_id, model=prepared.model, input_tokens=usage.input_tokens,
                           output_tokens=usage.output_tokens, estimated_cost_micros=prepared.estimated_cost_micros,
                           cost_micros=cost, settled_at=now)
-        if prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
+        overrun = actual > cost  # issue 11: settled on the generic path, with record_overrun below
+        if not overrun and prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
                 prepared, ("executing",), values, prepared.actor, [settled_event(prepared, receipt)], now):
             return receipt
         async with self.uow(actor_from_label(prepared.actor)) as scope:
@@ -58,6 +59,10 @@ class Closing(SpendCore):
             stored = row.receipt
             assert stored is not None
             scope.pending.append(settled_event(row, stored))
+            if overrun:  # issue 11: the uncharged rest on the platform's ledger + a cost_overrun insight
+                await scope.insights.record_overrun(
+                    project_id=row.project_id, request_id=row.id, model=row.model, agent_id=row.agent_id,
+                    reserved_micros=prepared.reserved_micros, actual_micros=actual)
         return stored
 
     async def fail(self, prepared: Prepared, error: DomainError, usage: Usage | None = None) -> None:
