@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from agentic.tools import usd
-from storage.models import JSON, UTCDateTime
+from storage.models import insights
 from tests.factories import UserHandle, add_member, bearer, create_agent, create_key, register
 from tests.integration.spend_helpers import create_budget, fund, platform_admin, set_policy, wallet
 
@@ -212,26 +212,20 @@ async def test_recent_payments_and_deposits(client):
 async def test_insights_are_reported_honestly_when_there_are_none(client, books):
     answer = await ask(client, books.owner, "any open insights?")
     assert answer["data"]["intent"] == "insights"
-    assert answer["data"]["figures"] == {"project_id": books.owner.project_id, "available": False, "insights": []}
+    assert answer["data"]["figures"] == {"project_id": books.owner.project_id, "available": True, "insights": []}
 
 
-async def test_open_insights_are_read_from_the_insights_table_once_it_exists(client, db, books):
-    """The seam for the insights evaluator: a table shaped like API.md's insight, open ones only, newest first."""
-    table = sa.Table("insights", sa.MetaData(), sa.Column("id", sa.String(40), primary_key=True),
-                     sa.Column("project_id", sa.String(40)), sa.Column("kind", sa.String(40)),
-                     sa.Column("severity", sa.String(20)), sa.Column("title", sa.String(200)),
-                     sa.Column("message", sa.Text()), sa.Column("evidence", JSON), sa.Column("subject", JSON),
-                     sa.Column("status", sa.String(20)), sa.Column("created_at", UTCDateTime()))
+async def test_open_insights_are_read_from_the_insights_table(client, db, books):
+    """Open ones only, newest first (the insights evaluator's table, storage/models.py)."""
     now = datetime.now(UTC)
+    base = {"project_id": books.owner.project_id, "subject": {}, "created_at": now, "updated_at": now}
     async with db.engine.begin() as conn:
-        await conn.run_sync(table.create)
-        await conn.execute(sa.insert(table), [
-            {"id": "ins_1", "project_id": books.owner.project_id, "kind": "wallet_runway", "severity": "warning",
-             "title": "Wallet runs low", "message": "The wallet lasts under 72 h.", "evidence": {
-                 "available_micros": 42}, "subject": {}, "status": "open", "created_at": now},
-            {"id": "ins_2", "project_id": books.owner.project_id, "kind": "idle_key", "severity": "info",
-             "title": "Idle key", "message": "A key was unused.", "evidence": {}, "subject": {}, "status": "dismissed",
-             "created_at": now}])
+        await conn.execute(sa.insert(insights), [
+            {**base, "id": "ins_1", "kind": "wallet_runway", "subject_key": "", "severity": "warning",
+             "title": "Wallet runs low", "message": "The wallet lasts under 72 h.",
+             "evidence": {"available_micros": 42}, "status": "open"},
+            {**base, "id": "ins_2", "kind": "idle_key", "subject_key": "key_id=key_1", "severity": "info",
+             "title": "Idle key", "message": "A key was unused.", "evidence": {}, "status": "dismissed"}])
     answer = await ask(client, books.owner, "any open insights?")
     figures = answer["data"]["figures"]
     assert figures["available"] is True
