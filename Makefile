@@ -1,15 +1,16 @@
 # `make run`  — install, migrate, serve on the embedded defaults (SQLite, in-process bus, devnet).
-# `make test` — install, run every test (PostgreSQL and Redis on 127.0.0.1 by default; the browser
+# `make test` — install, lint, type-check, run every test (PostgreSQL and Redis on 127.0.0.1; the browser
 #               tests need Debian's chromium, installed here when missing and we are root).
 # `make demo`  — a running dashboard with simulated agent traffic (`smartspace demo`).
 # `make ui`    — rebuild the dashboard bundle (ui/ → server/static, committed) from the lockfile (Node).
+# `make typecheck` — mypy as configured in pyproject.toml [tool.mypy] (strict on domain/ and agentic/).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 export SMARTSPACE_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export SMARTSPACE_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run test fuzz lint fmt bench lock clean contracts ui chromium demo
+.PHONY: install run test typecheck fuzz lint fmt bench lock clean contracts ui chromium demo
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +26,11 @@ run: install
 
 test: install chromium
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest
+
+typecheck: install
+	$(BIN)/mypy
 
 # Schemathesis over the whole OpenAPI (every phase, user token and sk- key, SQLite and PostgreSQL) with
 # more examples than the bounded run inside `make test`.

@@ -123,7 +123,8 @@ class BudgetRepo(Protocol):
 
 
 def _figures(budget: Budget) -> dict[str, Any]:
-    return msgspec.to_builtins(budget)
+    figures: dict[str, Any] = msgspec.to_builtins(budget)
+    return figures
 
 
 class Budgets:
@@ -175,20 +176,25 @@ class Budgets:
             rows = await self.repo.set_limit(budget_id, cmd.limit_micros, now)
             if rows is None:
                 current = await self.repo.get(budget_id)
+                assert current is not None  # found above, in this transaction
                 raise Conflict("the new limit is below what is already spent and reserved this period",
                                {"limit_micros": cmd.limit_micros, "spent_micros": current.spent_micros,
                                 "reserved_micros": current.reserved_micros})
-        budget = await self.repo.update(budget_id, **changes, updated_at=now) if changes else \
+        changed = await self.repo.update(budget_id, **changes, updated_at=now) if changes else \
             await self.repo.get(budget_id)
-        self._updated(budget, "updated")
-        await self.check_thresholds(budget)
-        return await self.repo.get(budget_id)
+        assert changed is not None
+        self._updated(changed, "updated")
+        await self.check_thresholds(changed)
+        final = await self.repo.get(budget_id)
+        assert final is not None
+        return final
 
     async def delete(self, project_id: str, budget_id: str) -> None:
         """Deactivate: it stops applying at once; open reservations against it still settle/release."""
         await self.scope.projects.require(project_id, "admin")
         await self._budget(project_id, budget_id)
         budget = await self.repo.update(budget_id, active=False, updated_at=utcnow())
+        assert budget is not None
         self._updated(budget, "deleted")
 
     async def _budget(self, project_id: str, budget_id: str) -> Budget:

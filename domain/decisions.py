@@ -8,7 +8,7 @@ implements over a read-only database session (and a rate limiter it only peeks a
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 
@@ -30,7 +30,7 @@ class SpendInput(msgspec.Struct, kw_only=True):
     operation: str  # "chat" | "embedding"
     input_tokens: int
     max_output_tokens: int | None
-    metadata: dict = {}
+    metadata: dict[str, Any] = {}
 
 
 class Reason(msgspec.Struct, kw_only=True):

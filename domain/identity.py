@@ -405,6 +405,7 @@ class Keys:
             raise NotFound("key not found", {"key_id": key_id})
         if key.revoked_at is None:
             key = await self.store.keys.update(key_id, revoked_at=utcnow())
+            assert key is not None  # locked above
             self.scope.emit(project_id, "key.revoked", {"key_id": key_id, "prefix": key.prefix})
         return key
 

@@ -12,7 +12,7 @@ import fnmatch
 import itertools
 import re
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, overload
 
 import msgspec
 from msgspec import Meta
@@ -124,7 +124,12 @@ def policy_error(errors: list[FieldError]) -> InvalidRequest:
                           {"field": first.field, "errors": [msgspec.to_builtins(e) for e in errors]})
 
 
-def parse(raw: bytes | dict[str, Any], type_: type[ProjectPolicy] | type[SystemPolicy] = ProjectPolicy):
+@overload
+def parse(raw: bytes | dict[str, Any], type_: type[ProjectPolicy] = ...) -> ProjectPolicy: ...
+@overload
+def parse(raw: bytes | dict[str, Any], type_: type[SystemPolicy]) -> SystemPolicy: ...
+def parse(raw: bytes | dict[str, Any], type_: type[ProjectPolicy] | type[SystemPolicy] = ProjectPolicy
+          ) -> ProjectPolicy | SystemPolicy:
     """Decode and validate a policy body; every problem is reported with its field."""
     try:
         policy = (msgspec.json.decode(raw, type=type_) if isinstance(raw, bytes | bytearray)
@@ -242,7 +247,12 @@ def record(policy: ProjectPolicy, project_id: str, version: int, created_at: dat
                         created_at=created_at, created_by=created_by)
 
 
-def load(rules: dict[str, Any], type_: type[ProjectPolicy] | type[SystemPolicy] = ProjectPolicy):
+@overload
+def load(rules: dict[str, Any], type_: type[ProjectPolicy] = ...) -> ProjectPolicy: ...
+@overload
+def load(rules: dict[str, Any], type_: type[SystemPolicy]) -> SystemPolicy: ...
+def load(rules: dict[str, Any], type_: type[ProjectPolicy] | type[SystemPolicy] = ProjectPolicy
+         ) -> ProjectPolicy | SystemPolicy:
     """A stored policy → its Struct. Stored rules were validated when written; unknown keys from a
     newer version are dropped rather than failing every request."""
     known = {k: v for k, v in rules.items() if k in type_.__struct_fields__}

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from domain.base import Actor
     from domain.budgets import BudgetRepo
     from domain.catalog import CatalogRepo
+    from domain.chat import ChatRepo
     from domain.identity import Agent, ApiKey, KeyPrincipal, Member, Project, User
     from domain.payments import PaymentRepo
     from domain.policies import PolicyRepo
@@ -113,6 +114,8 @@ class Store(Protocol):
     def payments(self) -> PaymentRepo: ...
     @property
     def spend_requests(self) -> SpendRepo: ...
+    @property
+    def chat(self) -> ChatRepo: ...
 
 
 Listener = Callable[[Event], Awaitable[None]]

@@ -31,7 +31,9 @@ class Repository(Generic[S]):
     """Maps one table to one domain Struct. Subclasses set ``table`` and ``entity``."""
 
     table: ClassVar[sa.Table]
-    entity: ClassVar[type]
+    entity: ClassVar[type[Any]]  # a msgspec Struct class
+    _field_cache: ClassVar[tuple[str, ...]]  # set per subclass on first use
+    _insert_stmt: ClassVar[sa.Insert]
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn

@@ -208,7 +208,7 @@ class SqlBrainView:
     async def prefetch(self, req: SpendInput) -> None:
         """Read the request's project, key, agent (the one named, else the key's), wallet and active
         budgets in ONE statement; the getters below answer from it (and query only for other ids)."""
-        rows: Sequence[Mapping[str, Any]]
+        rows: Sequence[Mapping[Any, Any]]  # asyncpg Records or SQLAlchemy RowMappings
         params = {"project_id": req.project_id, "key_id": req.key_id, "agent_id": req.agent_id}
         if self.db is not None and not self.db.is_sqlite:
             async with self.raw() as raw:  # no transaction: one statement is its own snapshot

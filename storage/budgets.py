@@ -4,6 +4,7 @@ committed row, so concurrent reservations from any number of processes can never
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +32,7 @@ class Budgets(Repository[Budget]):
             where.append(b.agent_id == agent_id)
         return await self.paginate(page, *where)
 
-    async def applicable(self, project_id: str, agent_id: str | None) -> list[Budget]:
+    async def applicable(self, project_id: str, agent_id: str | None) -> builtins.list[Budget]:
         scope = b.agent_id.is_(None) if agent_id is None else sa.or_(b.agent_id.is_(None), b.agent_id == agent_id)
         rows = await self.conn.execute(sa.select(budgets).where(
             b.project_id == project_id, b.active.is_(True), scope).order_by(b.id))

@@ -28,6 +28,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -110,7 +111,7 @@ class RedisBus(LocalBus):
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_seconds = heartbeat_seconds
         self.max_backoff_seconds = max_backoff_seconds
-        options = {"socket_connect_timeout": 2, "socket_timeout": 2}
+        options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 2}
         # Publishing and /ready: a pooled connection that died while Redis was away (reset, EOF) is retried
         # once on a fresh one, so the first publish or /ready after Redis is back does not fail for it (a
         # publish that did go out twice is a duplicate seq, which every listener drops).

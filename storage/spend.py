@@ -3,6 +3,7 @@ reservations (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and the usage aggregate
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +35,7 @@ class SpendRequests(Repository[SpendRequest]):
             where.append(s.status == status)
         return await self.paginate(page, *where)
 
-    async def stale(self, now: datetime, limit: int) -> list[SpendRequest]:
+    async def stale(self, now: datetime, limit: int) -> builtins.list[SpendRequest]:
         """Open requests whose reservation (or approval window) has run out, locked for this sweeper;
         rows another sweeper (another process) holds are skipped, not waited for."""
         stmt = (sa.select(spend_requests)
@@ -57,7 +58,7 @@ class SpendRequests(Repository[SpendRequest]):
                                        .where(c.id == model_id))).first()
         return (int(row[0]), int(row[1])) if row else None
 
-    async def usage(self, project_id: str, since: datetime, until: datetime, by: str) -> list[UsageRow]:
+    async def usage(self, project_id: str, since: datetime, until: datetime, by: str) -> builtins.list[UsageRow]:
         """Settled (or partly charged) requests in [since, until), by ``model``, ``agent``, ``key`` or ``day``."""
         if by == "model":
             key: Any = s.model

@@ -12,10 +12,6 @@ from server.http import container as _c
 P = "/api/v1/projects/{project_id}/policy"
 
 
-async def _body(request: web.Request, type_: type) -> pol.ProjectPolicy | pol.SystemPolicy:
-    return pol.parse(await read_body(request), type_)
-
-
 @routes.get(P, summary="The project's policy in force (version 0 = the defaults)", tag="policies",
             response=pol.PolicyRecord, errors=(401, 404))
 async def get_policy(request: web.Request) -> web.Response:
@@ -26,7 +22,7 @@ async def get_policy(request: web.Request) -> web.Response:
 @routes.put(P, summary="Replace the project's policy (admin); the version goes up, old versions are kept",
             tag="policies", body=pol.ProjectPolicy, response=pol.PolicyRecord, errors=(401, 403, 404, 409, 422))
 async def put_policy(request: web.Request) -> web.Response:
-    policy = await _body(request, pol.ProjectPolicy)
+    policy = pol.parse(await read_body(request), pol.ProjectPolicy)
     async with _c(request).uow(actor(request)) as uow:
         result = await uow.policies.put(request.match_info["project_id"], policy)
     return json_response(result)
@@ -50,7 +46,7 @@ async def get_system_policy(request: web.Request) -> web.Response:
 @routes.put("/api/v1/admin/policy", summary="Replace the system-wide policy (platform admins; audited)",
             tag="policies", body=pol.SystemPolicy, response=pol.SystemPolicyRecord, errors=(401, 403, 409, 422))
 async def put_system_policy(request: web.Request) -> web.Response:
-    policy = await _body(request, pol.SystemPolicy)
+    policy = pol.parse(await read_body(request), pol.SystemPolicy)
     async with _c(request).uow(actor(request)) as uow:
         result = await uow.policies.put_system(policy)
     return json_response(result)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import aiohttp
@@ -20,7 +20,8 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_keys.exceptions import BadSignature
-from eth_utils import keccak
+from eth_typing import HexStr
+from eth_utils.crypto import keccak
 from web3 import AsyncWeb3
 from web3.exceptions import ProviderConnectionError, TransactionNotFound, Web3RPCError
 
@@ -41,7 +42,7 @@ R = TypeVar("R")
 NODE_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, ProviderConnectionError, Web3RPCError)
 
 
-def node_call(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def node_call(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """An unreachable or failing node is a 503 for the caller (and a retry for the worker), never a 500."""
 
     @functools.wraps(fn)
@@ -122,7 +123,7 @@ class Web3Chain:
     @node_call
     async def lookup(self, tx_hash: str) -> TxLookup:
         try:
-            raw = await self.w3.eth.get_transaction_receipt(tx_hash)
+            raw = await self.w3.eth.get_transaction_receipt(HexStr(tx_hash))
         except TransactionNotFound:
             raw = None
         if raw is not None:
@@ -130,7 +131,7 @@ class Web3Chain:
             head = await self.head()
             return TxLookup(known=True, receipt=receipt, confirmations=max(0, head - receipt.block_number + 1))
         try:
-            await self.w3.eth.get_transaction(tx_hash)
+            await self.w3.eth.get_transaction(HexStr(tx_hash))
         except TransactionNotFound:
             return TxLookup(known=False)
         return TxLookup(known=True)
