@@ -21,6 +21,7 @@ from domain.insights import (
     Finding,
     ModelUsage,
     ProjectActivity,
+    Severity,
     Subject,
     Thresholds,
     usd,
@@ -87,7 +88,7 @@ def budget_forecasts(activity: ProjectActivity, th: Thresholds) -> list[Finding]
         horizon = b.period_end if b.period_end is not None else _when(now, th.runway_hours)
         if exhausts_at >= horizon:
             continue
-        severity = "critical" if hours < 1 else "warning"
+        severity: Severity = "critical" if hours < 1 else "warning"
         before = (f"{_span((b.period_end - exhausts_at).total_seconds() / 3600)} before it resets"
                   if b.period_end is not None else "and it does not reset")
         out.append(Finding(

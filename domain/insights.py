@@ -205,7 +205,8 @@ def usd(micros: int) -> str:
 
 
 def insight_data(insight: Insight) -> dict[str, Any]:
-    return msgspec.to_builtins(insight)
+    data: dict[str, Any] = msgspec.to_builtins(insight)
+    return data
 
 
 # ---------------------------------------------------------------- the service (scope.insights)
@@ -348,9 +349,9 @@ class InsightRunner:
         self.lock_first = lock_first
         self.clock = clock
         self._heard: dict[str, datetime] = {}  # project -> when the newest unevaluated trigger was heard
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._loop_task: asyncio.Task | None = None
+        self._loop_task: asyncio.Task[None] | None = None
         self.evaluations = 0  # evaluations that ran to the end in this process (tests, metrics)
 
     # ------------------------------------------------------------ triggers
@@ -420,7 +421,7 @@ class InsightRunner:
                     return None
                 findings = self.evaluate_fn(activity, self.thresholds)
             await repo.mark_evaluated(project_id, started)
-            await scope.insights.apply(project_id, findings, started, self.update_after)  # type: ignore[attr-defined]
+            await scope.insights.apply(project_id, findings, started, self.update_after)
         self.evaluations += 1
         return True
 

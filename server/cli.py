@@ -126,10 +126,10 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> None:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        index = children.pop(pid, None)
+        worker = children.pop(pid, None)
         code = os.waitstatus_to_exitcode(status)
         if not stopping:
-            print(f"smartspace: worker {index} (pid {pid}) exited with {code}; stopping the others", file=sys.stderr)
+            print(f"smartspace: worker {worker} (pid {pid}) exited with {code}; stopping the others", file=sys.stderr)
             failed = failed or code or 1
             stop(signal.SIGTERM, None)
     raise SystemExit(failed)
