@@ -36,6 +36,7 @@ class RouteSpec:
     response: Any = None
     status: int = 200
     auth: bool = True
+    key_auth: bool = False  # the route checks a project API key itself (the gateway): documented as secured
     query: dict[str, str] = field(default_factory=dict)  # name -> description
     errors: tuple[int, ...] = ()
 

@@ -33,6 +33,7 @@ from domain.events import Event
 from domain.identity import KEY_PREFIX, parse_key
 from domain.providers import usage_to_openai
 from domain.spend import Laps, SpendCommand
+from server.api.openai_schema import ChatCompletion, ChatCompletionRequest, EmbeddingList, EmbeddingRequest
 from server.container import Container
 from server.http import REQUEST_ID, read_body, routes
 from server.http import container as _c
@@ -282,7 +283,8 @@ def _recover(request: web.Request, actor: Actor):
 # ---------------------------------------------------------------- routes
 # Errors are raised, not rendered here: the error middleware answers every /v1/ error in OpenAI's shape.
 @routes.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (JSON or SSE with stream: true; "
-             "Idempotency-Key honoured)", tag="gateway", auth=False, errors=(*_ERRORS, 409))
+             "Idempotency-Key honoured)", tag="gateway", auth=False, key_auth=True, body=ChatCompletionRequest,
+             response=ChatCompletion, errors=(*_ERRORS, 409))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     laps = Laps()
     actor = await key_actor(request)
@@ -296,7 +298,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/v1/embeddings", summary="OpenAI-compatible embeddings (Idempotency-Key honoured)", tag="gateway",
-             auth=False, errors=(*_ERRORS, 409))
+             auth=False, key_auth=True, body=EmbeddingRequest, response=EmbeddingList, errors=(*_ERRORS, 409))
 async def embeddings(request: web.Request) -> web.StreamResponse:
     laps = Laps()
     actor = await key_actor(request)
@@ -324,7 +326,7 @@ async def _available(request: web.Request, actor: Actor) -> list:
 
 
 @routes.get("/v1/models", summary="OpenAI-compatible model list (the catalog's models this server can reach)",
-            tag="gateway", auth=False, errors=(401,))
+            tag="gateway", auth=False, key_auth=True, errors=(401,))
 async def models(request: web.Request) -> web.Response:
     items = await _available(request, await key_actor(request))
     return web.Response(body=_encode({"object": "list", "data": [_model_json(m) for m in items]}),
@@ -332,7 +334,7 @@ async def models(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/models/{model:.+}", summary="One model (OpenAI-compatible)", tag="gateway", auth=False,
-            errors=(401, 404))
+            key_auth=True, errors=(401, 404))
 async def model(request: web.Request) -> web.Response:
     actor = await key_actor(request)
     wanted = request.match_info["model"]

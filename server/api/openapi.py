@@ -70,12 +70,14 @@ def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, A
         if spec.response is not None:
             ok["content"] = {"application/json": {"schema": by_type[spec.response]}}
         op["responses"][str(spec.status)] = ok
-        errors = set(spec.errors) | ({401} if spec.auth else set()) | ({422} if spec.body else set())
+        secured = spec.auth or spec.key_auth
+        decoded_here = spec.body is not None and not spec.key_auth  # the gateway answers 400, OpenAI-style
+        errors = set(spec.errors) | ({401} if secured else set()) | ({422} if decoded_here else set())
         for status in sorted(errors):
             op["responses"][str(status)] = {
                 "description": _STATUS_TEXT.get(status, "Error"),
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        if spec.auth:
+        if secured:
             op["security"] = [{"bearer": []}, {"apiKey": []}]
         paths.setdefault(path, {})[spec.method.lower()] = op
     return {

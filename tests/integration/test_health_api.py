@@ -304,3 +304,16 @@ async def test_every_request_example_is_a_valid_body_of_its_route(openapi):
     examples = [m["example"] for p in openapi["paths"].values() for op in p.values()
                 for m in op.get("requestBody", {}).get("content", {}).values() if "example" in m]
     assert len(examples) >= len(with_example)
+
+
+async def test_the_gateway_routes_document_their_key_auth_and_openai_bodies(openapi):
+    chat = openapi["paths"]["/v1/chat/completions"]["post"]
+    embeddings = openapi["paths"]["/v1/embeddings"]["post"]
+    for op in (chat, embeddings, openapi["paths"]["/v1/models"]["get"]):
+        assert op["security"] == [{"bearer": []}, {"apiKey": []}] and "401" in op["responses"]
+    body = chat["requestBody"]["content"]["application/json"]
+    schemas = openapi["components"]["schemas"]
+    assert {"model", "messages"} <= set(schemas["ChatCompletionRequest"]["required"])
+    assert body["example"]["model"] == "local/echo-1"
+    assert "cost_micros" in schemas["Usage"]["properties"]
+    assert "EmbeddingRequest" in embeddings["requestBody"]["content"]["application/json"]["schema"]["$ref"]
