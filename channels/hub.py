@@ -37,6 +37,7 @@ from aiohttp import web
 from domain.base import Actor
 from domain.errors import DomainError, Forbidden, InvalidRequest
 from domain.events import NAMESPACES, Event, namespace_for
+from domain.inputs import SocketJson, nul_message
 from server.container import Container
 from server.metrics import Metrics
 
@@ -77,8 +78,9 @@ class Hub:
     def __init__(self, container: Container, metrics: Metrics) -> None:
         self.container = container
         self.metrics = metrics
+        # json=: every packet is depth-checked before it is parsed; a deep one is a ValueError, i.e. refused.
         self.sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*", logger=False,
-                                        engineio_logger=False, ping_interval=20, ping_timeout=20)
+                                        engineio_logger=False, ping_interval=20, ping_timeout=20, json=SocketJson)
         # (namespace, sid, project_id, n) -> live events buffered while that subscriber is replayed
         self.holding: dict[tuple[str, str, str, int], list[Event]] = {}
         self.streams: dict[str, _Stream] = {}
@@ -341,12 +343,19 @@ class ProjectNamespace(socketio.AsyncNamespace):
         return {"ok": True, "project_id": project_id}
 
 
+MAX_SEQ = 2**63 - 1  # seqs are BIGINT
+
+
 def _subscription(data: Any) -> tuple[str, int]:
     if not isinstance(data, dict) or not isinstance(data.get("project_id"), str):
         raise InvalidRequest("send {project_id, since?}")
-    since = data.get("since", 0) or 0
-    if not isinstance(since, int) or isinstance(since, bool) or since < 0:
-        raise InvalidRequest("since must be a non-negative integer seq")
+    if "\x00" in data["project_id"]:
+        raise InvalidRequest(nul_message("project_id"), {"field": "project_id"})
+    since = data.get("since")
+    if since is None:
+        since = 0
+    elif not isinstance(since, int) or isinstance(since, bool) or not 0 <= since <= MAX_SEQ:
+        raise InvalidRequest(f"since must be an integer seq between 0 and {MAX_SEQ}", {"field": "since"})
     return data["project_id"], since
 
 

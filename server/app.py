@@ -17,7 +17,13 @@ from server.chain.workers import chain_context
 from server.container import Container
 from server.http import CONTAINER, routes
 from server.metrics import METRICS, Metrics
-from server.middleware import access_middleware, auth_middleware, error_middleware, request_id_middleware
+from server.middleware import (
+    access_middleware,
+    auth_middleware,
+    error_middleware,
+    input_middleware,
+    request_id_middleware,
+)
 from server.settings import Settings
 from storage.bus import LocalBus, RedisBus
 from storage.catalog import seed_catalog
@@ -45,6 +51,7 @@ def create_app(settings: Settings, *, container: Container | None = None,
         request_id_middleware,
         access_middleware(metrics, settings.access_log),
         error_middleware,
+        input_middleware,
         auth_middleware(container),
     ])
     routes.install(app)
