@@ -74,13 +74,28 @@ class _Stream:
         return (self.upto is not None and seq <= self.upto) or seq in self.ahead
 
 
+class _Server(socketio.AsyncServer):
+    """A packet that does not decode (malformed, or nested past ``MAX_DEPTH``) closes its connection, as the
+    JavaScript server's "parse error" does, instead of an error logged with a traceback per packet."""
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except ValueError as exc:
+            log.info("undecodable Socket.IO packet: connection closed", extra={"reason": str(exc)[:200]})
+            socket = self.eio.sockets.get(eio_sid)
+            await self.eio.disconnect(eio_sid)  # Engine.IO's close packet, then the session is gone
+            if socket is not None:
+                await socket.queue.put(None)  # and the transport too, not when the client gets round to it
+
+
 class Hub:
     def __init__(self, container: Container, metrics: Metrics) -> None:
         self.container = container
         self.metrics = metrics
-        # json=: every packet is depth-checked before it is parsed; a deep one is a ValueError, i.e. refused.
-        self.sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*", logger=False,
-                                        engineio_logger=False, ping_interval=20, ping_timeout=20, json=SocketJson)
+        # json=: every packet is depth-checked before it is parsed (a deep one is a ValueError: _Server).
+        self.sio = _Server(async_mode="aiohttp", cors_allowed_origins="*", logger=False, engineio_logger=False,
+                           ping_interval=20, ping_timeout=20, json=SocketJson)
         # (namespace, sid, project_id, n) -> live events buffered while that subscriber is replayed
         self.holding: dict[tuple[str, str, str, int], list[Event]] = {}
         self.streams: dict[str, _Stream] = {}

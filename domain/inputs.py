@@ -36,6 +36,15 @@ class TooDeep(ValueError):
     """JSON nested past ``MAX_DEPTH`` (a ``ValueError``, which python-engineio/socketio treat as a bad packet)."""
 
 
+class BodyTooDeep(InvalidRequest):
+    """An HTTP body nested past ``MAX_DEPTH``: refused unparsed, a 400 like any JSON that does not parse."""
+
+    status = 400
+
+    def __init__(self) -> None:
+        super().__init__(f"the body nests arrays/objects deeper than {MAX_DEPTH} levels", {"max_depth": MAX_DEPTH})
+
+
 def depth_exceeds(raw: bytes | bytearray | memoryview | str, limit: int = MAX_DEPTH) -> bool:
     """Whether the JSON text ``raw`` nests arrays/objects deeper than ``limit`` levels, or has so many
     unclosed brackets that a parser would go that deep before failing. Brackets in strings do not count."""

@@ -107,16 +107,21 @@ async def read_body(request: web.Request) -> bytes:
     return body
 
 
+def refuse_nul_in(body: bytes) -> None:
+    """A string (or key) with a NUL anywhere in a JSON body is a 422 naming it, as the client named it; checked
+    before anything else about the body."""
+    if may_hold_nul(body):
+        refuse_nul(msgspec.json.decode(body))
+
+
 def decode_body(body: bytes, type_: type[T]) -> T:
     """Decode and validate a body read by ``read_body``; a string with a NUL is a 422 naming its field.
     msgspec errors are rendered by the error middleware."""
+    refuse_nul_in(body)
     decoder = _decoders.get(type_)
     if decoder is None:
         decoder = _decoders[type_] = msgspec.json.Decoder(type_)
-    value = decoder.decode(body)
-    if may_hold_nul(body):
-        refuse_nul(msgspec.json.decode(body))  # the JSON's own names, as the client sent them
-    return value
+    return decoder.decode(body)
 
 
 async def decode(request: web.Request, type_: type[T]) -> T:

@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from domain.errors import DomainError, InvalidRequest, RateLimited, Unauthorized
-from domain.inputs import MAX_DEPTH, depth_exceeds, nul_message
+from domain.inputs import BodyTooDeep, depth_exceeds, nul_message
 from server.http import ACTOR, REQUEST_ID, encode, route_spec
 
 access_log = logging.getLogger("smartspace.access")
@@ -146,8 +146,7 @@ async def input_middleware(request: web.Request, handler):
     if request.body_exists:
         body = await request.read()  # cached: the handler's read costs nothing more
         if depth_exceeds(body):
-            raise InvalidRequest(f"the body nests arrays/objects deeper than {MAX_DEPTH} levels",
-                                 {"max_depth": MAX_DEPTH})
+            raise BodyTooDeep()
     return await handler(request)
 
 

@@ -6,14 +6,16 @@ from aiohttp import web
 
 from domain import policies as pol
 from domain.base import Page
-from server.http import PAGE_QUERY, actor, json_response, page_request, read_body, routes
+from server.http import PAGE_QUERY, actor, json_response, page_request, read_body, refuse_nul_in, routes
 from server.http import container as _c
 
 P = "/api/v1/projects/{project_id}/policy"
 
 
 async def _body(request: web.Request, type_: type) -> pol.ProjectPolicy | pol.SystemPolicy:
-    return pol.parse(await read_body(request), type_)
+    body = await read_body(request)
+    refuse_nul_in(body)
+    return pol.parse(body, type_)
 
 
 @routes.get(P, summary="The project's policy in force (version 0 = the defaults)", tag="policies",
