@@ -20,6 +20,8 @@ import json
 import re
 from typing import Any
 
+import msgspec
+
 from domain.errors import InvalidRequest
 
 MAX_DEPTH = 64
@@ -76,6 +78,14 @@ def depth_exceeds(raw: bytes | bytearray | memoryview | str, limit: int = MAX_DE
             return False  # only "]]][[[" is left: its openers were counted above
         brackets = shorter
     return True
+
+
+def decode_json(raw: bytes | str) -> Any:
+    """``msgspec.json.decode`` behind the depth scan: too deep is a ``msgspec.DecodeError`` like any JSON that
+    does not parse (for decoders whose callers already handle that: provider answers, tool arguments)."""
+    if depth_exceeds(raw):
+        raise msgspec.DecodeError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    return msgspec.json.decode(raw)
 
 
 def check_depth(raw: bytes | bytearray | memoryview | str, limit: int = MAX_DEPTH) -> None:

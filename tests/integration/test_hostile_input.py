@@ -11,6 +11,7 @@ tests/e2e/test_hostile_edge.py: a crash here would take the test run with it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 from typing import Any
@@ -20,9 +21,12 @@ import msgspec
 import pytest
 import socketio
 import sqlalchemy as sa
+from aiohttp import web
 
+from domain.errors import Unavailable
 from domain.events import NAMESPACES
 from domain.inputs import MAX_DEPTH, SocketJson, depth_exceeds
+from server.chain import open_chain
 from server.http import routes
 from storage.models import metadata, spend_requests
 from tests.factories import create_agent, create_key, register
@@ -367,3 +371,48 @@ async def test_a_nul_token_is_refused_on_connect(world, token):
         await sio.connect(str(world.client.make_url("/")), auth={"token": token}, namespaces=["/budgets"],
                           transports=["websocket"], wait_timeout=WAIT)
     await sio.disconnect()
+
+
+# ---------------------------------------------------------------- JSON inside strings, and other decoders
+async def test_a_cursor_that_decodes_to_a_nul_is_refused(world):
+    cursor = base64.urlsafe_b64encode(b"evt\x00x").decode().rstrip("=")
+    for path in (f"/api/v1/projects/{world.ids['project_id']}/audit", "/api/v1/projects",
+                 f"/api/v1/projects/{world.ids['project_id']}/wallet/ledger"):
+        resp = await world.client.get(f"{path}?cursor={cursor}", headers=world.admin.headers)
+        assert resp.status == 422, await resp.text()
+        assert (await resp.json())["error"]["code"] == "invalid_request"
+
+
+async def test_deep_tool_call_arguments_are_refused_not_parsed(world):
+    deep = "[" * 3000 + "]" * 3000  # JSON inside a string: the body scan cannot see it, the adapter's decode must
+    resp = await world.client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {world.key['key']}"},
+                                   json={"model": "anthropic/claude-3-5-haiku", "max_tokens": 5, "messages": [
+                                       {"role": "user", "content": "call it"},
+                                       {"role": "assistant", "content": None, "tool_calls": [
+                                           {"id": "c1", "type": "function",
+                                            "function": {"name": "f", "arguments": deep}}]},
+                                       {"role": "tool", "tool_call_id": "c1", "content": "done"}]})
+    assert resp.status in (400, 422), await resp.text()
+    assert (await resp.json())["error"]["code"] == "invalid_request"
+
+
+async def test_a_deep_json_rpc_answer_is_a_failing_node_not_a_crash(aiohttp_server, settings):
+    async def rpc(request: web.Request) -> web.Response:
+        call = await request.json()
+        if call["method"] == "eth_chainId":
+            return web.json_response({"jsonrpc": "2.0", "id": call["id"], "result": "0x539"})
+        deep = f'{{"jsonrpc": "2.0", "id": {call["id"]}, "result": ' + "[" * 3000 + "]" * 3000 + "}"
+        return web.Response(text=deep, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/", rpc)
+    node = await aiohttp_server(app)
+    chain, devnet = await open_chain(msgspec.structs.replace(
+        settings, chain="rpc", chain_rpc_url=str(node.make_url("/")), treasury_private_key="0x" + "11" * 32,
+        usdc_address="0x" + "22" * 20))
+    try:
+        assert devnet is None and chain.chain_id == 1337
+        with pytest.raises(Unavailable):
+            await chain.head()
+    finally:
+        await chain.close()
