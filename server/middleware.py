@@ -143,7 +143,7 @@ async def input_middleware(request: web.Request, handler):
     judged where it is decoded (server/http.py), which knows its fields."""
     if "%00" in request.raw_path:  # cheap: an encoded NUL must show up like this in the raw path
         _nul_in_url(request)
-    if request.body_exists:
+    if request.body_exists and request.match_info.http_exception is None:  # a 404/405 reads no body
         body = await request.read()  # cached: the handler's read costs nothing more
         if depth_exceeds(body):
             raise BodyTooDeep()
