@@ -13,6 +13,7 @@ from aiohttp import web
 
 import server.api  # noqa: F401 - registers the REST routes
 from channels.hub import attach as attach_hub
+from server import keep_recursion_limit
 from server.chain.workers import chain_context
 from server.container import Container
 from server.http import CONTAINER, routes
@@ -41,6 +42,7 @@ def build_container(settings: Settings, metrics: Metrics, *, db: Database | None
 
 def create_app(settings: Settings, *, container: Container | None = None,
                migrate: Callable[[Database], Awaitable[None]] | None = None) -> web.Application:
+    keep_recursion_limit()  # the imports above brought in py_ecc (web3), which raised it
     metrics = container.deps.metrics if container is not None else Metrics()
     container = container or build_container(settings, metrics)
     app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -78,4 +80,9 @@ def create_app(settings: Settings, *, container: Container | None = None,
     app.cleanup_ctx.append(sweeper)
     app.cleanup_ctx.append(chain_context(container, start_worker=settings.chain_worker))  # payments (issue 5)
     attach_hub(app, container, metrics)
+    app.on_startup.append(after_start)  # runs after every cleanup_ctx started, the devnet's too
     return app
+
+
+async def after_start(app: web.Application) -> None:
+    keep_recursion_limit()  # the devnet's first start imports py-evm, which raises it again

@@ -10,7 +10,6 @@ import sys
 
 from aiohttp import web
 
-from server import keep_recursion_limit
 from server.settings import Settings, SettingsError, load_settings
 
 
@@ -28,13 +27,11 @@ def serve(args: argparse.Namespace) -> None:
     from server.logs import setup_logging
     from storage.migrate import upgrade
 
-    keep_recursion_limit()  # the imports above brought in py_ecc (web3)
     setup_logging(settings.log_level)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     migrate = upgrade if settings.migrate_on_start else None
     app = create_app(settings, migrate=migrate)
-    app.on_startup.append(_after_start)  # runs after every cleanup_ctx started, the devnet's (py-evm) too
     print(f"smartspace: serving on http://{host}:{port} (database {settings.resolved_database_url.split('://')[0]}, "
           f"bus {'redis' if settings.redis_url else 'in-process'})", file=sys.stderr, flush=True)
     try:
@@ -44,10 +41,6 @@ def serve(args: argparse.Namespace) -> None:
                 else "check SMARTSPACE_DATABASE_URL and that the database is running")
         print(f"smartspace: cannot start: {exc}; {hint}", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-async def _after_start(app: web.Application) -> None:
-    keep_recursion_limit()
 
 
 def migrate(args: argparse.Namespace) -> None:

@@ -94,18 +94,18 @@ import asyncio, sys
 import msgspec
 import server.cli  # what `smartspace serve` imports first
 from server import RECURSION_LIMIT
-from server.app import create_app  # web3, py_ecc (and py-evm, depending on what imports it)
+from server.app import after_start, create_app  # web3, py_ecc (and py-evm, depending on what imports it)
 from server.chain.devnet import Devnet
 from server.settings import load_settings
 
 raised = sys.getrecursionlimit()  # what the eth stack set on import
 app = create_app(load_settings())
-server.cli.keep_recursion_limit()
 assert sys.getrecursionlimit() == RECURSION_LIMIT, sys.getrecursionlimit()
 
 async def main():
     devnet = await Devnet.start()  # py-evm raises the limit again if this is its first import
-    await server.cli._after_start(app)  # what serve() runs once every cleanup context has started
+    assert after_start in app.on_startup
+    await after_start(app)  # what the app runs once every cleanup context has started
     assert sys.getrecursionlimit() == RECURSION_LIMIT
     await devnet.mint("0x" + "cd" * 20, 1_000_000)  # the EVM still runs, and imports nothing that raises it
     assert sys.getrecursionlimit() == RECURSION_LIMIT
