@@ -14,12 +14,18 @@ from aiohttp import web
 import server.api  # noqa: F401 - registers the REST routes
 from channels.chat import attach as attach_chat
 from channels.hub import attach as attach_hub
-from server import idempotency
+from server import idempotency, keep_recursion_limit
 from server.chain.workers import chain_context
 from server.container import Container
 from server.http import CONTAINER, routes
 from server.metrics import METRICS, Metrics
-from server.middleware import access_middleware, auth_middleware, error_middleware, request_id_middleware
+from server.middleware import (
+    access_middleware,
+    auth_middleware,
+    error_middleware,
+    input_middleware,
+    request_id_middleware,
+)
 from server.settings import Settings
 from storage.bus import LocalBus, RedisBus, channel_for, deployment_id
 from storage.catalog import seed_catalog
@@ -39,6 +45,7 @@ def build_container(settings: Settings, metrics: Metrics, *, db: Database | None
 
 def create_app(settings: Settings, *, container: Container | None = None,
                migrate: Callable[[Database], Awaitable[None]] | None = None) -> web.Application:
+    keep_recursion_limit()  # the imports above brought in py_ecc (web3), which raised it
     container = container or build_container(settings, Metrics())
     metrics = container.metrics
     app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -49,6 +56,7 @@ def create_app(settings: Settings, *, container: Container | None = None,
         request_id_middleware,
         access_middleware(metrics, settings.access_log),
         error_middleware,
+        input_middleware,
         auth_middleware(container),
     ])
     routes.install(app)
@@ -89,4 +97,9 @@ def create_app(settings: Settings, *, container: Container | None = None,
     app.cleanup_ctx.append(insights)
     hub = attach_hub(app, container, metrics)
     attach_chat(app, hub, container.chat)  # /chat: the assistant's message and cancel
+    app.on_startup.append(after_start)  # runs after every cleanup_ctx started, the devnet's too
     return app
+
+
+async def after_start(app: web.Application) -> None:
+    keep_recursion_limit()  # the devnet's first start imports py-evm, which raises it again

@@ -1,5 +1,6 @@
 """HTTP helpers shared by every route module: the route table (which also feeds OpenAPI),
-JSON encode/decode with msgspec, pagination and query parsing."""
+JSON encode/decode with msgspec (strings with a NUL refused, see ``domain.inputs``), pagination and
+query parsing."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from domain.base import Actor, PageRequest
 from domain.errors import InvalidRequest, Unauthorized
+from domain.inputs import may_hold_nul, refuse_nul
 from server.container import Container
 
 T = TypeVar("T")
@@ -98,20 +100,39 @@ def encode(value: Any) -> bytes:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request body; an empty (or all-whitespace) one is refused."""
+    """The request body; an empty (or all-whitespace) one is refused. (One nested too deeply never gets
+    here: the input middleware refused it.)"""
     body = await request.read()
     if not body.strip():
         raise InvalidRequest("a JSON request body is required")
     return body
 
 
-async def decode(request: web.Request, type_: type[T]) -> T:
-    """Decode and validate the JSON body (msgspec errors are rendered by the error middleware)."""
-    body = await read_body(request)
+def refuse_nul_in(body: bytes) -> None:
+    """A string (or key) with a NUL anywhere in a JSON body is a 422 naming it, as the client named it; checked
+    before anything else about the body."""
+    if may_hold_nul(body):
+        refuse_nul(msgspec.json.decode(body))
+
+
+def decode_body(body: bytes, type_: type[T]) -> T:
+    """Decode and validate a body read by ``read_body``; a string with a NUL is a 422 naming its field.
+    msgspec errors are rendered by the error middleware."""
+    refuse_nul_in(body)
     decoder = _decoders.get(type_)
     if decoder is None:
         decoder = _decoders[type_] = msgspec.json.Decoder(type_)
     return decoder.decode(body)
+
+
+async def decode(request: web.Request, type_: type[T]) -> T:
+    """Read, decode and validate the JSON body."""
+    return decode_body(await read_body(request), type_)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as plain JSON values (depth-limited; NUL is the caller's to judge)."""
+    return msgspec.json.decode(await read_body(request))
 
 
 def actor(request: web.Request) -> Actor:
@@ -133,7 +154,7 @@ def page_request(request: web.Request, max_limit: int = 200) -> PageRequest:
 
 
 def query_value(request: web.Request, name: str, type_: type[T], default: T | None = None) -> T | None:
-    raw = request.query.get(name)
+    raw = request.query.get(name)  # a NUL was refused by the input middleware
     if raw is None or raw == "":
         return default
     try:

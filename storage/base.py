@@ -22,9 +22,12 @@ def encode_cursor(value: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("cursor is not one this API returned", {"cursor": cursor}) from None
+    if "\x00" in value:  # never one of ours, and PostgreSQL cannot compare it
+        raise InvalidRequest("cursor is not one this API returned", {"cursor": cursor})
+    return value
 
 
 class Repository(Generic[S]):

@@ -31,6 +31,7 @@ from domain.catalog import Catalog, ModelFilter
 from domain.errors import ApprovalRequired, Conflict, DomainError, InvalidRequest, NotFound, ProviderError, Unauthorized
 from domain.events import Event
 from domain.identity import KEY_PREFIX, parse_key
+from domain.inputs import may_hold_nul, nul_message, nul_path, refuse_nul
 from domain.providers import usage_to_openai
 from domain.spend import Laps, SpendCommand
 from server.api.openai_schema import ChatCompletion, ChatCompletionRequest, EmbeddingList, EmbeddingRequest
@@ -112,10 +113,25 @@ async def key_actor(request: web.Request) -> Actor:
 
 # ---------------------------------------------------------------- request parsing
 async def _body(request: web.Request) -> dict[str, Any]:
-    body = _decode(await read_body(request))
+    raw = await read_body(request)
+    body = _decode(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    if may_hold_nul(raw):
+        _refuse_nul(body)
     return body
+
+
+def _refuse_nul(body: dict[str, Any]) -> None:
+    """A NUL is refused everywhere but in what goes to the model as is: message content and embedding input
+    (passed on unchanged; the stored copy is made safe by storage)."""
+    refuse_nul(body, key="param", skip=frozenset({"messages", "input"}))
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        path = nul_path(message, skip=frozenset({"content"}))
+        if path is not None:
+            param = f"messages[{i}]" + ("" if path == "$" else f".{path}")
+            raise InvalidRequest(nul_message(param), {"param": param})
 
 
 def _model(body: dict[str, Any]) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import msgspec
 from aiohttp import web
 
 from domain.base import Page
@@ -136,8 +135,7 @@ async def project_requests(request: web.Request) -> web.Response:
 
 
 async def _resolve_body(request: web.Request) -> Resolve:
-    raw = await request.read()
-    return msgspec.json.decode(raw, type=Resolve) if raw.strip() else Resolve()
+    return await decode(request, Resolve) if (await request.read()).strip() else Resolve()
 
 
 @routes.post("/api/v1/requests/{request_id}/approve", summary="Approve a held request (owner/admin); it runs",

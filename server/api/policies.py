@@ -6,7 +6,7 @@ from aiohttp import web
 
 from domain import policies as pol
 from domain.base import Page
-from server.http import PAGE_QUERY, actor, json_response, page_request, read_body, routes
+from server.http import PAGE_QUERY, actor, json_response, page_request, read_body, refuse_nul_in, routes
 from server.http import container as _c
 
 P = "/api/v1/projects/{project_id}/policy"
@@ -22,7 +22,9 @@ async def get_policy(request: web.Request) -> web.Response:
 @routes.put(P, summary="Replace the project's policy (admin); the version goes up, old versions are kept",
             tag="policies", body=pol.ProjectPolicy, response=pol.PolicyRecord, errors=(401, 403, 404, 409, 422))
 async def put_policy(request: web.Request) -> web.Response:
-    policy = pol.parse(await read_body(request), pol.ProjectPolicy)
+    body = await read_body(request)
+    refuse_nul_in(body)
+    policy = pol.parse(body, pol.ProjectPolicy)
     async with _c(request).uow(actor(request)) as uow:
         result = await uow.policies.put(request.match_info["project_id"], policy)
     return json_response(result)
@@ -46,7 +48,9 @@ async def get_system_policy(request: web.Request) -> web.Response:
 @routes.put("/api/v1/admin/policy", summary="Replace the system-wide policy (platform admins; audited)",
             tag="policies", body=pol.SystemPolicy, response=pol.SystemPolicyRecord, errors=(401, 403, 409, 422))
 async def put_system_policy(request: web.Request) -> web.Response:
-    policy = pol.parse(await read_body(request), pol.SystemPolicy)
+    body = await read_body(request)
+    refuse_nul_in(body)
+    policy = pol.parse(body, pol.SystemPolicy)
     async with _c(request).uow(actor(request)) as uow:
         result = await uow.policies.put_system(policy)
     return json_response(result)

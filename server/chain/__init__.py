@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 
 from web3 import AsyncWeb3
-from web3.providers.rpc import AsyncHTTPProvider
 
 from server.chain.devnet import Devnet
-from server.chain.web3chain import Web3Chain
+from server.chain.web3chain import GuardedHTTPProvider, Web3Chain
 from server.settings import Settings, SettingsError
 
 log = logging.getLogger("smartspace.chain")
@@ -29,7 +28,7 @@ async def open_chain(settings: Settings) -> tuple[Web3Chain, Devnet | None]:
     if not settings.usdc_address:
         raise SettingsError("SMARTSPACE_USDC_ADDRESS is required when SMARTSPACE_CHAIN=rpc "
                             "(Arc: 0x3600000000000000000000000000000000000000)")
-    w3 = AsyncWeb3(AsyncHTTPProvider(settings.chain_rpc_url))
+    w3 = AsyncWeb3(GuardedHTTPProvider(settings.chain_rpc_url))
     try:
         chain_id = await w3.eth.chain_id
         if settings.chain_id and settings.chain_id != chain_id:

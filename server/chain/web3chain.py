@@ -24,9 +24,12 @@ from eth_typing import HexStr
 from eth_utils.crypto import keccak
 from web3 import AsyncWeb3
 from web3.exceptions import ProviderConnectionError, TransactionNotFound, Web3RPCError
+from web3.providers.rpc import AsyncHTTPProvider
+from web3.types import RPCResponse
 
 from domain.chain import BroadcastOutcome, Fees, SignedTransfer, TxLookup, normalize_address
 from domain.errors import Unavailable
+from domain.inputs import MAX_DEPTH, depth_exceeds
 from server.chain.receipts import parse_receipt, to_hex
 
 log = logging.getLogger("smartspace.chain")
@@ -54,6 +57,17 @@ def node_call(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[
             raise Unavailable("the chain node is unreachable; try again shortly", {"call": fn.__name__}) from None
 
     return call
+
+
+class GuardedHTTPProvider(AsyncHTTPProvider):
+    """web3's ``AsyncHTTPProvider`` whose answers are depth-checked before they are parsed: a node (or
+    whatever answers at its URL) sending JSON nested past ``MAX_DEPTH`` is a failing node, not a crash."""
+
+    @staticmethod
+    def decode_rpc_response(raw_response: bytes) -> RPCResponse:
+        if depth_exceeds(raw_response):
+            raise ProviderConnectionError(f"the node's answer nests JSON deeper than {MAX_DEPTH} levels")
+        return AsyncHTTPProvider.decode_rpc_response(raw_response)
 
 
 def encode_transfer(recipient: str, units: int) -> bytes:

@@ -302,7 +302,13 @@ async def test_a_bad_question_is_422_and_stores_nothing(client, body):
     assert listed["items"] == []
 
 
-@pytest.mark.parametrize("conversation_id", ["cnv_%00x", "x" * 41, "cnv_nope"])
+async def test_a_conversation_id_with_a_nul_is_refused_at_the_edge(client):
+    user = await register(client)
+    resp = await client.get("/api/v1/chatbot/conversations/cnv_%00x", headers=user.headers)
+    assert resp.status == 422 and (await resp.json())["error"]["details"]["field"] == "conversation_id"
+
+
+@pytest.mark.parametrize("conversation_id", ["x" * 41, "cnv_nope"])
 async def test_a_conversation_id_that_names_nothing_is_404(client, conversation_id):
     user = await register(client)
     resp = await client.get(f"/api/v1/chatbot/conversations/{conversation_id}", headers=user.headers)
