@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import msgspec
 from aiohttp import web
 
 from domain.base import Page
 from domain.insights import Insight, InsightAction
-from server.http import PAGE_QUERY, actor, json_response, page_request, routes
+from server.http import PAGE_QUERY, actor, decode_body, json_response, page_request, routes
 from server.http import container as _c
 
 P = "/api/v1/projects/{project_id}/insights"
-_action = msgspec.json.Decoder(InsightAction)
 
 
 @routes.get(P, summary="The project's insights, newest first", tag="insights", response=Page[Insight],
@@ -34,7 +32,7 @@ async def get_insight(request: web.Request) -> web.Response:
 
 async def _act(request: web.Request, verb: str) -> web.Response:
     raw = await request.read()
-    action = _action.decode(raw) if raw.strip() else InsightAction()  # the body is optional
+    action = decode_body(raw, InsightAction) if raw.strip() else InsightAction()  # the body is optional
     async with _c(request).uow(actor(request)) as uow:
         act = uow.insights.acknowledge if verb == "acknowledge" else uow.insights.dismiss
         insight = await act(request.match_info["project_id"], request.match_info["insight_id"], action)

@@ -168,7 +168,7 @@ def _body_specs():
 
 
 def _fields(spec) -> list[str]:
-    if spec.body is None:  # the gateway: its own fields, read from the body as plain JSON
+    if spec.key_auth:  # the gateway: its own fields, read from the body as plain JSON (spec.body describes it)
         return ["model", "metadata", "user", "stop", "encoding_format"]
     return [f.encode_name for f in msgspec.structs.fields(spec.body)]
 
