@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import sys
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -17,8 +18,14 @@ def _settings_or_exit() -> Settings:
     try:
         return load_settings()
     except SettingsError as exc:
-        print(f"smartspace: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _config_error(exc)
+
+
+def _config_error(exc: SettingsError) -> NoReturn:
+    """One line on stderr naming the variable and what it expects; exit status 2."""
+    line = " ".join(str(exc).split())
+    print(f"smartspace: configuration error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -31,11 +38,17 @@ def serve(args: argparse.Namespace) -> None:
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     migrate = upgrade if settings.migrate_on_start else None
-    app = create_app(settings, migrate=migrate)
-    print(f"smartspace: serving on http://{host}:{port} (database {settings.resolved_database_url.split('://')[0]}, "
-          f"bus {'redis' if settings.redis_url else 'in-process'})", file=sys.stderr, flush=True)
+
+    def serving(_: str) -> None:  # aiohttp calls this once every site is bound, never before
+        bus = "redis" if settings.redis_url else "in-process"
+        print(f"smartspace: serving on http://{host}:{port} (database "
+              f"{settings.resolved_database_url.split('://')[0]}, bus {bus})", file=sys.stderr, flush=True)
+
     try:
-        web.run_app(app, host=host, port=port, access_log=None, print=None)
+        app = create_app(settings, migrate=migrate)
+        web.run_app(app, host=host, port=port, access_log=None, print=serving)
+    except SettingsError as exc:  # found while wiring up (SMARTSPACE_UPSTREAMS) or starting (the chain)
+        _config_error(exc)
     except OSError as exc:  # the database did not answer at start-up, or the port is taken
         hint = (f"is {host}:{port} free? (SMARTSPACE_PORT / --port)" if exc.errno == errno.EADDRINUSE
                 else "check SMARTSPACE_DATABASE_URL and that the database is running")
