@@ -15,6 +15,7 @@ import server.api  # noqa: F401 - registers the REST routes
 from channels.hub import attach as attach_hub
 from server.chain.workers import chain_context
 from server.container import Container
+from server.cors import enable_cors
 from server.http import CONTAINER, routes
 from server.metrics import METRICS, Metrics
 from server.middleware import access_middleware, auth_middleware, error_middleware, request_id_middleware
@@ -48,6 +49,7 @@ def create_app(settings: Settings, *, container: Container | None = None,
         auth_middleware(container),
     ])
     routes.install(app)
+    enable_cors(app, settings.cors_origins)  # the route table's resources, before Socket.IO attaches
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if migrate is not None:

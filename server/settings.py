@@ -32,6 +32,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     port: int = 8080
     log_level: str = "INFO"
     access_log: bool = True
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the REST API and the gateway
     data_dir: str = ".smartspace"
     # --- storage and fan-out ---
     database_url: str = ""  # empty: SQLite file in data_dir
@@ -90,6 +91,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("confirmations", self.confirmations >= 1, "at least 1"),
             ("jwt_secret", self.jwt_secret == "" or len(self.jwt_secret) >= 32,
              "at least 32 characters (or unset, to generate one)"),
+            ("cors_origins", all(_is_origin(o) for o in self.cors_origins),
+             "comma-separated origins such as https://app.example.com or http://localhost:5173 (no path), or *"),
             ("chain_poll_seconds", self.chain_poll_seconds > 0, "a positive number"),
             ("usdc_decimals", 0 <= self.usdc_decimals <= 36, "a number of decimals between 0 and 36"),
             *((field, _is_address(getattr(self, field)), "an EVM address: 0x + 40 hex digits, EIP-55 if mixed case")
@@ -133,6 +136,10 @@ def _is_address(value: str) -> bool:
     except InvalidRequest:
         return False
     return True
+
+
+def _is_origin(value: str) -> bool:
+    return value == "*" or re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", value) is not None
 
 
 def _is_private_key(value: str) -> bool:

@@ -319,3 +319,13 @@ def test_serve_says_serving_once_the_port_from_an_export_line_is_bound(tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cors_origins_are_a_comma_separated_list_of_bare_origins():
+    settings = load_settings({"SMARTSPACE_CORS_ORIGINS": "https://app.example.com, http://localhost:5173,"},
+                             dotenv=None)
+    assert settings.cors_origins == ("https://app.example.com", "http://localhost:5173")
+    assert load_settings({}, dotenv=None).cors_origins == ()
+    for bad in ("app.example.com", "https://app.example.com/", "https://app.example.com/path", "ftp://x"):
+        message = _fails({"SMARTSPACE_CORS_ORIGINS": bad})
+        assert "SMARTSPACE_CORS_ORIGINS" in message and "no path" in message
