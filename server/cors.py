@@ -2,7 +2,7 @@
 
 None are configured by default: browsers on other origins are then refused by their own same-origin
 rule. A configured origin may call every route of the route table (``/api/v1/…``, ``/v1/…``, health),
-preflight included, sending ``Authorization``, ``Content-Type``, ``Idempotency-Key`` and the
+preflight included, sending ``Authorization`` (or ``X-API-Key``), ``Content-Type``, ``Idempotency-Key`` and the
 SmartSpace request headers; it may read the response headers a script needs (``x-smartspace-*``,
 ``X-Request-Id``, ``Retry-After``: every non-simple header of the response is exposed). Bearer
 tokens travel in ``Authorization``, never in cookies, so credentials mode is not enabled. Socket.IO
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import aiohttp_cors
 from aiohttp import web
 
-ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "X-SmartSpace-Wait", "X-Request-Id")
+ALLOW_HEADERS = ("Authorization", "X-API-Key", "Content-Type", "Idempotency-Key", "X-SmartSpace-Wait", "X-Request-Id")
 ALLOW_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 MAX_AGE_SECONDS = 600
 
