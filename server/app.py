@@ -49,6 +49,9 @@ def create_app(settings: Settings, *, container: Container | None = None,
         auth_middleware(container),
     ])
     routes.install(app)
+    own = getattr(container.bus, "listen_own", None)  # the spend series count what this process committed
+    if own is not None:
+        own(metrics.spend.on_event)
     enable_cors(app, settings.cors_origins)  # the route table's resources, before Socket.IO attaches
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
