@@ -17,6 +17,7 @@ from channels.hub import attach as attach_hub
 from server import idempotency, keep_recursion_limit
 from server.chain.workers import chain_context
 from server.container import Container
+from server.cors import enable_cors
 from server.http import CONTAINER, routes
 from server.metrics import METRICS, Metrics
 from server.middleware import (
@@ -61,6 +62,10 @@ def create_app(settings: Settings, *, container: Container | None = None,
     ])
     routes.install(app)
     idempotency.install(app)  # streamed answers are recorded for Idempotency-Key replays
+    own = getattr(container.bus, "listen_own", None)  # the spend series count what this process committed
+    if own is not None:
+        own(metrics.spend.on_event)
+    enable_cors(app, settings.cors_origins)  # the route table's resources, before Socket.IO attaches
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if migrate is not None:

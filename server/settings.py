@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 import msgspec
+from dotenv import dotenv_values
 
 from domain.chain import normalize_address
 from domain.errors import InvalidRequest
@@ -31,6 +32,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     port: int = 8080
     log_level: str = "INFO"
     access_log: bool = True
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the REST API and the gateway
     data_dir: str = ".smartspace"
     # --- storage and fan-out ---
     database_url: str = ""  # empty: SQLite file in data_dir
@@ -113,9 +115,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("chain", self.chain in {"devnet", "rpc"}, "'devnet' or 'rpc'"),
             ("chain_rpc_url", self.chain != "rpc" or self.chain_rpc_url.startswith(("http://", "https://")),
              "an http(s) URL when SMARTSPACE_CHAIN=rpc"),
+            ("treasury_private_key", self.chain != "rpc" or _is_private_key(self.treasury_private_key),
+             "the treasury's private key (0x + 64 hex digits) when SMARTSPACE_CHAIN=rpc"),
+            ("usdc_address", self.chain != "rpc" or bool(self.usdc_address),
+             "the USDC token's address when SMARTSPACE_CHAIN=rpc (Arc: 0x3600000000000000000000000000000000000000)"),
             ("confirmations", self.confirmations >= 1, "at least 1"),
             ("jwt_secret", self.jwt_secret == "" or len(self.jwt_secret) >= 32,
              "at least 32 characters (or unset, to generate one)"),
+            ("cors_origins", all(_is_origin(o) for o in self.cors_origins),
+             "comma-separated origins such as https://app.example.com or http://localhost:5173 (no path), or *"),
             ("chain_poll_seconds", self.chain_poll_seconds > 0, "a positive number"),
             ("usdc_decimals", 0 <= self.usdc_decimals <= 36, "a number of decimals between 0 and 36"),
             *((field, _is_address(getattr(self, field)), "an EVM address: 0x + 40 hex digits, EIP-55 if mixed case")
@@ -124,9 +132,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         ]
         for field, ok, expected in checks:
             if not ok:
-                raise SettingsError(
-                    f"{PREFIX}{field.upper()}={_shown(field, getattr(self, field))} is invalid: expected {expected}"
-                )
+                value = getattr(self, field)
+                state = " is not set" if value == "" else f"={_shown(field, value)} is invalid"
+                raise SettingsError(f"{PREFIX}{field.upper()}{state}: expected {expected}")
 
     def __repr__(self) -> str:  # the treasury key and the JWT secret never reach a log line through repr()
         hidden = {"treasury_private_key", "jwt_secret", "alert_webhook_secret"}
@@ -181,6 +189,14 @@ def _insight_checks(s: Settings) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def _is_origin(value: str) -> bool:
+    return value == "*" or re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", value) is not None
+
+
+def _is_private_key(value: str) -> bool:
+    return re.fullmatch(r"(0x)?[0-9a-fA-F]{64}", value) is not None
+
+
 def _shown(field: str, value: Any) -> str:
     """A value as it may appear in an error message: secrets and URL passwords are masked."""
     if any(word in field for word in ("secret", "private_key", "password")) and value:
@@ -191,16 +207,11 @@ def _shown(field: str, value: Any) -> str:
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
+    """The file's assignments as python-dotenv parses them (``export`` lines, quotes, inline comments,
+    multi-line quoted values, ``${VAR}`` expansion); a bare ``NAME`` line without ``=`` sets nothing."""
     if not path.is_file():
-        return values
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
+        return {}
+    return {key: value for key, value in dotenv_values(path).items() if value is not None}
 
 
 def _convert(name: str, raw: str, annotation: Any) -> Any:

@@ -72,18 +72,24 @@ class _Deaf(Exception):
 class LocalBus:
     def __init__(self, metrics=None) -> None:
         self._listeners: list[Listener] = []
+        self._own_listeners: list[Listener] = []
         self._resync: list[Resync] = []
         self.metrics = metrics
 
     def listen(self, callback: Listener) -> None:
         self._listeners.append(callback)
 
+    def listen_own(self, callback: Listener) -> None:
+        """Hear only the events this process publishes (per-process counters, e.g. /metrics' spend series,
+        so that summing them over the processes counts each event once)."""
+        self._own_listeners.append(callback)
+
     def on_resync(self, callback: Resync) -> None:
         self._resync.append(callback)
 
-    async def _deliver(self, events: Sequence[Event]) -> None:
+    async def _deliver(self, events: Sequence[Event], listeners: Sequence[Listener] | None = None) -> None:
         for event in events:
-            for callback in self._listeners:
+            for callback in self._listeners if listeners is None else listeners:
                 try:
                     await callback(event)
                 except Exception:
@@ -93,6 +99,8 @@ class LocalBus:
         if self.metrics is not None:
             self.metrics.events_published.inc(len(events))
         await self._deliver(events)
+        if self._own_listeners:
+            await self._deliver(events, self._own_listeners)
 
     async def start(self) -> None:
         return None

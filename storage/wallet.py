@@ -99,6 +99,11 @@ class Wallets:
         return await self._one(sa.update(wallets).where(w.project_id == project_id)
                                .values(deposit_address=address, updated_at=now))
 
+    async def deposit_addresses(self) -> list[tuple[str, str | None]]:
+        """(project id, stored deposit address) of every wallet (the chain runtime's start-up check)."""
+        rows = await self.conn.execute(sa.select(w.project_id, w.deposit_address))
+        return [(row.project_id, row.deposit_address) for row in rows]
+
     async def append(self, entry: LedgerEntry) -> None:
         await self.ledger.insert(entry)
 

@@ -11,6 +11,7 @@ from domain.budgets import Budget, BudgetCreate, BudgetUpdate
 from domain.spend import RequestCreate, Resolve, SpendRequest, list_requests
 from domain.usage import UsageReport
 from domain.wallet import AdminCredit, LedgerEntry, Wallet
+from server.csvexport import FORMAT_QUERY, csv_response, requests_csv, usage_csv, wants_csv
 from server.http import PAGE_QUERY, actor, decode, json_response, page_request, query_value, routes
 from server.http import container as _c
 from server.idempotency import HEADER as IDEMPOTENCY_KEY
@@ -18,6 +19,7 @@ from server.idempotency import idempotent
 
 P = "/api/v1/projects/{project_id}"
 ERR = (401, 403, 404, 422)
+CSV_MAX_ROWS = 10_000  # ?format=csv may ask for up to this many requests per page (JSON: 200)
 
 
 # ---------------------------------------------------------------- wallet
@@ -124,14 +126,20 @@ async def get_request(request: web.Request) -> web.Response:
     return json_response(await _c(request).spending.get(actor(request), request.match_info["request_id"]))
 
 
-@routes.get(P + "/requests", summary="The project's spend requests, newest first (?status=)", tag="requests",
-            response=Page[SpendRequest], query={**PAGE_QUERY, "status": "pending_approval, settled, rejected, …"},
+@routes.get(P + "/requests", summary="The project's spend requests, newest first (?status=; ?format=csv for "
+            "finance)", tag="requests", response=Page[SpendRequest],
+            query={**PAGE_QUERY, "status": "pending_approval, settled, rejected, …", **FORMAT_QUERY},
             errors=(401, 404, 422))
 async def project_requests(request: web.Request) -> web.Response:
-    page = page_request(request)
+    csv = wants_csv(request)
+    page = page_request(request, max_limit=CSV_MAX_ROWS if csv else 200)
+    project_id = request.match_info["project_id"]
     async with _c(request).reader(actor(request)) as uow:
-        return json_response(await list_requests(uow, request.match_info["project_id"], page,
-                                                 request.query.get("status") or None))
+        found = await list_requests(uow, project_id, page, request.query.get("status") or None)
+    if not csv:
+        return json_response(found)
+    more = {"X-SmartSpace-Next-Cursor": found.next_cursor} if found.next_cursor else {}
+    return csv_response(requests_csv(found.items), f"smartspace-requests-{project_id}.csv", more)
 
 
 async def _resolve_body(request: web.Request) -> Resolve:
@@ -156,11 +164,17 @@ async def reject_request(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- usage
 @routes.get(P + "/usage", summary="Spending totals and breakdowns by model, agent and day, with the "
-            "estimate-vs-actual variance", tag="usage", response=UsageReport,
-            query={"since": "RFC 3339 start (default: 30 days before until)", "until": "RFC 3339 end (default: now)"},
+            "estimate-vs-actual variance (?format=csv for finance)", tag="usage", response=UsageReport,
+            query={"since": "RFC 3339 start (default: 30 days before until)", "until": "RFC 3339 end (default: now)",
+                   **FORMAT_QUERY},
             errors=(401, 404, 422))
 async def usage(request: web.Request) -> web.Response:
+    csv = wants_csv(request)
     since = query_value(request, "since", datetime)
     until = query_value(request, "until", datetime)
+    project_id = request.match_info["project_id"]
     async with _c(request).reader(actor(request)) as uow:
-        return json_response(await uow.usage.report(request.match_info["project_id"], since, until))
+        report = await uow.usage.report(project_id, since, until)
+    if not csv:
+        return json_response(report)
+    return csv_response(usage_csv(report), f"smartspace-usage-{project_id}.csv")

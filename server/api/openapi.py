@@ -26,7 +26,8 @@ _ERROR_SCHEMA = {
 
 
 _QUERY_SCHEMAS = {"limit": {"type": "integer", "minimum": 1}, "since": {"type": "string", "format": "date-time"},
-                  "until": {"type": "string", "format": "date-time"}}
+                  "until": {"type": "string", "format": "date-time"},
+                  "format": {"type": "string", "enum": ["json", "csv"], "default": "json"}}
 _PATH_PARAM = re.compile(r"{(\w+)(?::[^{}]*(?:{[^{}]*}[^{}]*)*)?}")
 
 
@@ -69,6 +70,8 @@ def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, A
         ok: dict[str, Any] = {"description": "OK"}
         if spec.response is not None:
             ok["content"] = {"application/json": {"schema": by_type[spec.response]}}
+            if "format" in spec.query:  # ?format=csv (server/csvexport.py)
+                ok["content"]["text/csv"] = {"schema": {"type": "string"}}
         op["responses"][str(spec.status)] = ok
         secured = spec.auth or spec.key_auth
         decoded_here = spec.body is not None and not spec.key_auth  # the gateway answers 400, OpenAI-style

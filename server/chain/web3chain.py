@@ -113,6 +113,11 @@ class _Treasury:
         return Account.from_key(keccak(bytes(self.account.key) + b"smartspace:" + label.encode()))
 
 
+def deposit_address_of(treasury: _Treasury, project_id: str) -> str:
+    """A project's deposit address: derived from the treasury key alone (no node needed)."""
+    return normalize_address(treasury.derive(f"deposit:{project_id}").address)
+
+
 class Web3Chain:
     def __init__(self, w3: AsyncWeb3, *, chain_id: int, token_address: str, decimals: int, treasury_key: str | bytes,
                  revenue_address: str | None, gas_limit: int = 120_000, min_priority_fee: int = 0) -> None:
@@ -207,7 +212,7 @@ class Web3Chain:
         return recover_personal_signer(message, signature)
 
     def deposit_address(self, project_id: str) -> str:
-        return normalize_address(self._treasury.derive(f"deposit:{project_id}").address)
+        return deposit_address_of(self._treasury, project_id)
 
     def derived_address(self, label: str) -> str:
         return normalize_address(self._treasury.derive(label).address)
