@@ -34,6 +34,7 @@ def _config_error(exc: SettingsError) -> NoReturn:
 
 def serve(args: argparse.Namespace) -> None:
     settings = _settings_or_exit()
+    import storage.migrate  # noqa: F401 - before logging is set up: alembic logs its plugins at INFO on import
     from server.logs import setup_logging
 
     setup_logging(settings.log_level)
