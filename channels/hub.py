@@ -37,6 +37,7 @@ from aiohttp import web
 from domain.base import Actor
 from domain.errors import DomainError, Forbidden, InvalidRequest, Unavailable
 from domain.events import NAMESPACES, Event, namespace_for
+from domain.identity import require_key_scope
 from domain.ports import HubMetrics, Units
 
 log = logging.getLogger("smartspace.hub")
@@ -321,6 +322,7 @@ class ProjectNamespace(socketio.AsyncNamespace):
             project_id, since = _subscription(data)
             session = await self.get_session(sid)
             actor = await self.hub.container.authenticate(session["token"])
+            require_key_scope(actor, "audit:read")  # a key's live events are its project's log
             seq = await self.hub.subscribe(self.namespace, sid, actor, project_id, since)
         except DomainError as exc:
             return ack_error(exc)

@@ -107,7 +107,8 @@ class Container:
         if token.startswith("sk-"):
             async with self.uow() as scope:
                 key = await scope.keys.authenticate(token)
-            return Actor(kind="key", id=key.key_id, project_id=key.project_id, agent_id=key.agent_id)
+            return Actor(kind="key", id=key.key_id, project_id=key.project_id, agent_id=key.agent_id,
+                         scopes=key.scopes, expires_at=key.expires_at)
         user_id = self.tokens.verify(token)
         async with self.reader() as scope:
             user = await scope.store.users.get(user_id)

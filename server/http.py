@@ -38,6 +38,9 @@ class RouteSpec:
     auth: bool = True
     query: dict[str, str] = field(default_factory=dict)  # name -> description
     errors: tuple[int, ...] = ()
+    # What an API key needs for this route (domain.identity.KEY_SCOPES); OWN: every key, limited to its own
+    # doings; None: keys are refused (a user token is needed).
+    key_scope: str | None = None
 
 
 class Routes:
