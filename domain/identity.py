@@ -30,6 +30,7 @@ KEY_PREFIX = "sk-"
 # user token. Each REST route declares the scope a key needs (server/http.py RouteSpec.key_scope).
 OWN = "own"  # the route's baseline: every key, limited to what the key itself did
 KEY_SCOPES: dict[str, str] = {
+    "gateway": "the gateway and POST /api/v1/requests (every key holds it; naming it changes nothing)",
     "requests:read": "every spend request of the project, not only the key's own",
     "usage:read": "the project's whole usage report, not only the key's own",
     "audit:read": "the audit log and its verification, and the project's live events over Socket.IO",
