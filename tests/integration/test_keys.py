@@ -223,6 +223,36 @@ async def test_concurrent_calls_never_take_a_key_budget_over_its_limit(gw):
     assert stored["spent_micros"] == sum(costs) <= stored["limit_micros"]
     wallet = await gw.wallet()
     assert wallet.reserved_micros == 0
+    hot = gw.container.spending.hot
+    if hot is not None:  # PostgreSQL: the hot path reserved against the key's budget, not the generic path only
+        assert hot.outcomes["reserve"] > 0, hot.outcomes
+
+
+async def test_keys_taking_turns_each_reserve_on_their_own_budgets_only(gw):
+    """Sequential calls of two keys: on PostgreSQL the express lane remembers the budgets per (agent, key)."""
+    a, b = await new_key(gw), await new_key(gw)
+    project_wide = await budget(gw, 5_000_000)
+    of_a = await budget(gw, 1_000_000, key_id=a["id"])
+    sdks = {"a": gw.sdk(api_key=a["key"]), "b": gw.sdk(api_key=b["key"])}
+    spent: dict[str, list[tuple[str, int]]] = {"a": [], "b": []}
+    try:
+        for who in "abab" * 3:
+            raw = await sdks[who].chat.completions.with_raw_response.create(model="local/echo-1", messages=HI,
+                                                                            max_tokens=20)
+            spent[who].append((raw.headers["x-smartspace-request-id"], int(raw.headers["x-smartspace-cost-micros"])))
+    finally:
+        for sdk in sdks.values():
+            await sdk.close()
+    for who, expected in (("a", sorted([project_wide["id"], of_a["id"]])), ("b", [project_wide["id"]])):
+        for request_id, _ in spent[who]:
+            row = await (await gw.client.get(f"/api/v1/requests/{request_id}", headers=gw.owner.headers)).json()
+            assert (row["key_id"], sorted(row["budget_ids"])) == ((a if who == "a" else b)["id"], expected)
+    assert (await get_budget(gw, of_a["id"]))["spent_micros"] == sum(c for _, c in spent["a"])
+    assert (await get_budget(gw, project_wide["id"]))["spent_micros"] == sum(
+        c for _, c in spent["a"] + spent["b"])
+    hot = gw.container.spending.hot
+    if hot is not None:
+        assert hot.outcomes["express"] > 0, hot.outcomes
 
 
 # ---------------------------------------------------------------- the key's own rate limits
