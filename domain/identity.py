@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -158,6 +159,17 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_models: Annotated[list[ModelId], Meta(max_length=200)] | None = None
     scopes: Annotated[list[str], Meta(max_length=len(KEY_SCOPES))] = []
     rate_limits: Window = msgspec.field(default_factory=Window)  # this key's own requests per minute/hour/day
+
+
+class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """PATCH a key's terms (LiteLLM's key update): only the fields sent change; null clears expires_at /
+    allowed_models. The secret and the agent stay."""
+
+    name: Name | UnsetType = UNSET
+    expires_at: datetime | UnsetType | None = UNSET
+    allowed_models: Annotated[list[ModelId], Meta(max_length=200)] | UnsetType | None = UNSET
+    scopes: Annotated[list[str], Meta(max_length=len(KEY_SCOPES))] | UnsetType = UNSET
+    rate_limits: Window | UnsetType = UNSET
 
 
 class AuthResult(msgspec.Struct):
@@ -409,7 +421,7 @@ class Keys:
         if cmd.agent_id is not None:
             await self.scope.agents.get(project_id, cmd.agent_id)
         now = utcnow()
-        _check_key_terms(cmd, now)
+        _check_key_terms(now, cmd.expires_at, cmd.allowed_models, cmd.scopes)
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
         key = CreatedKey(id=new_id("key"), project_id=project_id, agent_id=cmd.agent_id, name=cmd.name,
                          prefix=raw[:11], created_by=self.scope.actor.label, created_at=now, key=raw,
@@ -433,6 +445,28 @@ class Keys:
             raise NotFound("key not found", {"key_id": key_id})
         return key
 
+    async def update(self, project_id: str, key_id: str, cmd: KeyUpdate) -> ApiKey:
+        await self.scope.projects.require(project_id, "admin")
+        changes = {k: v for k, v in msgspec.structs.asdict(cmd).items() if v is not UNSET}
+        if not changes:
+            raise InvalidRequest("nothing to change: send name, expires_at, allowed_models, scopes or rate_limits")
+        _check_key_terms(utcnow(), changes.get("expires_at"), changes.get("allowed_models"), changes.get("scopes", ()))
+        key = await self.store.keys.get(key_id, for_update=True)
+        if key is None or key.project_id != project_id:
+            raise NotFound("key not found", {"key_id": key_id})
+        if key.revoked_at is not None:
+            raise Conflict("the key is revoked: its terms can no longer change", {"key_id": key_id})
+        if "allowed_models" in changes and changes["allowed_models"] is not None:
+            changes["allowed_models"] = list(dict.fromkeys(changes["allowed_models"]))
+        if "scopes" in changes:
+            changes["scopes"] = sorted(set(changes["scopes"]))
+        if "rate_limits" in changes:
+            changes["rate_limits"] = msgspec.to_builtins(changes["rate_limits"])
+        key = await self.store.keys.update(key_id, **changes)
+        # The event drops the gateway's cached copies of the project's keys on every process.
+        self.scope.emit(project_id, "key.updated", {"key": msgspec.to_builtins(key), "changes": sorted(changes)})
+        return key
+
     async def authenticate(self, raw: str) -> KeyPrincipal:
         """Resolve a presented key; counts the use. A revoked, expired or unknown key fails at once."""
         principal = await self.store.keys.use(parse_key(raw), utcnow())
@@ -451,20 +485,21 @@ class Keys:
         return key
 
 
-def _check_key_terms(cmd: KeyCreate, now: datetime) -> None:
-    if cmd.expires_at is not None:
-        if cmd.expires_at.tzinfo is None:
+def _check_key_terms(now: datetime, expires_at: datetime | None, allowed_models: list[str] | None,
+                     scopes: Sequence[str]) -> None:
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
             raise InvalidRequest("expires_at must be an RFC 3339 time with a zone (e.g. 2027-01-01T00:00:00Z)",
                                  {"field": "expires_at"})
-        if cmd.expires_at <= now:
+        if expires_at <= now:
             raise InvalidRequest("expires_at must be in the future", {"field": "expires_at",
-                                                                      "expires_at": cmd.expires_at.isoformat()})
-    for model in cmd.allowed_models or ():
+                                                                      "expires_at": expires_at.isoformat()})
+    for model in allowed_models or ():
         provider, _, name = model.partition("/")
         if not provider or not name:
             raise InvalidRequest(f"allowed_models holds catalog ids written provider/model; {model!r} is not one",
                                  {"field": "allowed_models", "model": model})
-    unknown = sorted(set(cmd.scopes) - KEY_SCOPES.keys())
+    unknown = sorted(set(scopes) - KEY_SCOPES.keys())
     if unknown:
         raise InvalidRequest(f"unknown scope {unknown[0]!r}; scopes are {', '.join(KEY_SCOPES)}",
                              {"field": "scopes", "unknown": unknown, "scopes": list(KEY_SCOPES)})

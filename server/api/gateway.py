@@ -50,7 +50,7 @@ _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
-_INVALIDATING = frozenset({"key.revoked", "project.deleted", "project.updated", "member.removed"})
+_INVALIDATING = frozenset({"key.revoked", "key.updated", "project.deleted", "project.updated", "member.removed"})
 _CHAT_OWN = frozenset({"model", "messages", "stream", "max_tokens", "metadata"})
 _EMBED_OWN = frozenset({"model", "input", "metadata", "encoding_format"})
 _ERRORS = (400, 401, 402, 403, 404, 422, 429, 502, 504)

@@ -12,6 +12,7 @@ from domain.identity import (
     AuthResult,
     CreatedKey,
     KeyCreate,
+    KeyUpdate,
     Login,
     Member,
     MemberAdd,
@@ -162,6 +163,15 @@ async def list_keys(request: web.Request) -> web.Response:
     page = page_request(request)
     async with _c(request).reader(actor(request)) as uow:
         return json_response(await uow.keys.list(request.match_info["project_id"], page))
+
+
+@routes.patch(P + "/keys/{key_id}", summary="Change a key's terms (admin): name, expires_at, allowed_models, "
+              "scopes, rate_limits", tag="keys", body=KeyUpdate, response=ApiKey, errors=(401, 403, 404, 409, 422))
+async def update_key(request: web.Request) -> web.Response:
+    cmd = await decode(request, KeyUpdate)
+    async with _c(request).uow(actor(request)) as uow:
+        key = await uow.keys.update(request.match_info["project_id"], request.match_info["key_id"], cmd)
+    return json_response(key)
 
 
 @routes.delete(P + "/keys/{key_id}", summary="Revoke an API key (admin); it fails at once",

@@ -313,3 +313,61 @@ async def test_a_key_reads_its_own_requests_and_usage_unless_granted_the_project
     assert whole["key_id"] is None and whole["totals"]["cost_micros"] == ids["a"][1] + ids["b"][1]
     owners = await (await gw.client.get(base + "/usage", headers=gw.owner.headers)).json()
     assert owners["totals"] == whole["totals"]
+
+
+# ---------------------------------------------------------------- changing a key's terms
+async def test_changed_terms_take_effect_at_once_despite_the_key_cache(gw):
+    key = await new_key(gw)
+    url = P.format(gw.project_id) + f"/keys/{key['id']}"
+    sdk = gw.sdk(api_key=key["key"])
+    try:
+        await sdk.chat.completions.create(model="local/echo-1", messages=HI, max_tokens=20)  # cached now
+        resp = await gw.client.get(P.format(gw.project_id) + "/audit", headers={"X-API-Key": key["key"]})
+        assert resp.status == 403
+        resp = await gw.client.patch(url, json={"allowed_models": ["openai/gpt-4o-mini"], "scopes": ["audit:read"],
+                                                "name": "renamed"}, headers=gw.owner.headers)
+        assert resp.status == 200, await resp.text()
+        changed = await resp.json()
+        assert (changed["name"], changed["allowed_models"], changed["scopes"]) == (
+            "renamed", ["openai/gpt-4o-mini"], ["audit:read"])
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            await sdk.chat.completions.create(model="local/echo-1", messages=HI, max_tokens=20)
+        assert err.value.code == "policy_violation"
+        audit = await gw.client.get(P.format(gw.project_id) + "/audit", params={"type": "key.updated"},
+                                    headers={"X-API-Key": key["key"]})
+        assert audit.status == 200
+        [event] = (await audit.json())["items"]
+        assert event["data"]["changes"] == ["allowed_models", "name", "scopes"]
+        # An expiry set to a moment past: refused at once on the gateway (the update dropped the cached key).
+        resp = await gw.client.patch(url, json={"expires_at": (datetime.now(UTC) + timedelta(seconds=2)).isoformat()},
+                                     headers=gw.owner.headers)
+        assert resp.status == 200
+        async with asyncio.timeout(WAIT):
+            while True:
+                try:
+                    await sdk.models.list()
+                except openai.AuthenticationError:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await sdk.close()
+
+
+async def test_bad_or_empty_changes_and_revoked_keys_change_nothing(gw):
+    key = await new_key(gw, scopes=["audit:read"])
+    url = P.format(gw.project_id) + f"/keys/{key['id']}"
+    for body, status in (({}, 422), ({"scopes": ["root"]}, 422), ({"expires_at": "2001-01-01T00:00:00Z"}, 422),
+                         ({"key": "sk-mine"}, 422), ({"rate_limits": {"per_hour": 0}}, 422)):
+        resp = await gw.client.patch(url, json=body, headers=gw.owner.headers)
+        assert resp.status == status, (body, await resp.text())
+    resp = await gw.client.patch(url, json={"name": "x"}, headers={"X-API-Key": key["key"]})
+    assert resp.status == 403  # a key cannot change keys, whatever its scopes
+    await gw.client.delete(url, headers=gw.owner.headers)
+    resp = await gw.client.patch(url, json={"name": "x"}, headers=gw.owner.headers)
+    assert resp.status == 409
+    listed = await (await gw.client.get(P.format(gw.project_id) + "/keys", headers=gw.owner.headers)).json()
+    [stored] = [k for k in listed["items"] if k["id"] == key["id"]]
+    assert (stored["name"], stored["scopes"]) == (key["name"], ["audit:read"])
+    resp = await gw.client.patch(P.format(gw.project_id) + "/keys/key_nope", json={"name": "x"},
+                                 headers=gw.owner.headers)
+    assert resp.status == 404
