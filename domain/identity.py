@@ -462,10 +462,12 @@ class Keys:
             changes["scopes"] = sorted(set(changes["scopes"]))
         if "rate_limits" in changes:
             changes["rate_limits"] = msgspec.to_builtins(changes["rate_limits"])
-        key = await self.store.keys.update(key_id, **changes)
+        updated = await self.store.keys.update(key_id, **changes)
+        if updated is None:  # the row is locked above: only a deleted project's cascade could get here
+            raise NotFound("key not found", {"key_id": key_id})
         # The event drops the gateway's cached copies of the project's keys on every process.
-        self.scope.emit(project_id, "key.updated", {"key": msgspec.to_builtins(key), "changes": sorted(changes)})
-        return key
+        self.scope.emit(project_id, "key.updated", {"key": msgspec.to_builtins(updated), "changes": sorted(changes)})
+        return updated
 
     async def authenticate(self, raw: str) -> KeyPrincipal:
         """Resolve a presented key; counts the use. A revoked, expired or unknown key fails at once."""
