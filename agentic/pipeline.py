@@ -57,6 +57,7 @@ class _Pass:
         self.agent_id = req.agent_id
         self.policy_version = 0
         self.rate_limits: list[RateLimit] = []
+        self.key_limits: dict[str, int | None] = {}
         self.budget_ids: list[str] = []
         self._activity: Activity | None = None
 
@@ -138,6 +139,15 @@ class _Pass:
                             [("key_not_found", f"API key {req.key_id} does not belong to this project")])
             if key.revoked:
                 self.reject("identity", "policy_violation", [("key_revoked", f"API key {req.key_id} is revoked")])
+            if key.expires_at is not None and key.expires_at <= self.now:
+                self.reject("identity", "policy_violation", [(
+                    "key_expired", f"API key {req.key_id} expired at {key.expires_at.isoformat()}")])
+            if key.allowed_models is not None and self.chosen.id not in key.allowed_models:
+                allowed = ", ".join(key.allowed_models) or "none"
+                self.reject("identity", "policy_violation", [(
+                    "model_not_allowed_for_key", f"model {self.chosen.id!r} is not among this key's allowed_models "
+                    f"({allowed})")])
+            self.key_limits = key.rate_limits
             if key.agent_id:
                 if self.agent_id and self.agent_id != key.agent_id:
                     self.reject("identity", "policy_violation", [("agent_mismatch", (
@@ -197,7 +207,8 @@ class _Pass:
 
     # 5 ------------------------------------------------------------------------------------------
     async def check_rate_limits(self, policy: pol.ProjectPolicy, system: pol.SystemPolicy) -> None:
-        self.rate_limits = pol.rate_limits_for(policy, system, self.req.project_id, self.req.key_id, self.agent_id)
+        self.rate_limits = pol.rate_limits_for(policy, system, self.req.project_id, self.req.key_id, self.agent_id,
+                                               self.key_limits)
         counts = await self.view.rate_counts(self.rate_limits, self.now)
         full = [(limit, n) for limit, n in zip(self.rate_limits, counts, strict=True) if n >= limit.limit]
         self.fail("rate_limit", "rate_limited",
@@ -229,6 +240,8 @@ class _Pass:
         day_usage: float | None = None
         for budget in await self.view.budgets(self.req.project_id):
             if budget.agent_id is not None and budget.agent_id != self.agent_id:
+                continue
+            if budget.key_id is not None and budget.key_id != self.req.key_id:
                 continue
             self.budget_ids.append(budget.id)
             used = effective_spent(budget, self.now) + budget.reserved_micros

@@ -46,6 +46,7 @@ from engineio import packet as eio_packet
 from domain.base import Actor
 from domain.errors import DomainError, Forbidden, InvalidRequest, Unavailable
 from domain.events import NAMESPACES, Event, namespace_for
+from domain.identity import require_key_scope
 from domain.inputs import SocketJson, nul_message, nul_path
 from domain.ports import HubMetrics, Units
 
@@ -310,7 +311,8 @@ class Hub:
                 raise Forbidden("the connection is closing")
             async with self.container.reader(actor) as scope:
                 if token is not None:
-                    await self.container.authenticate(token, count_use=False, scope=scope)
+                    actor = await self.container.authenticate(token, count_use=False, scope=scope)
+                require_key_scope(actor, "audit:read")  # a key's live events are its project's log
                 try:
                     await scope.projects.require(project_id, "viewer")
                 except DomainError:

@@ -90,6 +90,9 @@ class KeyState(msgspec.Struct, kw_only=True):
     project_id: str
     agent_id: str | None
     revoked: bool
+    expires_at: datetime | None = None
+    allowed_models: list[str] | None = None  # "provider/model"; None: every model
+    rate_limits: dict[str, int | None] = {}  # the key's own {per_minute?, per_hour?, per_day?}
 
 
 class AgentState(msgspec.Struct, kw_only=True):
@@ -116,6 +119,7 @@ class BudgetState(msgspec.Struct, kw_only=True):
     spent_micros: int
     reserved_micros: int
     period_start: datetime
+    key_id: str | None = None  # set: the budget of one API key's requests
 
 
 class Activity(msgspec.Struct, kw_only=True):

@@ -321,8 +321,10 @@ class Policies:
 
 
 def rate_limits_for(policy: ProjectPolicy, system: SystemPolicy, project_id: str, key_id: str | None,
-                    agent_id: str | None) -> list[RateLimit]:
-    """Every window a request of this key/agent/project counts in."""
+                    agent_id: str | None, key_own: dict[str, int | None] | None = None) -> list[RateLimit]:
+    """Every window a request of this key/agent/project counts in. ``key_own``: the key's own
+    ``rate_limits``; where both it and the policy's per-key window set a limit, the lower one holds
+    (one counter per window either way)."""
     out: list[RateLimit] = []
     scopes = (("key", key_id), ("agent", agent_id), ("project", project_id))
     for scope, ident in scopes:
@@ -331,8 +333,12 @@ def rate_limits_for(policy: ProjectPolicy, system: SystemPolicy, project_id: str
         window: Window = getattr(policy.rate_limits, scope)
         for field, seconds in WINDOWS.items():
             limit = getattr(window, field)
+            source = "project_policy"
+            own = (key_own or {}).get(field) if scope == "key" else None
+            if own is not None and (limit is None or own < limit):
+                limit, source = own, "key"
             if limit is not None:
-                out.append(RateLimit(key=f"{scope}:{ident}", window_seconds=seconds, limit=limit))
+                out.append(RateLimit(key=f"{scope}:{ident}", window_seconds=seconds, limit=limit, source=source))
     if system.max_rate_per_minute is not None:
         out.append(RateLimit(key=f"system:project:{project_id}", window_seconds=60, limit=system.max_rate_per_minute,
                              source="system_policy"))

@@ -131,7 +131,8 @@ class Container:
                 if scope is None:
                     scope = await stack.enter_async_context(self.uow() if count_use else self.reader())
                 key = await scope.keys.authenticate(token, count_use=count_use)
-            return Actor(kind="key", id=key.key_id, project_id=key.project_id, agent_id=key.agent_id)
+            return Actor(kind="key", id=key.key_id, project_id=key.project_id, agent_id=key.agent_id,
+                         scopes=key.scopes, expires_at=key.expires_at)
         user_id = self.tokens.verify(token)
         async with contextlib.AsyncExitStack() as stack:
             if scope is None:

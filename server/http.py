@@ -41,6 +41,9 @@ class RouteSpec:
     key_auth: bool = False  # the route checks a project API key itself (the gateway): documented as secured
     query: dict[str, str] = field(default_factory=dict)  # name -> description
     errors: tuple[int, ...] = ()
+    # What an API key needs for this route (domain.identity.KEY_SCOPES); OWN: every key, limited to its own
+    # doings; None: keys are refused (a user token is needed).
+    key_scope: str | None = None
 
 
 class Routes:

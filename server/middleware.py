@@ -11,6 +11,7 @@ import msgspec
 from aiohttp import web
 
 from domain.errors import DomainError, InvalidRequest, RateLimited, Unauthorized
+from domain.identity import require_key_scope
 from domain.inputs import BodyTooDeep, depth_exceeds, nul_message
 from server.http import ACTOR, REQUEST_ID, encode, route_spec
 
@@ -173,7 +174,8 @@ def auth_middleware(container):
         if spec is None or not spec.auth:
             return await handler(request)
         if token is not None:
-            request[ACTOR] = await container.authenticate(token)
+            request[ACTOR] = who = await container.authenticate(token)
+            require_key_scope(who, spec.key_scope)  # before the body is read, like the 401
         else:
             # Before the handler reads the body: an anonymous caller learns nothing about validation.
             raise Unauthorized("authentication required: send Authorization: Bearer <token or sk- key>")

@@ -109,6 +109,12 @@ api_keys = sa.Table(
     sa.Column("last_used_at", UTCDateTime(), nullable=True),
     sa.Column("use_count", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("revoked_at", UTCDateTime(), nullable=True),
+    # Virtual-key limits (issue 15): refused from expires_at on; null allowed_models = every model; scopes
+    # grant reads beyond the gateway and the key's own requests and usage; rate_limits {per_minute?, …}.
+    sa.Column("expires_at", UTCDateTime(), nullable=True),
+    sa.Column("allowed_models", JSON, nullable=True),
+    sa.Column("scopes", JSON, nullable=False, server_default="[]"),
+    sa.Column("rate_limits", JSON, nullable=False, server_default="{}"),
 )
 
 # ---------------------------------------------------------------- event log
@@ -212,6 +218,7 @@ budgets = sa.Table(
     _id("bud_"),
     sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False, index=True),
     sa.Column("agent_id", sa.String(40), sa.ForeignKey("agents.id"), nullable=True),
+    sa.Column("key_id", sa.String(40), sa.ForeignKey("api_keys.id"), nullable=True),  # a key's own budget
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("period", sa.String(10), nullable=False),  # day | week | month | total
     sa.Column("limit_micros", sa.BigInteger(), nullable=False),

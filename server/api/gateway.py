@@ -8,7 +8,8 @@ fallback models and one timeout policy; see ``domain/spend/execute.py``.
 
 Auth is a project API key (``Authorization: Bearer sk-…`` or ``X-API-Key``). Keys are resolved through a
 small per-process cache (``KeyCache``); a revoked key, a deleted project or any change to a project
-drops that project's entries at once through the event bus, and entries expire after ``KEY_TTL`` anyway.
+drops that project's entries at once through the event bus, and entries expire after ``KEY_TTL`` anyway —
+or at the key's own ``expires_at``, whichever comes first.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from domain.base import Actor
+from domain.base import Actor, utcnow
 from domain.catalog import Catalog, ModelFilter
 from domain.errors import ApprovalRequired, Conflict, DomainError, InvalidRequest, NotFound, ProviderError, Unauthorized
 from domain.events import Event
@@ -44,13 +45,14 @@ from server.middleware import bearer, openai_error
 
 log = logging.getLogger("smartspace.gateway")
 
+BUDGET_REMAINING = "x-smartspace-budget-remaining-micros"  # the tightest applying budget, after settling
 KEY_TTL = 30.0  # seconds an authenticated key is trusted without asking the database again
 MAX_WAIT_SECONDS = 600.0
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
-_INVALIDATING = frozenset({"key.revoked", "project.deleted", "project.updated", "member.removed"})
+_INVALIDATING = frozenset({"key.revoked", "key.updated", "project.deleted", "project.updated", "member.removed"})
 _CHAT_OWN = frozenset({"model", "messages", "stream", "max_tokens", "metadata"})
 _EMBED_OWN = frozenset({"model", "input", "metadata", "encoding_format"})
 _ERRORS = (400, 401, 402, 403, 404, 422, 429, 502, 504)
@@ -77,7 +79,10 @@ class KeyCache:
         actor = await self.container.authenticate(token)
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
-        self._entries[digest] = (actor, now + self.ttl)
+        trusted = self.ttl
+        if actor.expires_at is not None:  # never past the key's expiry
+            trusted = min(trusted, (actor.expires_at - utcnow()).total_seconds())
+        self._entries[digest] = (actor, now + trusted)
         return actor
 
     def drop_project(self, project_id: str) -> None:
@@ -204,8 +209,19 @@ def wait_seconds(request: web.Request) -> float:
     return value
 
 
-def _receipt_headers(request_id: str, cost: int) -> dict[str, str]:
-    return {"x-smartspace-request-id": request_id, "x-smartspace-cost-micros": str(cost)}
+def _receipt_headers(request_id: str, cost: int, remaining: int | None) -> dict[str, str]:
+    headers = {"x-smartspace-request-id": request_id, "x-smartspace-cost-micros": str(cost)}
+    if remaining is not None:
+        headers[BUDGET_REMAINING] = str(remaining)
+    return headers
+
+
+async def _budget_remaining(request: web.Request, actor: Actor, prepared) -> int | None:
+    """After settling: what the tightest budget that applied to the request has left (None: no budget)."""
+    if not prepared.budget_ids:
+        return None
+    async with _c(request).reader(actor) as scope:
+        return await scope.budgets.remaining(prepared.budget_ids)
 
 
 def _server_timing(laps: Laps) -> str:
@@ -225,7 +241,8 @@ async def _json_answer(request: web.Request, actor: Actor, cmd: SpendCommand, la
     outcome = await _c(request).spending.call(actor, cmd, source="gateway", wait_seconds=wait_seconds(request),
                                               idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
     completion = outcome.completion
-    headers = _receipt_headers(outcome.prepared.request_id, outcome.receipt.cost_micros)
+    headers = _receipt_headers(outcome.prepared.request_id, outcome.receipt.cost_micros,
+                               await _budget_remaining(request, actor, outcome.prepared))
     headers["Server-Timing"] = _server_timing(laps)
     body, raw = completion.body, completion.raw
     if as_base64:
@@ -259,6 +276,8 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
         await _sse_error(resp, stream.error or ProviderError("the stream ended without a settlement"))
         return resp
     cost = stream.receipt.cost_micros
+    remaining = await _budget_remaining(request, actor, prepared)
+    left = {} if remaining is None else {"budget_remaining_micros": remaining}
     tail = b""
     if stream.want_usage:
         template = stream.template or {}
@@ -266,9 +285,11 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
             "id": template.get("id", prepared.request_id), "object": "chat.completion.chunk",
             "created": template.get("created", int(time.time())),
             "model": template.get("model", prepared.upstream_model), "choices": []}
-        final["usage"] = {**usage_to_openai(stream.usage), "cost_micros": cost, "request_id": prepared.request_id}
+        final["usage"] = {**usage_to_openai(stream.usage), "cost_micros": cost, "request_id": prepared.request_id,
+                          **left}
         tail = b"data: " + _encode(final) + b"\n\n"
-    tail += (f": smartspace cost_micros={cost} request_id={prepared.request_id} "
+    comment = "".join(f"{k}={v} " for k, v in left.items())
+    tail += (f": smartspace cost_micros={cost} request_id={prepared.request_id} {comment}"
              f"timing={_server_timing(laps).replace(' ', '')}\n\n".encode() + b"data: [DONE]\n\n")
     with contextlib.suppress(ConnectionError):
         await resp.write(tail)

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from domain.identity import OWN
 from server.api.dashboard import static_page
 from server.api.examples import example_for
 from server.http import RouteSpec, routes
@@ -75,13 +76,16 @@ def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, A
         op["responses"][str(spec.status)] = ok
         secured = spec.auth or spec.key_auth
         decoded_here = spec.body is not None and not spec.key_auth  # the gateway answers 400, OpenAI-style
-        errors = set(spec.errors) | ({401} if secured else set()) | ({422} if decoded_here else set())
+        # A key without the route's scope is refused with 403 (domain.identity.require_key_scope).
+        refused = {403} if spec.auth and spec.key_scope != OWN else set()
+        errors = set(spec.errors) | ({401} if secured else set()) | ({422} if decoded_here else set()) | refused
         for status in sorted(errors):
             op["responses"][str(status)] = {
                 "description": _STATUS_TEXT.get(status, "Error"),
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         if secured:
             op["security"] = [{"bearer": []}, {"apiKey": []}]
+            op["x-smartspace-key-scope"] = spec.key_scope  # "own": every key; null: user tokens only
         paths.setdefault(path, {})[spec.method.lower()] = op
     return {
         "openapi": "3.1.0",

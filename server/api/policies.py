@@ -13,7 +13,7 @@ P = "/api/v1/projects/{project_id}/policy"
 
 
 @routes.get(P, summary="The project's policy in force (version 0 = the defaults)", tag="policies",
-            response=pol.PolicyRecord, errors=(401, 404))
+            response=pol.PolicyRecord, errors=(401, 404), key_scope="policy:read")
 async def get_policy(request: web.Request) -> web.Response:
     async with _c(request).reader(actor(request)) as uow:
         return json_response(await uow.policies.get(request.match_info["project_id"]))
@@ -31,7 +31,7 @@ async def put_policy(request: web.Request) -> web.Response:
 
 
 @routes.get(P + "/versions", summary="Every version of the project's policy, newest first", tag="policies",
-            response=Page[pol.PolicyRecord], query=PAGE_QUERY, errors=(401, 404))
+            response=Page[pol.PolicyRecord], query=PAGE_QUERY, errors=(401, 404), key_scope="policy:read")
 async def policy_history(request: web.Request) -> web.Response:
     page = page_request(request)
     async with _c(request).reader(actor(request)) as uow:

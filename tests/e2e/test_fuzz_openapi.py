@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from domain.identity import KEY_SCOPES
 from tests.e2e.procs import Server, fresh_database, server_env
 
 PG_URL = os.environ.get("SMARTSPACE_TEST_DATABASE_URL", "")
@@ -98,7 +99,9 @@ async def _fuzz(http: aiohttp.ClientSession, database: str, tmp_path: Path, back
         token = registered["access_token"]
         _, projects = await api.call("GET", "/api/v1/projects", token)
         project_id = projects["items"][0]["id"]
-        status, key = await api.call("POST", f"/api/v1/projects/{project_id}/keys", token, json={"name": "fuzz"})
+        # Every read scope, so the key's run reaches what a key can reach at most.
+        status, key = await api.call("POST", f"/api/v1/projects/{project_id}/keys", token,
+                                     json={"name": "fuzz", "scopes": list(KEY_SCOPES)})
         assert status == 201, key
         status, _ = await api.call("POST", f"/api/v1/admin/projects/{project_id}/credits", token,
                                    json={"amount_micros": 50_000_000, "reason": "fuzz"})

@@ -318,6 +318,6 @@ async def test_a_conversation_id_that_names_nothing_is_404(client, conversation_
 async def test_an_api_key_or_no_token_cannot_chat(client, books):
     key = bearer(books.keys["writer"]["key"])
     resp = await client.post("/api/v1/chatbot/chat", json={"message": "hi"}, headers=key)
-    assert resp.status == 401
+    assert resp.status == 403  # a valid key, refused: the assistant is for user tokens (README "API keys")
     resp = await client.post("/api/v1/chatbot/chat", json={"message": "hi"})
     assert resp.status == 401

@@ -278,7 +278,7 @@ async def test_the_access_log_is_one_json_object_per_request_without_credentials
     logged = msgspec.structs.replace(settings, access_log=True)
     client = await aiohttp_client(create_app(logged, container=container))
     owner = await quick_user(container)
-    key = await create_key(client, owner)
+    key = await create_key(client, owner, scopes=["project:read"])
     caplog.set_level(logging.INFO, logger="smartspace.access")
     caplog.clear()
     resp = await client.get(f"/api/v1/projects/{owner.project_id}/agents",
