@@ -22,7 +22,7 @@ from domain.events import Event
 from domain.ports import EventBus
 from domain.ratelimit import RateLimiter
 from domain.scope import Deps, Scope
-from domain.spend import Spending
+from domain.spend import HotPath, Spending
 from domain.wallet import open_wallet
 from server.chain.workers import ChainRuntime
 from server.metrics import Metrics
@@ -34,6 +34,7 @@ from storage.brain import SqlBrain
 from storage.db import Database
 from storage.hot import PgHotPath
 from storage.ratelimit import build_limiter
+from storage.sqlite_hot import SqliteHotPath
 from storage.uow import SqlStore
 
 log = logging.getLogger("smartspace.container")
@@ -61,7 +62,11 @@ class Container:
         self.admin_emails = frozenset(e.lower() for e in settings.admin_emails)
         # Spend control: every new project gets a wallet; the spend service (decide → reserve → execute → settle).
         self.deps.project_created_hooks.append(open_wallet)
-        hot = None if db.is_sqlite or not settings.hot_path else PgHotPath(db, bus.publish)
+        hot: HotPath | None = None
+        if settings.hot_path:
+            writer = db.sqlite_writer()  # SQLite (a file): one writer thread; PostgreSQL: raw asyncpg
+            hot = (SqliteHotPath(writer, bus.publish) if writer is not None
+                   else None if db.is_sqlite else PgHotPath(db, bus.publish))
         self.spending = Spending(
             uow=self.uow, reader=self.reader, brain=self.brain, providers=self.providers, limiter=self.limiter,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,

@@ -17,6 +17,36 @@ from storage.models import budgets
 b = budgets.c
 
 
+# ---------------------------------------------------------------- the statements every path shares
+# (the generic repository below, and storage/sqlite_hot.py on its writer's synchronous connection)
+def applies(project_id: str, agent_id: str | None) -> sa.ColumnElement[bool]:
+    """The budgets a request of ``agent_id`` in ``project_id`` reserves on: active, project-wide or that agent's."""
+    scope = b.agent_id.is_(None) if agent_id is None else sa.or_(b.agent_id.is_(None), b.agent_id == agent_id)
+    return sa.and_(b.project_id == project_id, b.active.is_(True), scope)
+
+
+def select_applicable(project_id: str, agent_id: str | None) -> sa.Select[Any]:
+    return sa.select(budgets).where(applies(project_id, agent_id)).order_by(b.id)
+
+
+def reserve_stmt(id_: str, amount: int, now: datetime) -> sa.Update:
+    """reserved += amount iff the budget is active and has room: spent + reserved + amount <= limit."""
+    return (sa.update(budgets)
+            .where(b.id == id_, b.active.is_(True), b.spent_micros + b.reserved_micros + amount <= b.limit_micros)
+            .values(reserved_micros=b.reserved_micros + amount, updated_at=now).returning(budgets))
+
+
+def settle_stmt(id_: str, held: int, cost: int, now: datetime) -> sa.Update:
+    """reserved -= held, spent += cost. cost <= held keeps spent + reserved <= limit."""
+    return (sa.update(budgets).where(b.id == id_, b.reserved_micros >= held)
+            .values(reserved_micros=b.reserved_micros - held, spent_micros=b.spent_micros + cost, updated_at=now)
+            .returning(budgets))
+
+
+def set_alerted_stmt(id_: str, alerted: list[int]) -> sa.Update:
+    return sa.update(budgets).where(b.id == id_).values(alerted=alerted)
+
+
 class Budgets(Repository[Budget]):
     table = budgets
     entity = Budget
@@ -32,9 +62,7 @@ class Budgets(Repository[Budget]):
         return await self.paginate(page, *where)
 
     async def applicable(self, project_id: str, agent_id: str | None) -> list[Budget]:
-        scope = b.agent_id.is_(None) if agent_id is None else sa.or_(b.agent_id.is_(None), b.agent_id == agent_id)
-        rows = await self.conn.execute(sa.select(budgets).where(
-            b.project_id == project_id, b.active.is_(True), scope).order_by(b.id))
+        rows = await self.conn.execute(select_applicable(project_id, agent_id))
         return [self.to_entity(r) for r in rows]
 
     async def roll(self, id_: str, new_start: datetime, now: datetime) -> Budget | None:
@@ -42,10 +70,8 @@ class Budgets(Repository[Budget]):
             period_start=new_start, spent_micros=0, alerted=[], updated_at=now))
 
     async def reserve(self, id_: str, amount: int, now: datetime) -> Budget | None:
-        return await self._one(
-            sa.update(budgets)
-            .where(b.id == id_, b.active.is_(True), b.spent_micros + b.reserved_micros + amount <= b.limit_micros)
-            .values(reserved_micros=b.reserved_micros + amount, updated_at=now))
+        row = (await self.conn.execute(reserve_stmt(id_, amount, now))).first()
+        return self.to_entity(row) if row else None
 
     async def release(self, id_: str, amount: int, now: datetime) -> Budget | None:
         return await self._one(
@@ -53,10 +79,8 @@ class Budgets(Repository[Budget]):
             .values(reserved_micros=b.reserved_micros - amount, updated_at=now))
 
     async def settle(self, id_: str, held: int, cost: int, now: datetime) -> Budget | None:
-        """reserved -= held, spent += cost. cost <= held keeps spent + reserved <= limit."""
-        return await self._one(
-            sa.update(budgets).where(b.id == id_, b.reserved_micros >= held)
-            .values(reserved_micros=b.reserved_micros - held, spent_micros=b.spent_micros + cost, updated_at=now))
+        row = (await self.conn.execute(settle_stmt(id_, held, cost, now))).first()
+        return self.to_entity(row) if row else None
 
     async def set_limit(self, id_: str, limit: int, now: datetime) -> Budget | None:
         return await self._one(

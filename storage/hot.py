@@ -243,6 +243,48 @@ SELECT 1 / ((SELECT count(*) FROM h) = 1 AND (SELECT count(*) FROM t) = 1
 """
 
 
+# ---------------------------------------------------------------- event data (every hot path's)
+def reserve_events(row: SpendRequest, wallet: Wallet, budgets: list[Budget], before: list[PendingEvent],
+                   after: list[PendingEvent]) -> list[PendingEvent]:
+    """A reservation's events, in the generic path's order: ``before``, the hold, each budget's, ``after``."""
+    amount = row.reserved_micros
+    money = [PendingEvent(row.project_id, "wallet.updated", wallet_updated(wallet, "hold", amount, row.id))]
+    money += [PendingEvent(row.project_id, "budget.updated", budget_updated(b, "reserved", amount=amount, ref=row.id))
+              for b in budgets]
+    return [*before, *money, *after]
+
+
+def ledger_entry(request: Prepared, cost: int, wallet: Wallet, entry_id: str, actor: str,
+                 now: datetime) -> LedgerEntry | None:
+    """The spend entry a closing books (none when nothing is charged)."""
+    if not cost:
+        return None
+    return LedgerEntry(id=entry_id, project_id=request.project_id, kind="spend", amount_micros=-cost,
+                       balance_after_micros=wallet.balance_micros, ref=request.request_id,
+                       memo=request.model[:500], actor=actor, created_at=now)
+
+
+def close_events(request: Prepared, cost: int, entry: LedgerEntry | None, wallet: Wallet, budgets: list[Budget],
+                 crossed: list[list[int]], after: list[PendingEvent]) -> list[PendingEvent]:
+    """A closing's events: the capture, each budget as settled (before its crossed thresholds are recorded,
+    as the generic path shows it) and its thresholds, then ``after``."""
+    held = request.reserved_micros
+    project_id = request.project_id
+    out = [PendingEvent(project_id, "wallet.updated", wallet_updated(
+        wallet, "spend", -cost, request.request_id, entry=entry, released_micros=held - cost))]
+    for budget, reached in zip(budgets, crossed, strict=True):
+        out.append(PendingEvent(project_id, "budget.updated", budget_updated(
+            budget, "settled", amount=cost, released_micros=held - cost, ref=request.request_id)))
+        out += [PendingEvent(project_id, "budget.threshold", threshold_reached(budget, t)) for t in reached]
+    return [*out, *after]
+
+
+def alerted(budgets: list[Budget], crossed: list[list[int]]) -> list[Budget]:
+    """The budgets as stored once the thresholds just crossed are recorded as alerted."""
+    return [msgspec.structs.replace(b, alerted=sorted({*b.alerted, *c})) if c else b
+            for b, c in zip(budgets, crossed, strict=True)]
+
+
 def _event_arguments(project_id: str, actor: str, chained: list[Event], head: tuple[int, str]) -> list:
     """$1-$13 of an express statement: the events, the head they move to, the head they expect."""
     return [project_id, actor, [e.id for e in chained], [e.seq for e in chained], [e.type for e in chained],
@@ -273,12 +315,6 @@ def _wallet(row: asyncpg.Record) -> Wallet:
 
 def _budgets(rows: Sequence[asyncpg.Record]) -> list[Budget]:
     return [Budget(**{c: r["b_" + c] for c in _BUDGET_COLUMNS}) for r in rows if r["b_id"] is not None]
-
-
-def _alerted(budgets: list[Budget], crossed: list[list[int]]) -> list[Budget]:
-    """The budgets as stored once the thresholds just crossed are recorded as alerted."""
-    return [msgspec.structs.replace(b, alerted=sorted({*b.alerted, *c})) if c else b
-            for b, c in zip(budgets, crossed, strict=True)]
 
 
 class _State:
@@ -373,10 +409,7 @@ class PgHotPath:
         args = [getattr(row, c) for c in _REQUEST_COLUMNS]
 
         def events(wallet: Wallet, budgets: list[Budget]) -> list[PendingEvent]:
-            money = [PendingEvent(row.project_id, "wallet.updated", wallet_updated(wallet, "hold", amount, row.id))]
-            money += [PendingEvent(row.project_id, "budget.updated",
-                                   budget_updated(b, "reserved", amount=amount, ref=row.id)) for b in budgets]
-            return [*before, *money, *after]
+            return reserve_events(row, wallet, budgets, before, after)
 
         async def work(conn: asyncpg.Connection) -> _Done:
             rows = await conn.fetch(_RESERVE, row.project_id, amount, now, row.agent_id, *starts,
@@ -425,19 +458,8 @@ class PgHotPath:
         memo = request.model[:500]
 
         def events(wallet: Wallet, budgets: list[Budget], crossed: list[list[int]]) -> list[PendingEvent]:
-            """Budgets as settled, before the crossed thresholds are recorded (as the generic path shows them)."""
-            entry = None
-            if cost:
-                entry = LedgerEntry(id=entry_id, project_id=project_id, kind="spend", amount_micros=-cost,
-                                    balance_after_micros=wallet.balance_micros, ref=request.request_id, memo=memo,
-                                    actor=actor, created_at=now)
-            out = [PendingEvent(project_id, "wallet.updated", wallet_updated(
-                wallet, "spend", -cost, request.request_id, entry=entry, released_micros=held - cost))]
-            for budget, reached in zip(budgets, crossed, strict=True):
-                out.append(PendingEvent(project_id, "budget.updated", budget_updated(
-                    budget, "settled", amount=cost, released_micros=held - cost, ref=request.request_id)))
-                out += [PendingEvent(project_id, "budget.threshold", threshold_reached(budget, t)) for t in reached]
-            return [*out, *after]
+            return close_events(request, cost, ledger_entry(request, cost, wallet, entry_id, actor, now), wallet,
+                                budgets, crossed, after)
 
         async def work(conn: asyncpg.Connection) -> _Done:
             rows = await conn.fetch(_CLOSE, request.request_id, list(from_statuses), values.status, cost,
@@ -448,7 +470,7 @@ class PgHotPath:
                 raise _Decline("the request is not in the expected state")
             budgets = _budgets(rows)
             crossed = [crossed_thresholds(b) for b in budgets]
-            stored = _alerted(budgets, crossed)
+            stored = alerted(budgets, crossed)
             for budget, reached in zip(stored, crossed, strict=True):
                 if reached:  # rare: once per threshold per period
                     await conn.execute(_SET_ALERTED, budget.id, budget.alerted)
@@ -472,7 +494,7 @@ class PgHotPath:
             moved = [msgspec.structs.replace(b, reserved_micros=b.reserved_micros - held,
                                              spent_micros=b.spent_micros + cost, updated_at=now) for b in budgets]
             crossed = [crossed_thresholds(b) for b in moved]
-            stored = _alerted(moved, crossed)
+            stored = alerted(moved, crossed)
             chained = link(events(wallet, moved, crossed), project_id, actor, *state.head)
             return _Express(_EXPRESS_CLOSE, [
                 *_event_arguments(project_id, actor, chained, state.head), cost, now,
