@@ -13,7 +13,7 @@ returns what to publish once it committed. The engine
 - resolves each job's future: True (committed), False (declined or a database error: nothing
   changed, the caller runs its generic path), or the exception of a bug in that job alone.
 
-``storage/sqlite_hot.py`` (one writer, one worker) uses it.
+``storage/hot.py`` (PostgreSQL, two workers) and ``storage/sqlite_hot.py`` (one writer, one worker) use it.
 """
 
 from __future__ import annotations
@@ -58,14 +58,19 @@ class GroupCommit(Generic[J]):
         self._active = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, job: J) -> bool:
+    async def submit(self, job: J, alone: Callable[[J], Awaitable[bool]] | None = None) -> bool:
+        """``alone``: tried first when nothing at all is in flight (storage/hot.py's express lane); False
+        from it means nothing changed, and the job commits as a batch of one."""
         if self._queue or self._active >= self.workers:
             self._queue.append(job)  # transactions are in flight: wait for the next batch
             self._start_worker()
             return await job.future
         self._active += 1
         try:
-            await self._run([job])
+            if alone is not None and self._active == 1 and await alone(job):
+                resolve(job.future, True)
+            else:
+                await self._run([job])
         finally:
             self._active -= 1
             self._start_worker()  # jobs that queued meanwhile

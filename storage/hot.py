@@ -36,7 +36,6 @@ wallet, budgets, event head (each CTE depends on the one before, so PostgreSQL r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +50,7 @@ from domain.budgets import Budget, budget_updated, crossed_thresholds, needs_rol
 from domain.events import Event, PendingEvent
 from domain.spend import CloseValues, Prepared, SpendRequest
 from domain.wallet import LedgerEntry, Wallet, wallet_updated
+from storage.batch import Declined, GroupCommit, resolve
 from storage.db import Database
 from storage.events import PG_APPEND_MANY, append_arguments, link
 
@@ -302,10 +302,6 @@ def _json(value: object) -> str:  # lists as jsonb array elements go as text (as
     return msgspec.json.encode(value).decode()
 
 
-class _Decline(Exception):
-    """The hot path does not handle this case: roll back, let the generic path run."""
-
-
 def _wallet(row: asyncpg.Record) -> Wallet:
     return Wallet(project_id=row["w_project_id"], balance_micros=row["w_balance_micros"],
                   reserved_micros=row["w_reserved_micros"],
@@ -369,9 +365,9 @@ class _Op(NamedTuple):
 class PgHotPath:
     """``domain.spend.HotPath`` for PostgreSQL. ``publish`` gets the committed events (the bus).
 
-    Group commit: operations that arrive while a transaction is in flight wait and then run together
-    — ordered by project, so every batch takes row locks in one global order — in ONE transaction
-    with ONE event append (``PG_APPEND_MANY``) and one commit. Under load a hot project's wallet and
+    Group commit (``storage.batch.GroupCommit``): operations that arrive while a transaction is in flight
+    wait and then run together — ordered by project, so every batch takes row locks in one global order —
+    in ONE transaction with ONE event append (``PG_APPEND_MANY``) and one commit. Under load a hot project's wallet and
     event-head rows are then locked once per batch instead of once per request, and the commits'
     fsyncs are shared. If any operation of a batch declines or fails, the batch rolls back and each of
     its operations runs again alone, so one request's trouble is never another's.
@@ -383,15 +379,13 @@ class PgHotPath:
                  max_batch: int = 64, max_projects: int = 10_000) -> None:
         self.db = db
         self.publish = publish
-        self.workers = workers
-        self.max_batch = max_batch
         self.max_projects = max_projects
         # How often each happened: reserve, close, declined, error; batches committed; batches split after a
         # failure; express (one-statement) operations, and stale ones (the rows had moved: the normal path ran).
         self.outcomes: Counter[str] = Counter()
-        self._queue: list[_Op] = []
-        self._active = 0
-        self._tasks: set[asyncio.Task] = set()
+        self.engine: GroupCommit[_Op] = GroupCommit(
+            self._commit, publish, expected=(Declined, asyncpg.PostgresError, asyncpg.InterfaceError, OSError),
+            workers=workers, max_batch=max_batch, outcomes=self.outcomes)
         self._state: dict[str, _State] = {}
 
     def forget(self, project_id: str | None = None) -> None:
@@ -416,10 +410,10 @@ class PgHotPath:
                                     len(before) + 1 + len(after), *args)
             first = rows[0]
             if first["w_project_id"] is None:
-                raise _Decline("the wallet has no room")
+                raise Declined("the wallet has no room")
             budgets = _budgets(rows)
             if len(budgets) != first["applicable"]:
-                raise _Decline("a budget has no room, or must roll into a new period")
+                raise Declined("a budget has no room, or must roll into a new period")
             row.budget_ids = [b.id for b in budgets]
             wallet = _wallet(first)
             return _Done(events(wallet, budgets), actor, first["head_seq"], first["head_hash"],
@@ -467,7 +461,7 @@ class PgHotPath:
                                     values.settled_at, now, entry_id, actor, 1 + len(after))
             first = rows[0]
             if first["held"] != held or first["w_project_id"] is None:
-                raise _Decline("the request is not in the expected state")
+                raise Declined("the request is not in the expected state")
             budgets = _budgets(rows)
             crossed = [crossed_thresholds(b) for b in budgets]
             stored = alerted(budgets, crossed)
@@ -505,28 +499,19 @@ class PgHotPath:
 
         return await self._submit("close", project_id, request.request_id, work, express)
 
-    # ------------------------------------------------------------ group commit
+    # ------------------------------------------------------------ lanes
     async def _submit(self, kind: str, project_id: str, ref: str,
                       work: Callable[[asyncpg.Connection], Awaitable[_Done]],
                       express: Callable[[_State], _Express | None]) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        op = _Op(kind, project_id, ref, work, express, future)
-        if self._queue or self._active >= self.workers:
-            self._queue.append(op)  # transactions are in flight: wait for the next batch
-            self._start_worker()
-            return await future
-        # Room to run at once, in the caller's task (no hand-over): in the express lane if nothing at all is
-        # in flight and this process knows the project's rows, else as a batch of one.
-        self._active += 1
-        try:
-            state = self._state.get(project_id) if self._active == 1 else None
-            plan = op.express(state) if state is not None else None
-            if plan is None or not await self._express(op, plan):
-                await self._commit([op])
-        finally:
-            self._active -= 1
-            self._start_worker()  # operations that queued meanwhile
-        return future.result()
+        # Room to run at once, and nothing at all in flight: the express lane if this process knows the
+        # project's rows; else a batch of one, or the next group commit (storage/batch.py).
+        return await self.engine.submit(_Op(kind, project_id, ref, work, express, future), self._try_express)
+
+    async def _try_express(self, op: _Op) -> bool:
+        state = self._state.get(op.project_id)
+        plan = op.express(state) if state is not None else None
+        return plan is not None and await self._express(op, plan)
 
     async def _express(self, op: _Op, plan: _Express) -> bool:
         """One autocommit statement. False (nothing changed): the rows were not as this process last wrote
@@ -546,7 +531,7 @@ class PgHotPath:
         try:
             await self.publish(plan.events)
         finally:
-            _resolve(op.future, True)
+            resolve(op.future, True)
         return True
 
     def _remember(self, project_id: str, after: _After, last: Event) -> None:
@@ -565,78 +550,17 @@ class PgHotPath:
         if after.applicable is not None:
             state.applicable[after.agent_id] = after.applicable
 
-    def _start_worker(self) -> None:
-        if self._queue and self._active < self.workers:
-            self._active += 1
-            task = asyncio.create_task(self._worker(), name="smartspace-hot-path")
-            self._tasks.add(task)  # held until it ends (it does when the queue is drained)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _worker(self) -> None:
-        try:
-            while self._queue:
-                batch = self._queue[:self.max_batch]
-                del self._queue[:self.max_batch]
-                batch.sort(key=lambda op: op.project_id)  # stable: each project's operations keep their order
-                if len(batch) > 1 and await self._commit(batch):
-                    continue
-                for op in batch:  # alone: a decline or failure is that operation's own
-                    if op.future.done():
-                        continue
-                    with contextlib.suppress(Exception):  # handed to the operation's caller by _commit
-                        await self._commit([op])
-        except asyncio.CancelledError:  # shutting down: whoever still waits takes the generic path
-            for op in self._queue:
-                _resolve(op.future, False)
-            self._queue.clear()
-            raise
-        finally:
-            self._active -= 1
-        self._start_worker()  # operations that arrived while this one was finishing
-
-    async def _commit(self, ops: list[_Op]) -> bool:
-        """Run ``ops`` in one transaction. True: committed, published, every future resolved True.
-        False for a batch of several: rolled back, nothing resolved (the caller retries them alone)."""
-        try:
-            async with self.db.raw() as conn, conn.transaction():
-                done = [await op.work(conn) for op in ops]
-                events, lasts = self._chain(ops, done)
-                await conn.execute(PG_APPEND_MANY, *append_arguments(events))
-        except (_Decline, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            if len(ops) > 1:
-                self.outcomes["split"] += 1
-                return False
-            if isinstance(exc, _Decline):
-                self.outcomes["declined"] += 1
-            else:  # rolled back: the generic path retries it (and reports what it finds)
-                self.outcomes["error"] += 1
-                log.warning("hot path rolled back after a database error", extra={"ref": ops[0].ref,
-                                                                                  "error": repr(exc)})
-            _resolve(ops[0].future, False)
-            return False
-        except BaseException as exc:  # a bug or a cancellation: nobody may wait forever
-            if isinstance(exc, Exception) and len(ops) > 1:  # perhaps one operation's: each runs alone
-                log.exception("hot path batch failed", extra={"refs": [op.ref for op in ops]})
-                self.outcomes["split"] += 1
-                return False
-            for op in ops:
-                if op.future.done():
-                    continue
-                if isinstance(exc, Exception):
-                    op.future.set_exception(exc)
-                else:
-                    op.future.cancel()
-            raise
-        self.outcomes["batches"] += 1
+    async def _commit(self, ops: list[_Op]) -> list[Event]:
+        """Run ``ops`` in one transaction (the engine publishes the events it returns, and splits a batch
+        that raised)."""
+        async with self.db.raw() as conn, conn.transaction():
+            done = [await op.work(conn) for op in ops]
+            events, lasts = self._chain(ops, done)
+            await conn.execute(PG_APPEND_MANY, *append_arguments(events))
         for op, result, last in zip(ops, done, lasts, strict=True):
             self.outcomes[op.kind] += 1
             self._remember(op.project_id, result.after, last)
-        try:
-            await self.publish(events)
-        finally:
-            for op in ops:
-                _resolve(op.future, True)
-        return True
+        return events
 
     @staticmethod
     def _chain(ops: list[_Op], done: list[_Done]) -> tuple[list[Event], list[Event]]:
@@ -654,7 +578,3 @@ class PgHotPath:
             out += chained
         return out, lasts
 
-
-def _resolve(future: asyncio.Future[bool], value: bool) -> None:
-    if not future.done():  # the waiting caller may have been cancelled meanwhile
-        future.set_result(value)
