@@ -19,10 +19,23 @@ b = budgets.c
 
 # ---------------------------------------------------------------- the statements every path shares
 # (the generic repository below, and storage/sqlite_hot.py on its writer's synchronous connection)
-def applies(project_id: str, agent_id: str | None) -> sa.ColumnElement[bool]:
-    """The budgets a request of ``agent_id`` in ``project_id`` reserves on: active, project-wide or that agent's."""
+def applies(project_id: Any, agent_id: Any) -> sa.ColumnElement[bool]:
+    """The budgets a request of ``agent_id`` in ``project_id`` reserves on: active, project-wide or that agent's.
+    Values or bound parameters (storage/hot.py compiles it once with parameters)."""
     scope = b.agent_id.is_(None) if agent_id is None else sa.or_(b.agent_id.is_(None), b.agent_id == agent_id)
     return sa.and_(b.project_id == project_id, b.active.is_(True), scope)
+
+
+def has_room(amount: Any) -> sa.ColumnElement[bool]:
+    """Budget room: reserving ``amount`` keeps spent + reserved within the limit."""
+    return b.spent_micros + b.reserved_micros + amount <= b.limit_micros
+
+
+def in_current_period(day: Any, week: Any, month: Any) -> sa.ColumnElement[bool]:
+    """The budget's period has not ended (else it must roll first: ``domain.budgets.needs_roll``), given the
+    current day, week and month starts (``domain.budgets.period_start``)."""
+    return b.period_start >= sa.case((b.period == "day", day), (b.period == "week", week),
+                                     (b.period == "month", month), else_=b.period_start)
 
 
 def select_applicable(project_id: str, agent_id: str | None) -> sa.Select[Any]:
@@ -32,18 +45,27 @@ def select_applicable(project_id: str, agent_id: str | None) -> sa.Select[Any]:
 def reserve_stmt(id_: str, amount: int, now: datetime) -> sa.Update:
     """reserved += amount iff the budget is active and has room: spent + reserved + amount <= limit."""
     return (sa.update(budgets)
-            .where(b.id == id_, b.active.is_(True), b.spent_micros + b.reserved_micros + amount <= b.limit_micros)
+            .where(b.id == id_, b.active.is_(True), has_room(amount))
             .values(reserved_micros=b.reserved_micros + amount, updated_at=now).returning(budgets))
 
 
+def holds(held: Any) -> sa.ColumnElement[bool]:
+    """The budget holds at least ``held`` in reservations."""
+    return b.reserved_micros >= held
+
+
+def settle_values(held: Any, cost: Any, now: Any) -> dict[str, Any]:
+    """A settlement: the hold given back, ``cost`` (<= held, so spent + reserved stays within the limit) spent."""
+    return {"reserved_micros": b.reserved_micros - held, "spent_micros": b.spent_micros + cost, "updated_at": now}
+
+
 def settle_stmt(id_: str, held: int, cost: int, now: datetime) -> sa.Update:
-    """reserved -= held, spent += cost. cost <= held keeps spent + reserved <= limit."""
-    return (sa.update(budgets).where(b.id == id_, b.reserved_micros >= held)
-            .values(reserved_micros=b.reserved_micros - held, spent_micros=b.spent_micros + cost, updated_at=now)
+    """reserved -= held, spent += cost."""
+    return (sa.update(budgets).where(b.id == id_, holds(held)).values(**settle_values(held, cost, now))
             .returning(budgets))
 
 
-def set_alerted_stmt(id_: str, alerted: list[int]) -> sa.Update:
+def set_alerted_stmt(id_: Any, alerted: Any) -> sa.Update:
     return sa.update(budgets).where(b.id == id_).values(alerted=alerted)
 
 

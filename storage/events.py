@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from itertools import groupby
+from typing import Any
 
 import msgspec
 import sqlalchemy as sa
@@ -81,7 +82,7 @@ def append_arguments(chained: Sequence[Event]) -> tuple:
 
 
 # The generic append's statements, shared with storage/sqlite_hot.py's synchronous writer.
-def advance_head_stmt(project_id: str, n: int) -> sa.Update:
+def advance_head_stmt(project_id: Any, n: Any) -> sa.Update:
     """Take ``n`` seqs of a project's log (the head row's lock serialises its writers): the head before them."""
     return (sa.update(event_heads).where(event_heads.c.project_id == project_id)
             .values(seq=event_heads.c.seq + n).returning(event_heads.c.seq, event_heads.c.hash))

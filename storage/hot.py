@@ -40,118 +40,142 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
 from domain.base import new_id
 from domain.budgets import Budget, budget_updated, crossed_thresholds, needs_roll, period_start, threshold_reached
 from domain.events import Event, PendingEvent
 from domain.spend import CloseValues, Prepared, SpendRequest
 from domain.wallet import LedgerEntry, Wallet, wallet_updated
+from storage import budgets as budget_sql
+from storage import events as events_sql
+from storage import spend as spend_sql
+from storage import wallet as wallet_sql
 from storage.batch import Declined, GroupCommit, resolve
 from storage.db import Database
 from storage.events import PG_APPEND_MANY, append_arguments, link
+from storage.models import budgets, event_heads, ledger_entries, spend_requests, wallets
 
 log = logging.getLogger("smartspace.hot")
 
-_BUDGET_COLUMNS = ("id", "project_id", "agent_id", "name", "period", "limit_micros", "spent_micros",
-                   "reserved_micros", "period_start", "alert_thresholds", "alerted", "active", "created_at",
-                   "updated_at")
-_B = ", ".join(f"b.{c} AS b_{c}" for c in _BUDGET_COLUMNS)
-_RETURNING_BUDGET = ", ".join(f"budgets.{c}" for c in _BUDGET_COLUMNS)
+# ---------------------------------------------------------------- the statements, from the shared expressions
+# Built with SQLAlchemy from the expressions the generic repositories use (storage/wallet.py, storage/budgets.py,
+# storage/spend.py, storage/events.py: wallet room, budget room, applicability, the current period, the
+# transition), compiled ONCE for asyncpg ($n parameters; asyncpg prepares each text once per connection).
+class _Compiled:
+    """A statement compiled once for asyncpg: its text, and its arguments from keyword values."""
 
-_REQUEST_COLUMNS = ("id", "project_id", "agent_id", "key_id", "actor", "source", "operation", "model", "provider",
-                    "status", "decision", "params", "metadata", "estimated_cost_micros", "reserved_micros",
-                    "cost_micros", "input_tokens", "output_tokens", "risk_score", "error", "idempotency_key",
-                    "response", "reservation_expires_at", "approval_expires_at", "resolved_by", "tx_hash",
-                    "settlement_batch_id", "created_at", "settled_at")
-_REQUEST_TYPES = {"decision": "jsonb", "params": "jsonb", "metadata": "jsonb", "error": "jsonb", "response": "jsonb",
-                  "estimated_cost_micros": "bigint", "reserved_micros": "bigint", "cost_micros": "bigint",
-                  "input_tokens": "integer", "output_tokens": "integer", "risk_score": "double precision",
-                  "reservation_expires_at": "timestamptz", "approval_expires_at": "timestamptz",
-                  "created_at": "timestamptz", "settled_at": "timestamptz"}
-_FIRST_REQUEST_ARG = 9
-_REQUEST_VALUES = ", ".join(f"${i}::{_REQUEST_TYPES.get(c, 'varchar')}"
-                            for i, c in enumerate(_REQUEST_COLUMNS, start=_FIRST_REQUEST_ARG))
+    __slots__ = ("constants", "order", "sql")
 
-# $1 project, $2 amount, $3 now, $4 agent, $5/$6/$7 current day/week/month start, $8 events besides the
-# budgets', $9… the request row. Budgets whose period has ended fail the period_start test (they must roll).
-_RESERVE = f"""
-WITH w AS (
-    UPDATE wallets SET reserved_micros = reserved_micros + $2::bigint, updated_at = $3::timestamptz
-    WHERE project_id = $1::varchar AND balance_micros - reserved_micros >= $2::bigint
-    RETURNING project_id, balance_micros, reserved_micros, deposit_address, updated_at),
-b AS (
-    UPDATE budgets SET reserved_micros = reserved_micros + $2::bigint, updated_at = $3::timestamptz
-    WHERE project_id = $1::varchar AND active AND (agent_id IS NULL OR agent_id = $4::varchar)
-      AND EXISTS (SELECT 1 FROM w)
-      AND spent_micros + reserved_micros + $2::bigint <= limit_micros
-      AND period_start >= CASE period WHEN 'day' THEN $5::timestamptz WHEN 'week' THEN $6::timestamptz
-                                      WHEN 'month' THEN $7::timestamptz ELSE period_start END
-    RETURNING {_RETURNING_BUDGET}),
-applicable AS (
-    SELECT count(*) AS n FROM budgets
-    WHERE project_id = $1::varchar AND active AND (agent_id IS NULL OR agent_id = $4::varchar)),
-h AS (
-    UPDATE event_heads SET seq = seq + $8::bigint + (SELECT count(*) FROM b)
-    WHERE project_id = $1::varchar AND EXISTS (SELECT 1 FROM w)
-    RETURNING seq, hash),
-r AS (
-    INSERT INTO spend_requests ({", ".join(_REQUEST_COLUMNS)}, budget_ids)
-    VALUES ({_REQUEST_VALUES}, (SELECT coalesce(jsonb_agg(id ORDER BY id), '[]'::jsonb) FROM b)))
-SELECT w.project_id AS w_project_id, w.balance_micros AS w_balance_micros, w.reserved_micros AS w_reserved_micros,
-       w.deposit_address AS w_deposit_address, w.updated_at AS w_updated_at,
-       (SELECT n FROM applicable) AS applicable, h.seq AS head_seq, h.hash AS head_hash, {_B}
-FROM (SELECT 1) AS one LEFT JOIN w ON true LEFT JOIN h ON true LEFT JOIN b ON true
-ORDER BY b.id
-"""
+    def __init__(self, stmt: sa.Executable) -> None:
+        compiled = stmt.compile(dialect=asyncpg_dialect.dialect(), compile_kwargs={"render_postcompile": True})
+        self.sql = compiled.string
+        self.order = tuple(compiled.positiontup or ())
+        self.constants = compiled.construct_params()  # the literals the expressions carry ('day', 1 …)
 
-# $1 request, $2 allowed current statuses, $3 new status, $4 cost, $5/$6 tokens, $7 response, $8 error,
-# $9 settled_at, $10 now, $11 ledger entry id, $12 actor, $13 events besides the budgets'.
-_CLOSE = f"""
-WITH t AS (
-    UPDATE spend_requests SET status = $3::varchar, cost_micros = $4::bigint, input_tokens = $5::integer,
-        output_tokens = $6::integer, response = $7::jsonb, error = $8::jsonb, settled_at = $9::timestamptz,
-        reservation_expires_at = NULL
-    WHERE id = $1::varchar AND status = ANY($2::varchar[])
-    RETURNING project_id, model, reserved_micros, budget_ids),
-w AS (
-    UPDATE wallets SET reserved_micros = wallets.reserved_micros - t.reserved_micros,
-        balance_micros = wallets.balance_micros - $4::bigint, updated_at = $10::timestamptz
-    FROM t
-    WHERE wallets.project_id = t.project_id AND t.reserved_micros > 0
-      AND wallets.reserved_micros >= t.reserved_micros
-    RETURNING wallets.project_id, wallets.balance_micros, wallets.reserved_micros, wallets.deposit_address,
-              wallets.updated_at),
-l AS (
-    INSERT INTO ledger_entries (id, project_id, kind, amount_micros, balance_after_micros, ref, memo, actor,
-                                created_at)
-    SELECT $11::varchar, w.project_id, 'spend', -$4::bigint, w.balance_micros, $1::varchar, left(t.model, 500),
-           $12::varchar, $10::timestamptz
-    FROM w, t WHERE $4::bigint > 0
-    RETURNING memo),
-b AS (
-    UPDATE budgets SET reserved_micros = budgets.reserved_micros - t.reserved_micros,
-        spent_micros = budgets.spent_micros + $4::bigint, updated_at = $10::timestamptz
-    FROM t
-    WHERE budgets.id IN (SELECT jsonb_array_elements_text(t.budget_ids)) AND EXISTS (SELECT 1 FROM w)
-      AND budgets.reserved_micros >= t.reserved_micros
-    RETURNING {_RETURNING_BUDGET}),
-h AS (
-    UPDATE event_heads SET seq = seq + $13::bigint + (SELECT count(*) FROM b)
-    FROM t WHERE event_heads.project_id = t.project_id AND EXISTS (SELECT 1 FROM w)
-    RETURNING event_heads.seq, event_heads.hash)
-SELECT t.reserved_micros AS held, w.project_id AS w_project_id, w.balance_micros AS w_balance_micros,
-       w.reserved_micros AS w_reserved_micros, w.deposit_address AS w_deposit_address,
-       w.updated_at AS w_updated_at, (SELECT memo FROM l) AS memo, h.seq AS head_seq, h.hash AS head_hash, {_B}
-FROM (SELECT 1) AS one LEFT JOIN t ON true LEFT JOIN w ON true LEFT JOIN h ON true LEFT JOIN b ON true
-ORDER BY b.id
-"""
+    def args(self, **values: Any) -> list[Any]:
+        return [values[n] if n in values else self.constants[n] for n in self.order]
 
-_SET_ALERTED = "UPDATE budgets SET alerted = $2::jsonb WHERE id = $1::varchar"
-_MORE_EVENTS = "UPDATE event_heads SET seq = seq + $2::bigint WHERE project_id = $1::varchar RETURNING seq, hash"
+
+def _p(name: str, type_: Any) -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=type_, required=False)  # a value per call (_Compiled.args)
+
+
+_TS = sa.DateTime(timezone=True)
+W, B, H = wallets.c, budgets.c, event_heads.c
+_BUDGET_COLUMNS = tuple(c.name for c in budgets.c)
+_REQUEST_COLUMNS = tuple(c.name for c in spend_requests.c if c.name != "budget_ids")
+_WALLET_OUT = (W.project_id, W.balance_micros, W.reserved_micros, W.deposit_address, W.updated_at)
+_ONE = sa.select(sa.literal(1).label("one")).subquery("one")
+
+
+def _wallet_columns(w: Any) -> list[Any]:
+    return [w.c[c.name].label("w_" + c.name) for c in _WALLET_OUT]
+
+
+def _budget_columns(b: Any) -> list[Any]:
+    return [b.c[c].label("b_" + c) for c in _BUDGET_COLUMNS]
+
+
+def _reserve_statement() -> sa.Select[Any]:
+    """The reservation: the wallet held, every applicable budget in its current period reserved, the event
+    head advanced, the request inserted (with the budgets reserved on). Budgets whose period has ended fail
+    ``in_current_period`` (they must roll: the generic path). Parameters: project, amount, now, agent, day /
+    week / month (the current period starts), others (events besides the budgets'), r_<column> (the row)."""
+    project, amount, now, agent = _p("project", sa.String), _p("amount", sa.BigInteger), _p("now", _TS), \
+        _p("agent", sa.String)
+    w = (sa.update(wallets).where(W.project_id == project, wallet_sql.has_room(amount))
+         .values(reserved_micros=W.reserved_micros + amount, updated_at=now).returning(*_WALLET_OUT).cte("w"))
+    b = (sa.update(budgets)
+         .where(budget_sql.applies(project, agent), sa.exists(sa.select(w.c.project_id)), budget_sql.has_room(amount),
+                budget_sql.in_current_period(_p("day", _TS), _p("week", _TS), _p("month", _TS)))
+         .values(reserved_micros=B.reserved_micros + amount, updated_at=now).returning(*budgets.c).cte("b"))
+    h = (sa.update(event_heads).where(H.project_id == project, sa.exists(sa.select(w.c.project_id)))
+         .values(seq=H.seq + _p("others", sa.BigInteger) + sa.select(sa.func.count()).select_from(b).scalar_subquery())
+         .returning(H.seq, H.hash).cte("h"))
+    reserved_on = sa.select(sa.func.coalesce(sa.func.jsonb_agg(aggregate_order_by(b.c.id, b.c.id)),
+                                             sa.literal_column("'[]'::jsonb"))).scalar_subquery()
+    r = sa.insert(spend_requests).values({**{c: _p("r_" + c, spend_requests.c[c].type) for c in _REQUEST_COLUMNS},
+                                          "budget_ids": reserved_on}).cte("r")
+    applicable = sa.select(sa.func.count()).select_from(budgets).where(budget_sql.applies(project, agent))
+    return (sa.select(*_wallet_columns(w), applicable.scalar_subquery().label("applicable"),
+                      h.c.seq.label("head_seq"), h.c.hash.label("head_hash"), *_budget_columns(b))
+            .select_from(_ONE.outerjoin(w, sa.true()).outerjoin(h, sa.true()).outerjoin(b, sa.true()))
+            .order_by(b.c.id).add_cte(r))
+
+
+def _close_statement(from_statuses: tuple[str, ...]) -> sa.Select[Any]:
+    """The closing (settle or fail) of a request in one of ``from_statuses``: its transition, the wallet's
+    capture and release, the ledger entry (if charged), its budgets settled, the event head advanced.
+    Parameters: id, status, cost, input_tokens, output_tokens, response, error, settled_at, now, entry, actor,
+    others."""
+    cost, now = _p("cost", sa.BigInteger), _p("now", _TS)
+    request_id = _p("id", sa.String)
+    t = (spend_sql.transition_stmt(
+        request_id, from_statuses, status=_p("status", sa.String), cost_micros=cost,
+        input_tokens=_p("input_tokens", sa.Integer), output_tokens=_p("output_tokens", sa.Integer),
+        response=_p("response", spend_requests.c.response.type), error=_p("error", spend_requests.c.error.type),
+        settled_at=_p("settled_at", _TS), reservation_expires_at=None,
+        returning=(spend_requests.c.project_id, spend_requests.c.model, spend_requests.c.reserved_micros,
+                   spend_requests.c.budget_ids)).cte("t"))
+    w = (sa.update(wallets)
+         .where(W.project_id == t.c.project_id, t.c.reserved_micros > 0, wallet_sql.holds(t.c.reserved_micros))
+         .values(**wallet_sql.capture_values(t.c.reserved_micros, cost, now)).returning(*_WALLET_OUT).cte("w"))
+    entry = sa.select(_p("entry", sa.String), w.c.project_id, sa.literal("spend"), -cost, w.c.balance_micros,
+                      request_id, sa.func.left(t.c.model, 500), _p("actor", sa.String), now).where(cost > 0)
+    l_ = (sa.insert(ledger_entries).from_select(
+        ["id", "project_id", "kind", "amount_micros", "balance_after_micros", "ref", "memo", "actor", "created_at"],
+        entry).returning(ledger_entries.c.memo).cte("l"))
+    b = (sa.update(budgets)
+         .where(B.id.in_(sa.select(sa.func.jsonb_array_elements_text(t.c.budget_ids))),
+                sa.exists(sa.select(w.c.project_id)), budget_sql.holds(t.c.reserved_micros))
+         .values(**budget_sql.settle_values(t.c.reserved_micros, cost, now)).returning(*budgets.c).cte("b"))
+    h = (sa.update(event_heads)
+         .where(H.project_id == t.c.project_id, sa.exists(sa.select(w.c.project_id)))
+         .values(seq=H.seq + _p("others", sa.BigInteger) + sa.select(sa.func.count()).select_from(b).scalar_subquery())
+         .returning(H.seq, H.hash).cte("h"))
+    return (sa.select(t.c.reserved_micros.label("held"), *_wallet_columns(w),
+                      sa.select(l_.c.memo).scalar_subquery().label("memo"), h.c.seq.label("head_seq"),
+                      h.c.hash.label("head_hash"), *_budget_columns(b))
+            .select_from(_ONE.outerjoin(t, sa.true()).outerjoin(w, sa.true()).outerjoin(h, sa.true())
+                         .outerjoin(b, sa.true()))
+            .order_by(b.c.id))
+
+
+_RESERVE = _Compiled(_reserve_statement())
+_CLOSES = {statuses: _Compiled(_close_statement(statuses)) for statuses in (("executing",), ("executing", "approved"))}
+_SET_ALERTED = _Compiled(budget_sql.set_alerted_stmt(_p("id", sa.String), _p("alerted", budgets.c.alerted.type)))
+_MORE_EVENTS = _Compiled(events_sql.advance_head_stmt(_p("project", sa.String), _p("n", sa.BigInteger)))
+
+# The express statements' request row: its columns, cast as asyncpg needs them.
+_REQUEST_TYPES = {c: spend_requests.c[c].type.compile(dialect=asyncpg_dialect.dialect()).split("(")[0].lower()
+                  for c in _REQUEST_COLUMNS}
 
 
 # ---------------------------------------------------------------- the express lane
@@ -183,7 +207,7 @@ _EXPRESS_BUDGET_MATCH = ("budgets.id = x.id AND budgets.spent_micros = x.spent "
                          "AND budgets.reserved_micros = x.reserved AND budgets.updated_at = x.updated_at "
                          "AND budgets.alerted = x.alerted::jsonb")
 _FIRST_EXPRESS_REQUEST_ARG = 24
-_EXPRESS_REQUEST_VALUES = ", ".join(f"${i}::{_REQUEST_TYPES.get(c, 'varchar')}"
+_EXPRESS_REQUEST_VALUES = ", ".join(f"${i}::{_REQUEST_TYPES[c]}"
                                     for i, c in enumerate(_REQUEST_COLUMNS, start=_FIRST_EXPRESS_REQUEST_ARG))
 _WALLET_MATCH = ("project_id = $1::varchar AND balance_micros = ($16::bigint[])[1] "
                  "AND reserved_micros = ($16::bigint[])[2]")
@@ -401,13 +425,15 @@ class PgHotPath:
         amount = row.reserved_micros
         starts = [period_start(p, now) for p in ("day", "week", "month")]
         args = [getattr(row, c) for c in _REQUEST_COLUMNS]
+        request_args = {"r_" + c: v for c, v in zip(_REQUEST_COLUMNS, args, strict=True)}
 
         def events(wallet: Wallet, budgets: list[Budget]) -> list[PendingEvent]:
             return reserve_events(row, wallet, budgets, before, after)
 
         async def work(conn: asyncpg.Connection) -> _Done:
-            rows = await conn.fetch(_RESERVE, row.project_id, amount, now, row.agent_id, *starts,
-                                    len(before) + 1 + len(after), *args)
+            rows = await conn.fetch(_RESERVE.sql, *_RESERVE.args(
+                project=row.project_id, amount=amount, now=now, agent=row.agent_id, day=starts[0], week=starts[1],
+                month=starts[2], others=len(before) + 1 + len(after), **request_args))
             first = rows[0]
             if first["w_project_id"] is None:
                 raise Declined("the wallet has no room")
@@ -456,9 +482,11 @@ class PgHotPath:
                                 budgets, crossed, after)
 
         async def work(conn: asyncpg.Connection) -> _Done:
-            rows = await conn.fetch(_CLOSE, request.request_id, list(from_statuses), values.status, cost,
-                                    values.input_tokens, values.output_tokens, values.response, values.error,
-                                    values.settled_at, now, entry_id, actor, 1 + len(after))
+            close = _CLOSES.get(from_statuses) or _Compiled(_close_statement(from_statuses))
+            rows = await conn.fetch(close.sql, *close.args(
+                id=request.request_id, status=values.status, cost=cost, input_tokens=values.input_tokens,
+                output_tokens=values.output_tokens, response=values.response, error=values.error,
+                settled_at=values.settled_at, now=now, entry=entry_id, actor=actor, others=1 + len(after)))
             first = rows[0]
             if first["held"] != held or first["w_project_id"] is None:
                 raise Declined("the request is not in the expected state")
@@ -467,10 +495,11 @@ class PgHotPath:
             stored = alerted(budgets, crossed)
             for budget, reached in zip(stored, crossed, strict=True):
                 if reached:  # rare: once per threshold per period
-                    await conn.execute(_SET_ALERTED, budget.id, budget.alerted)
+                    await conn.execute(_SET_ALERTED.sql, *_SET_ALERTED.args(id=budget.id, alerted=budget.alerted))
             head_seq = first["head_seq"]
             if alerts := sum(len(c) for c in crossed):
-                head_seq = (await conn.fetchrow(_MORE_EVENTS, project_id, alerts))["seq"]
+                more = _MORE_EVENTS.args(project=project_id, n=alerts)
+                head_seq = (await conn.fetchrow(_MORE_EVENTS.sql, *more))["seq"]
             wallet = _wallet(first)
             return _Done(events(wallet, budgets, crossed), actor, head_seq, first["head_hash"], _After(wallet, stored))
 

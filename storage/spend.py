@@ -17,10 +17,12 @@ from storage.models import catalog_models, spend_requests
 s = spend_requests.c
 
 
-def transition_stmt(id_: str, from_statuses: tuple[str, ...], **values: Any) -> sa.Update:
-    """Update iff the request is still in one of ``from_statuses`` (shared with storage/sqlite_hot.py)."""
+def transition_stmt(id_: Any, from_statuses: tuple[str, ...], returning: tuple[Any, ...] = (spend_requests,),
+                    **values: Any) -> sa.Update:
+    """Update iff the request is still in one of ``from_statuses``: exactly one writer wins a race. Shared
+    by the repository and both hot paths (storage/hot.py, storage/sqlite_hot.py)."""
     return (sa.update(spend_requests).where(s.id == id_, s.status.in_(from_statuses)).values(**values)
-            .returning(spend_requests))
+            .returning(*returning))
 
 
 class SpendRequests(Repository[SpendRequest]):

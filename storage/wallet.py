@@ -18,19 +18,33 @@ w = wallets.c
 
 # The two hot conditional UPDATEs of the spend path, built once (only parameters are bound per call); shared
 # with storage/sqlite_hot.py. Parameters: hold_params() / capture_params().
+def has_room(amount: Any) -> sa.ColumnElement[bool]:
+    """Wallet room: ``amount`` is available (balance - reserved)."""
+    return w.balance_micros - w.reserved_micros >= amount
+
+
 HOLD = (sa.update(wallets)
          .where(w.project_id == sa.bindparam("p_project"),
-                w.balance_micros - w.reserved_micros >= sa.bindparam("p_amount", type_=sa.BigInteger))
+                has_room(sa.bindparam("p_amount", type_=sa.BigInteger)))
          .values(reserved_micros=w.reserved_micros + sa.bindparam("p_amount", type_=sa.BigInteger),
                  updated_at=sa.bindparam("p_now"))
          .returning(wallets))
+def holds(held: Any) -> sa.ColumnElement[bool]:
+    """The wallet holds at least ``held`` in reservations (a capture or release of it is possible)."""
+    return w.reserved_micros >= held
+
+
+def capture_values(held: Any, charge: Any, now: Any) -> dict[str, Any]:
+    """A capture: the hold given back, ``charge`` (<= held) taken from the balance."""
+    return {"reserved_micros": w.reserved_micros - held, "balance_micros": w.balance_micros - charge,
+            "updated_at": now}
+
+
 CAPTURE = (sa.update(wallets)
-            .where(w.project_id == sa.bindparam("p_project"),
-                   w.reserved_micros >= sa.bindparam("p_held", type_=sa.BigInteger))
-            .values(reserved_micros=w.reserved_micros - sa.bindparam("p_held", type_=sa.BigInteger),
-                    balance_micros=w.balance_micros - sa.bindparam("p_charge", type_=sa.BigInteger),
-                    updated_at=sa.bindparam("p_now"))
-            .returning(wallets))
+           .where(w.project_id == sa.bindparam("p_project"), holds(sa.bindparam("p_held", type_=sa.BigInteger)))
+           .values(**capture_values(sa.bindparam("p_held", type_=sa.BigInteger),
+                                    sa.bindparam("p_charge", type_=sa.BigInteger), sa.bindparam("p_now")))
+           .returning(wallets))
 
 
 def hold_params(project_id: str, amount: int, now: datetime) -> dict[str, Any]:
