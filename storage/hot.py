@@ -1,5 +1,5 @@
 """The spend hot path on PostgreSQL: a request's two money transactions — the reservation, and the
-closing (settle or fail) — as fixed statements on a raw asyncpg connection (``domain.spend.HotPath``).
+closing (settle or fail) — as a few statements on a raw asyncpg connection (``domain.spend.HotPath``).
 
 Three lanes, chosen per operation by how busy this process is:
 
@@ -10,14 +10,19 @@ Three lanes, chosen per operation by how busy this process is:
 - **alone** (something else may be in flight, or the rows are not known): ``BEGIN``; one statement
   that does the money and advances the event head (``_RESERVE`` / ``_CLOSE``); one statement
   appending the events (``storage.events.PG_APPEND_MANY``); ``COMMIT``.
-- **group commit** (transactions already in flight): the operations that arrived meanwhile run
-  together in the same four-step shape — one money statement each, one append for all, one commit —
-  ordered by project, so every batch locks rows in one global order. Under load a hot project's
-  wallet and event-head rows are locked once per batch, and the fsync is shared.
+- **group commit** (transactions already in flight, ``storage.batch.GroupCommit``): the operations
+  that arrived meanwhile run together in the same four-step shape — one money statement each, one
+  append for all, one commit — ordered by project, so every batch locks rows in one global order.
+  Under load a hot project's wallet and event-head rows are locked once per batch, and the fsync is
+  shared.
 
-The statements are fixed texts, prepared once per connection by asyncpg; the generic path
-(SQLAlchemy, ``domain.spend.Spending``) issues ~12 statements for the same work and spent most of a
-gateway request's CPU doing it (bench/README.md).
+The statements are built with SQLAlchemy from the SAME expressions the generic repositories use —
+wallet and budget room, holds, capture and settle values, applicability, the current period, the
+request's transition, the event head's advance (storage/wallet.py, budgets.py, spend.py, events.py) —
+and compiled once, at import, for asyncpg (``_Compiled``: text with $n parameters, which asyncpg
+prepares once per connection). The generic path (SQLAlchemy per execute, ``domain.spend.Spending``)
+issues ~12 statements for the same work and spent most of a gateway request's CPU doing it
+(bench/README.md).
 
 Only the common case is handled here; anything else changes nothing and returns False so the
 service runs its generic path, which knows every case and builds the exact error: a wallet or budget
@@ -45,7 +50,7 @@ from typing import Any, NamedTuple
 import asyncpg
 import msgspec
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
 from domain.base import new_id
@@ -61,6 +66,7 @@ from storage.batch import Declined, GroupCommit, resolve
 from storage.db import Database
 from storage.events import PG_APPEND_MANY, append_arguments, link
 from storage.models import budgets, event_heads, ledger_entries, spend_requests, wallets
+from storage.models import events as events_table
 
 log = logging.getLogger("smartspace.hot")
 
@@ -173,11 +179,6 @@ _CLOSES = {statuses: _Compiled(_close_statement(statuses)) for statuses in (("ex
 _SET_ALERTED = _Compiled(budget_sql.set_alerted_stmt(_p("id", sa.String), _p("alerted", budgets.c.alerted.type)))
 _MORE_EVENTS = _Compiled(events_sql.advance_head_stmt(_p("project", sa.String), _p("n", sa.BigInteger)))
 
-# The express statements' request row: its columns, cast as asyncpg needs them.
-_REQUEST_TYPES = {c: spend_requests.c[c].type.compile(dialect=asyncpg_dialect.dialect()).split("(")[0].lower()
-                  for c in _REQUEST_COLUMNS}
-
-
 # ---------------------------------------------------------------- the express lane
 # When this process wrote a project's rows last (it knows its wallet, budgets and event head exactly) and
 # nothing else of the hot path is in flight, a reservation or a closing is ONE autocommit statement:
@@ -189,82 +190,111 @@ _REQUEST_TYPES = {c: spend_requests.c[c].type.compile(dialect=asyncpg_dialect.di
 # normal path. One round trip and one fsync instead of BEGIN, two statements and COMMIT.
 # Each CTE waits for the one before it (the EXISTS / count references), so the rows are locked in the normal
 # path's order — request, wallet, budgets, event head — and the events go in last.
-_EXPRESS_EVENTS = """
-h AS (
-    UPDATE event_heads SET seq = $10::bigint, hash = $11::varchar
-    WHERE project_id = $1::varchar AND seq = $12::bigint AND hash = $13::varchar
-      AND (SELECT count(*) FROM b) = cardinality($17::varchar[])
-    RETURNING 1),
-e AS (
-    INSERT INTO events (id, project_id, seq, type, actor, data, ts, prev_hash, hash)
-    SELECT t.id, $1::varchar, t.seq, t.type, $2::varchar, t.data, t.ts, t.prev_hash, t.hash
-    FROM unnest($3::varchar[], $4::bigint[], $5::varchar[], $6::jsonb[], $7::varchar[], $8::varchar[], $9::varchar[])
-         AS t(id, seq, type, data, ts, prev_hash, hash)
-    WHERE EXISTS (SELECT 1 FROM h))"""
-_EXPRESS_BUDGETS = ("unnest($17::varchar[], $18::bigint[], $19::bigint[], $20::timestamptz[], $21::text[], "
-                    "$22::text[]) AS x(id, spent, reserved, updated_at, alerted, new_alerted)")
-_EXPRESS_BUDGET_MATCH = ("budgets.id = x.id AND budgets.spent_micros = x.spent "
-                         "AND budgets.reserved_micros = x.reserved AND budgets.updated_at = x.updated_at "
-                         "AND budgets.alerted = x.alerted::jsonb")
-_FIRST_EXPRESS_REQUEST_ARG = 24
-_EXPRESS_REQUEST_VALUES = ", ".join(f"${i}::{_REQUEST_TYPES[c]}"
-                                    for i, c in enumerate(_REQUEST_COLUMNS, start=_FIRST_EXPRESS_REQUEST_ARG))
-_WALLET_MATCH = ("project_id = $1::varchar AND balance_micros = ($16::bigint[])[1] "
-                 "AND reserved_micros = ($16::bigint[])[2]")
+def _arrays(name: str, **columns: Any) -> Any:
+    """``unnest($a, $b, …) AS name(a, b, …)``: rows passed as one array parameter per column."""
+    return (sa.func.unnest(*(_p(c, sa.ARRAY(t)) for c, t in columns.items()))
+            .table_valued(*columns).render_derived(name=name))
 
-# $1 project, $2 actor, $3-$9 events, $10/$11 new head, $12/$13 old head, $14 amount, $15 now,
-# $16 wallet (balance, reserved) as an array, $17-$22 budgets, $23 agent, $24… the request row.
-_EXPRESS_RESERVE = f"""
-WITH w AS (
-    UPDATE wallets SET reserved_micros = reserved_micros + $14::bigint, updated_at = $15::timestamptz
-    WHERE {_WALLET_MATCH} AND balance_micros - reserved_micros >= $14::bigint
-    RETURNING 1),
-b AS (
-    UPDATE budgets SET reserved_micros = budgets.reserved_micros + $14::bigint, updated_at = $15::timestamptz
-    FROM {_EXPRESS_BUDGETS}
-    WHERE {_EXPRESS_BUDGET_MATCH} AND budgets.active AND EXISTS (SELECT 1 FROM w)
-      AND budgets.spent_micros + budgets.reserved_micros + $14::bigint <= budgets.limit_micros
-    RETURNING 1),
-{_EXPRESS_EVENTS},
-r AS (
-    INSERT INTO spend_requests ({", ".join(_REQUEST_COLUMNS)}, budget_ids)
-    VALUES ({_EXPRESS_REQUEST_VALUES}, to_jsonb($17::varchar[])))
-SELECT 1 / ((SELECT count(*) FROM h) = 1 AND (SELECT count(*) FROM w) = 1
-            AND (SELECT count(*) FROM budgets WHERE project_id = $1::varchar AND active
-                 AND (agent_id IS NULL OR agent_id = $23::varchar)) = cardinality($17::varchar[]))::int AS ok
-"""
 
-# $1-$13 as above, $14 cost, $15 now, $16 wallet (balance, reserved), $17-$22 budgets (new_alerted with any
-# threshold just crossed), $23 request id, $24 allowed statuses, $25 new status, $26/$27 tokens, $28 response,
-# $29 error, $30 settled_at, $31 held, $32 ledger entry id, $33 memo.
-_EXPRESS_CLOSE = f"""
-WITH t AS (
-    UPDATE spend_requests SET status = $25::varchar, cost_micros = $14::bigint, input_tokens = $26::integer,
-        output_tokens = $27::integer, response = $28::jsonb, error = $29::jsonb, settled_at = $30::timestamptz,
-        reservation_expires_at = NULL
-    WHERE id = $23::varchar AND status = ANY($24::varchar[]) AND reserved_micros = $31::bigint
-    RETURNING 1),
-w AS (
-    UPDATE wallets SET reserved_micros = reserved_micros - $31::bigint,
-        balance_micros = balance_micros - $14::bigint, updated_at = $15::timestamptz
-    WHERE {_WALLET_MATCH} AND reserved_micros >= $31::bigint AND EXISTS (SELECT 1 FROM t)
-    RETURNING 1),
-l AS (
-    INSERT INTO ledger_entries (id, project_id, kind, amount_micros, balance_after_micros, ref, memo, actor,
-                                created_at)
-    SELECT $32::varchar, $1::varchar, 'spend', -$14::bigint, ($16::bigint[])[1] - $14::bigint, $23::varchar,
-           $33::varchar, $2::varchar, $15::timestamptz
-    WHERE $14::bigint > 0),
-b AS (
-    UPDATE budgets SET reserved_micros = budgets.reserved_micros - $31::bigint,
-        spent_micros = budgets.spent_micros + $14::bigint, updated_at = $15::timestamptz, alerted = x.new_alerted::jsonb
-    FROM {_EXPRESS_BUDGETS}
-    WHERE {_EXPRESS_BUDGET_MATCH} AND budgets.reserved_micros >= $31::bigint AND EXISTS (SELECT 1 FROM w)
-    RETURNING 1),
-{_EXPRESS_EVENTS}
-SELECT 1 / ((SELECT count(*) FROM h) = 1 AND (SELECT count(*) FROM t) = 1
-            AND (SELECT count(*) FROM w) = 1)::int AS ok
-"""
+def _count(cte: Any) -> Any:
+    return sa.select(sa.func.count()).select_from(cte).scalar_subquery()
+
+
+def _express_wallet(amount_change: dict[str, Any], *where: Any) -> Any:
+    """The wallet, iff it holds exactly what this process last wrote (old_balance, old_reserved)."""
+    return (sa.update(wallets).where(W.project_id == _p("project", sa.String),
+                                     W.balance_micros == _p("old_balance", sa.BigInteger),
+                                     W.reserved_micros == _p("old_reserved", sa.BigInteger), *where)
+            .values(**amount_change).returning(W.project_id).cte("w"))
+
+
+def _express_budgets() -> Any:
+    """Each budget as this process last wrote it (b_ids, b_spent, b_reserved, b_updated, b_alerted) and its
+    alerted list after the operation (b_new_alerted)."""
+    return _arrays("x", b_ids=sa.String, b_spent=sa.BigInteger, b_reserved=sa.BigInteger, b_updated=_TS,
+                   b_alerted=sa.Text, b_new_alerted=sa.Text)
+
+
+def _budget_matches(x: Any) -> list[Any]:
+    return [B.id == x.c.b_ids, B.spent_micros == x.c.b_spent, B.reserved_micros == x.c.b_reserved,
+            B.updated_at == x.c.b_updated, B.alerted == sa.cast(x.c.b_alerted, JSONB)]
+
+
+def _express_events(b: Any) -> tuple[Any, Any]:
+    """The event head, iff it is still (old_seq, old_hash) and every expected budget moved, set to (new_seq,
+    new_hash); the events (e_* arrays) inserted iff it was."""
+    project, actor = _p("project", sa.String), _p("actor", sa.String)
+    h = (sa.update(event_heads)
+         .where(H.project_id == project, H.seq == _p("old_seq", sa.BigInteger), H.hash == _p("old_hash", sa.String),
+                _count(b) == sa.func.cardinality(_p("b_ids", sa.ARRAY(sa.String))))
+         .values(seq=_p("new_seq", sa.BigInteger), hash=_p("new_hash", sa.String)).returning(H.project_id).cte("h"))
+    ev = _arrays("ev", e_id=sa.String, e_seq=sa.BigInteger, e_type=sa.String, e_data=JSONB, e_ts=sa.String,
+                 e_prev=sa.String, e_hash=sa.String)
+    e = (sa.insert(events_table).from_select(
+        ["id", "project_id", "seq", "type", "actor", "data", "ts", "prev_hash", "hash"],
+        sa.select(ev.c.e_id, project, ev.c.e_seq, ev.c.e_type, actor, ev.c.e_data, ev.c.e_ts, ev.c.e_prev,
+                  ev.c.e_hash)
+        .where(sa.exists(sa.select(h.c.project_id)))).cte("e"))
+    return h, e
+
+
+def _undo_unless(*conditions: Any) -> Any:
+    """The express statement's result: 1, or a division by zero — undoing every CTE — if any condition fails."""
+    return (sa.literal(1, sa.Integer) // sa.cast(sa.and_(*conditions), sa.Integer)).label("ok")
+
+
+def _express_reserve_statement() -> sa.Select[Any]:
+    """The reservation in one statement (parameters: project, actor, amount, now, agent, old_*, new_*, b_*, e_*,
+    r_<column>)."""
+    project, amount, now, agent = _p("project", sa.String), _p("amount", sa.BigInteger), _p("now", _TS), \
+        _p("agent", sa.String)
+    w = _express_wallet({"reserved_micros": W.reserved_micros + amount, "updated_at": now}, wallet_sql.has_room(amount))
+    x = _express_budgets()
+    b = (sa.update(budgets)
+         .where(*_budget_matches(x), B.active.is_(True), sa.exists(sa.select(w.c.project_id)),
+                budget_sql.has_room(amount))
+         .values(reserved_micros=B.reserved_micros + amount, updated_at=now).returning(B.id).cte("b"))
+    h, e = _express_events(b)
+    r = sa.insert(spend_requests).values({
+        **{c: _p("r_" + c, spend_requests.c[c].type) for c in _REQUEST_COLUMNS},
+        "budget_ids": sa.func.to_jsonb(_p("b_ids", sa.ARRAY(sa.String)))}).cte("r")
+    applicable = sa.select(sa.func.count()).select_from(budgets).where(budget_sql.applies(project, agent))
+    return sa.select(_undo_unless(_count(h) == 1, _count(w) == 1, applicable.scalar_subquery() == sa.func.cardinality(
+        _p("b_ids", sa.ARRAY(sa.String))))).add_cte(e, r)
+
+
+def _express_close_statement(from_statuses: tuple[str, ...]) -> sa.Select[Any]:
+    """The closing in one statement (parameters: project, actor, id, held, cost, now, status, tokens, response,
+    error, settled_at, entry, memo, old_*, new_*, b_*, e_*)."""
+    project, cost, now, held = _p("project", sa.String), _p("cost", sa.BigInteger), _p("now", _TS), \
+        _p("held", sa.BigInteger)
+    request_id = _p("id", sa.String)
+    t = spend_sql.transition_stmt(
+        request_id, from_statuses, status=_p("status", sa.String), cost_micros=cost,
+        input_tokens=_p("input_tokens", sa.Integer), output_tokens=_p("output_tokens", sa.Integer),
+        response=_p("response", spend_requests.c.response.type), error=_p("error", spend_requests.c.error.type),
+        settled_at=_p("settled_at", _TS), reservation_expires_at=None,
+        returning=(spend_requests.c.id,)).where(spend_requests.c.reserved_micros == held).cte("t")
+    w = _express_wallet(wallet_sql.capture_values(held, cost, now), wallet_sql.holds(held),
+                        sa.exists(sa.select(t.c.id)))
+    entry = sa.select(_p("entry", sa.String), project, sa.literal("spend"), -cost,
+                      _p("old_balance", sa.BigInteger) - cost, request_id, _p("memo", sa.String),
+                      _p("actor", sa.String), now).where(cost > 0)
+    l_ = sa.insert(ledger_entries).from_select(
+        ["id", "project_id", "kind", "amount_micros", "balance_after_micros", "ref", "memo", "actor", "created_at"],
+        entry).cte("l")
+    x = _express_budgets()
+    b = (sa.update(budgets)
+         .where(*_budget_matches(x), budget_sql.holds(held), sa.exists(sa.select(w.c.project_id)))
+         .values(**budget_sql.settle_values(held, cost, now), alerted=sa.cast(x.c.b_new_alerted, JSONB))
+         .returning(B.id).cte("b"))
+    h, e = _express_events(b)
+    return sa.select(_undo_unless(_count(h) == 1, _count(t) == 1, _count(w) == 1)).add_cte(l_, e)
+
+
+_EXPRESS_RESERVE = _Compiled(_express_reserve_statement())
+_EXPRESS_CLOSES = {statuses: _Compiled(_express_close_statement(statuses))
+                   for statuses in (("executing",), ("executing", "approved"))}
 
 
 # ---------------------------------------------------------------- event data (every hot path's)
@@ -309,17 +339,19 @@ def alerted(budgets: list[Budget], crossed: list[list[int]]) -> list[Budget]:
             for b, c in zip(budgets, crossed, strict=True)]
 
 
-def _event_arguments(project_id: str, actor: str, chained: list[Event], head: tuple[int, str]) -> list:
-    """$1-$13 of an express statement: the events, the head they move to, the head they expect."""
-    return [project_id, actor, [e.id for e in chained], [e.seq for e in chained], [e.type for e in chained],
-            [e.data for e in chained], [e.ts for e in chained], [e.prev_hash for e in chained],
-            [e.hash for e in chained], chained[-1].seq, chained[-1].hash, head[0], head[1]]
+def _event_arguments(chained: list[Event], head: tuple[int, str]) -> dict[str, Any]:
+    """An express statement's events, the head they move to, the head they expect."""
+    return {"e_id": [e.id for e in chained], "e_seq": [e.seq for e in chained], "e_type": [e.type for e in chained],
+            "e_data": [e.data for e in chained], "e_ts": [e.ts for e in chained],
+            "e_prev": [e.prev_hash for e in chained], "e_hash": [e.hash for e in chained],
+            "new_seq": chained[-1].seq, "new_hash": chained[-1].hash, "old_seq": head[0], "old_hash": head[1]}
 
 
-def _budget_arguments(expected: list[Budget], new_alerted: list[list[int]]) -> list:
-    """$17-$22: each budget as this process last wrote it, and its alerted list after this operation."""
-    return [[b.id for b in expected], [b.spent_micros for b in expected], [b.reserved_micros for b in expected],
-            [b.updated_at for b in expected], [_json(b.alerted) for b in expected], [_json(a) for a in new_alerted]]
+def _budget_arguments(expected: list[Budget], new_alerted: list[list[int]]) -> dict[str, Any]:
+    """Each budget as this process last wrote it, and its alerted list after this operation."""
+    return {"b_ids": [b.id for b in expected], "b_spent": [b.spent_micros for b in expected],
+            "b_reserved": [b.reserved_micros for b in expected], "b_updated": [b.updated_at for b in expected],
+            "b_alerted": [_json(b.alerted) for b in expected], "b_new_alerted": [_json(a) for a in new_alerted]}
 
 
 def _json(value: object) -> str:  # lists as jsonb array elements go as text (asyncpg reads a list as a dimension)
@@ -461,10 +493,12 @@ class PgHotPath:
                      for b in budgets]
             row.budget_ids = list(ids)
             chained = link(events(wallet, moved), row.project_id, actor, *state.head)
-            return _Express(_EXPRESS_RESERVE, [
-                *_event_arguments(row.project_id, actor, chained, state.head), amount, now,
-                [old.balance_micros, old.reserved_micros], *_budget_arguments(budgets, [b.alerted for b in budgets]),
-                row.agent_id, *args], chained, _After(wallet, moved, row.agent_id, ids))
+            return _Express(_EXPRESS_RESERVE.sql, _EXPRESS_RESERVE.args(
+                project=row.project_id, actor=actor, amount=amount, now=now, agent=row.agent_id,
+                old_balance=old.balance_micros, old_reserved=old.reserved_micros,
+                **_event_arguments(chained, state.head), **_budget_arguments(budgets, [b.alerted for b in budgets]),
+                **request_args),
+                chained, _After(wallet, moved, row.agent_id, ids))
 
         return await self._submit("reserve", row.project_id, row.id, work, express)
 
@@ -519,11 +553,13 @@ class PgHotPath:
             crossed = [crossed_thresholds(b) for b in moved]
             stored = alerted(moved, crossed)
             chained = link(events(wallet, moved, crossed), project_id, actor, *state.head)
-            return _Express(_EXPRESS_CLOSE, [
-                *_event_arguments(project_id, actor, chained, state.head), cost, now,
-                [old.balance_micros, old.reserved_micros], *_budget_arguments(budgets, [b.alerted for b in stored]),
-                request.request_id, list(from_statuses), values.status, values.input_tokens, values.output_tokens,
-                values.response, values.error, values.settled_at, held, entry_id, memo],
+            statement = _EXPRESS_CLOSES.get(from_statuses) or _Compiled(_express_close_statement(from_statuses))
+            return _Express(statement.sql, statement.args(
+                project=project_id, actor=actor, id=request.request_id, held=held, cost=cost, now=now,
+                status=values.status, input_tokens=values.input_tokens, output_tokens=values.output_tokens,
+                response=values.response, error=values.error, settled_at=values.settled_at, entry=entry_id, memo=memo,
+                old_balance=old.balance_micros, old_reserved=old.reserved_micros,
+                **_event_arguments(chained, state.head), **_budget_arguments(budgets, [b.alerted for b in stored])),
                 chained, _After(wallet, stored))
 
         return await self._submit("close", project_id, request.request_id, work, express)
