@@ -12,6 +12,12 @@ two small pools beside SQLAlchemy's, same server settings and schema): a handful
 run per request there, and SQLAlchemy's per-execute overhead was most of the request's CPU
 (bench/README.md). The read-only pool's sessions default to ``default_transaction_read_only``, so
 the brain's reads through it cannot write either.
+
+On SQLite (a file) the same two paths run on synchronous connections in threads of their own:
+``sqlite_writer()`` (one thread, one connection: a whole ``BEGIN IMMEDIATE`` transaction per hand-over,
+under the same process-wide write lock as ``write()``) for storage/sqlite_hot.py, and
+``sqlite_reader()`` (two threads, ``PRAGMA query_only`` connections) for the brain's prefetch — through
+aiosqlite every statement is a hand-over to its thread and back, and that was most of a request's CPU.
 """
 
 from __future__ import annotations
@@ -213,7 +219,12 @@ class SqliteWriter:
 
     async def run(self, fn: Callable[[sa.Connection], T]) -> T:
         async with self.lock:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
+            done = asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
+            try:
+                return await asyncio.shield(done)
+            except asyncio.CancelledError:  # the caller gave up: keep the lock until the thread's transaction ends
+                await asyncio.wait([done])
+                raise
 
     def _close(self) -> None:
         if self._conn is not None:
