@@ -77,20 +77,30 @@ log = logging.getLogger("smartspace.hot")
 class _Compiled:
     """A statement compiled once for asyncpg: its text, and its arguments from keyword values."""
 
-    __slots__ = ("constants", "order", "sql")
+    __slots__ = ("constants", "named", "order", "sql", "template")
 
     def __init__(self, stmt: sa.Executable) -> None:
         compiled = stmt.compile(dialect=asyncpg_dialect.dialect(), compile_kwargs={"render_postcompile": True})
         self.sql = compiled.string
         self.order = tuple(compiled.positiontup or ())
         self.constants = compiled.construct_params()  # the literals the expressions carry ('day', 1 …)
+        self.template = [self.constants[n] for n in self.order]
+        self.named = tuple((i, n) for i, n in enumerate(self.order) if n in _PARAMETERS)  # those of _p()
 
     def args(self, **values: Any) -> list[Any]:
-        return [values[n] if n in values else self.constants[n] for n in self.order]
+        out = self.template.copy()
+        for i, name in self.named:
+            out[i] = values[name]
+        return out
+
+
+_PARAMETERS: set[str] = set()
 
 
 def _p(name: str, type_: Any) -> sa.BindParameter[Any]:
-    return sa.bindparam(name, type_=type_, required=False)  # a value per call (_Compiled.args)
+    """A parameter given per call (``_Compiled.args``); every other bound value is a literal of the expressions."""
+    _PARAMETERS.add(name)
+    return sa.bindparam(name, type_=type_, required=False)
 
 
 _TS = sa.DateTime(timezone=True)
