@@ -30,6 +30,7 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.fakes.upstream and tests.e2e.procs, when run as a script
@@ -321,7 +322,7 @@ async def gateway_layer_alone(client, base: str, container, fake, body: bytes, h
         container.spending = real
 
 
-async def breakdown(admin_url: str, requests: int) -> None:
+async def breakdown(admin_url: str, requests: int, sqlite: bool = False) -> None:
     """In-process, sequential: where one gateway request spends its time in SQL (statement, issuing
     function, count and ms per request), plus a pyinstrument profile of the spend path."""
     from aiohttp.test_utils import TestClient, TestServer
@@ -338,8 +339,9 @@ async def breakdown(admin_url: str, requests: int) -> None:
     from tests.fakes.upstream import FakeUpstream
 
     dbname = f"bench_breakdown_{uuid.uuid4().hex[:8]}"
-    db_url = await create_database(admin_url, dbname)
     tmp = Path(tempfile.mkdtemp(prefix="smartspace-bench-"))
+    db_url = (make_url(f"sqlite+aiosqlite:///{tmp / 'smartspace.db'}") if sqlite
+              else await create_database(admin_url, dbname))
     db = Database(db_url.render_as_string(hide_password=False), pool_size=20)
     fake = await FakeUpstream(record=False).start()
     client = None
@@ -392,7 +394,7 @@ async def breakdown(admin_url: str, requests: int) -> None:
         wall = (time.perf_counter() - t0) / requests * 1000
         sql_ms = sum(sum(v) for v in stats.values()) / requests * 1000
         n_stmts = sum(len(v) for v in stats.values()) / requests
-        print(f"\nSQL per gateway request (sequential, in-process, PostgreSQL): {n_stmts:.1f} statements, "
+        print(f"\nSQL per gateway request (sequential, in-process, {db.dialect}): {n_stmts:.1f} statements, "
               f"{txs['commit'] / requests:.1f} commits, {sql_ms:.2f} ms in statements of {wall:.2f} ms wall")
         print(f"  {'ms/req':>7} {'n/req':>6}  issued by → repository: statement")
         for (service, repo, head), v in sorted(stats.items(), key=lambda kv: -sum(kv[1])):
@@ -417,7 +419,8 @@ async def breakdown(admin_url: str, requests: int) -> None:
             await client.close()
         await fake.stop()
         await db.dispose()
-        await drop_database(admin_url, dbname)
+        if not sqlite:
+            await drop_database(admin_url, dbname)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -431,18 +434,22 @@ async def main() -> None:
     ap.add_argument("--phase-seconds", type=float, default=40.0)
     ap.add_argument("--database-url", default=os.environ.get(
         "SMARTSPACE_BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql",
+                    help="sqlite: the server on a fresh SQLite file in its data directory (make run's default)")
     ap.add_argument("--profile", action="store_true", help="py-spy the server in the c=50 JSON phase")
     ap.add_argument("--breakdown", type=int, default=0, metavar="N",
                     help="instead: N sequential in-process requests, SQL per request by issuing function")
     args = ap.parse_args()
     if args.breakdown:
-        await breakdown(args.database_url, args.breakdown)
+        await breakdown(args.database_url, args.breakdown, args.database == "sqlite")
         return
 
+    sqlite = args.database == "sqlite"
     dbname = f"bench_gateway_{uuid.uuid4().hex[:8]}"
     admin_url = args.database_url
-    db_url = await create_database(admin_url, dbname)
     tmp = Path(tempfile.mkdtemp(prefix="smartspace-bench-"))
+    db_url = (f"sqlite+aiosqlite:///{tmp / 'smartspace.db'}" if sqlite  # what make run gives a newcomer
+              else await create_database(admin_url, dbname))
     up_port = free_port()
     upstream: subprocess.Popen | None = None
     server: Server | None = None
@@ -472,7 +479,8 @@ async def main() -> None:
         await load(gateway_url, key_headers, gw_body, concurrency=4, total=50, stream=True, max_seconds=20,
                    costs=costs)
 
-        print(f"gateway bench: python {sys.version.split()[0]}, {os.cpu_count()} cores, PostgreSQL, "
+        print(f"gateway bench: python {sys.version.split()[0]}, {os.cpu_count()} cores, "
+              f"{'SQLite' if sqlite else 'PostgreSQL'}, "
               f"fake upstream on loopback, 1 server process, {args.projects} project(s), "
               f"load average before {os.getloadavg()[0]:.1f}\n")
         header = (f"{'phase':<22}{'n':>6}{'err':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
@@ -530,7 +538,8 @@ async def main() -> None:
             except subprocess.TimeoutExpired:
                 upstream.kill()
         await asyncio.sleep(0.5)
-        await drop_database(admin_url, dbname)
+        if not sqlite:
+            await drop_database(admin_url, dbname)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -38,6 +38,7 @@ from storage.db import Database
 from storage.hot import PgHotPath
 from storage.insights import SqlInsightView
 from storage.ratelimit import build_limiter
+from storage.sqlite_hot import SqliteHotPath
 from storage.uow import SqlStore
 
 log = logging.getLogger("smartspace.container")
@@ -65,7 +66,11 @@ class Container:
         self.admin_emails = frozenset(e.lower() for e in settings.admin_emails)
         # Spend control: every new project gets a wallet; the spend service (decide → reserve → execute → settle).
         self.deps.project_created_hooks.append(open_wallet)
-        hot = None if db.is_sqlite or not settings.hot_path else PgHotPath(db, bus.publish)
+        hot: PgHotPath | SqliteHotPath | None = None
+        if settings.hot_path:
+            writer = db.sqlite_writer()  # SQLite (a file): one writer thread; PostgreSQL: raw asyncpg
+            hot = (SqliteHotPath(writer, bus.publish) if writer is not None
+                   else None if db.is_sqlite else PgHotPath(db, bus.publish))
         self.spending = Spending(
             uow=self.uow, reader=self.reader, brain=self.brain, providers=self.providers, limiter=self.limiter,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,

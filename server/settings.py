@@ -40,7 +40,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     redis_url: str = ""  # empty: in-process event bus
     redis_channel_prefix: str = "smartspace"  # the event channel is "<prefix>:events"
     migrate_on_start: bool = True
-    hot_path: bool = True  # PostgreSQL: reserve and settle through storage/hot.py (raw asyncpg)
+    hot_path: bool = True  # reserve and settle through storage/hot.py (PostgreSQL) / storage/sqlite_hot.py
     # --- identity ---
     jwt_secret: str = ""  # empty: a random secret persisted in data_dir
     access_token_ttl_seconds: int = 3600

@@ -49,9 +49,22 @@ class Repository(Generic[S]):
             cls._field_cache = fields
         return fields
 
-    def to_entity(self, row: sa.Row[Any]) -> S:
+    @classmethod
+    def to_entity(cls, row: sa.Row[Any]) -> S:
         mapping = row._mapping
-        return self.entity(**{f: mapping[f] for f in self._fields()})
+        return cls.entity(**{f: mapping[f] for f in cls._fields()})
+
+    @classmethod
+    def insert_stmt(cls) -> sa.Insert:
+        """The bare INSERT, built once per table (values go as parameters: ``row_values``)."""
+        stmt = cls.__dict__.get("_insert_stmt")
+        if stmt is None:
+            stmt = cls._insert_stmt = sa.insert(cls.table)
+        return stmt
+
+    @classmethod
+    def row_values(cls, entity: S) -> dict[str, Any]:
+        return {f: getattr(entity, f) for f in cls._fields()}
 
     async def get(self, id_: str, *, for_update: bool = False) -> S | None:
         stmt = sa.select(self.table).where(self.table.c.id == id_)
@@ -61,13 +74,8 @@ class Repository(Generic[S]):
         return self.to_entity(row) if row else None
 
     async def insert(self, entity: S) -> S:
-        values = {f: getattr(entity, f) for f in self._fields()}
-        # The bare INSERT construct is built once per table; values go as parameters (no per-call
-        # statement building, and the compiled form comes from SQLAlchemy's cache).
-        stmt = self.__class__.__dict__.get("_insert_stmt")
-        if stmt is None:
-            stmt = self.__class__._insert_stmt = sa.insert(self.table)
-        await self.conn.execute(stmt, values)
+        # No per-call statement building: the compiled form comes from SQLAlchemy's cache.
+        await self.conn.execute(self.insert_stmt(), self.row_values(entity))
         return entity
 
     async def update(self, id_: str, **values: Any) -> S | None:

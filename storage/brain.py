@@ -7,7 +7,8 @@ agent, wallet, budgets) is one hand-written statement on a raw asyncpg connectio
 is its own snapshot, so no BEGIN / COMMIT round trips); the SQLAlchemy ``Database.read_only()``
 transaction (``BEGIN … READ ONLY`` / SQLite ``PRAGMA query_only``) is opened only when the pipeline
 needs something the prefetch and the cache do not answer (a cache miss, another id). On SQLite the
-prefetch runs on that SQLAlchemy connection.
+prefetch is the same statement on a synchronous ``PRAGMA query_only`` connection, in one hand-over to
+its thread (``Database.sqlite_reader()``).
 ``decide_for`` is what the spend service calls: open the view, run the pipeline, close.
 """
 
@@ -219,9 +220,12 @@ class SqlBrainView:
         budgets in ONE statement; the getters below answer from it (and query only for other ids)."""
         rows: Sequence[Mapping[Any, Any]]  # asyncpg Records or SQLAlchemy RowMappings
         params = {"project_id": req.project_id, "key_id": req.key_id, "agent_id": req.agent_id}
+        reader = self.db.sqlite_reader() if self.db is not None and self.conn is None else None
         if self.db is not None and not self.db.is_sqlite:
             async with self.raw() as raw:  # no transaction: one statement is its own snapshot
                 rows = await raw.fetch(_PREFETCH_SQL, *(params[name] for name in _PREFETCH_ORDER))
+        elif reader is not None:  # SQLite: the same statement in one hand-over to a query_only connection
+            rows = await reader.run(lambda conn: conn.execute(_PREFETCH, params).mappings().all())
         else:
             conn = await self.connection()
             rows = (await conn.execute(_PREFETCH, params)).mappings().all()

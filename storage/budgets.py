@@ -29,6 +29,57 @@ def applies_to(agent_id: str | sa.ColumnElement[str] | None,
                    sa.or_(b.key_id.is_(None), b.key_id == key))
 
 
+# ---------------------------------------------------------------- the statements every path shares
+# (the generic repository below, and storage/sqlite_hot.py on its writer's synchronous connection)
+def applies(project_id: Any, agent_id: Any, key_id: Any) -> sa.ColumnElement[bool]:
+    """The budgets a request of ``agent_id`` / ``key_id`` in ``project_id`` reserves on (``applies_to``).
+    Values or bound parameters (storage/hot.py compiles it once with parameters)."""
+    return sa.and_(b.project_id == project_id, applies_to(agent_id, key_id))
+
+
+def has_room(amount: Any) -> sa.ColumnElement[bool]:
+    """Budget room: reserving ``amount`` keeps spent + reserved within the limit."""
+    return b.spent_micros + b.reserved_micros + amount <= b.limit_micros
+
+
+def in_current_period(day: Any, week: Any, month: Any) -> sa.ColumnElement[bool]:
+    """The budget's period has not ended (else it must roll first: ``domain.budgets.needs_roll``), given the
+    current day, week and month starts (``domain.budgets.period_start``)."""
+    return b.period_start >= sa.case((b.period == "day", day), (b.period == "week", week),
+                                     (b.period == "month", month), else_=b.period_start)
+
+
+def select_applicable(project_id: str, agent_id: str | None, key_id: str | None) -> sa.Select[Any]:
+    return sa.select(budgets).where(applies(project_id, agent_id, key_id)).order_by(b.id)
+
+
+def reserve_stmt(id_: str, amount: int, now: datetime) -> sa.Update:
+    """reserved += amount iff the budget is active and has room: spent + reserved + amount <= limit."""
+    return (sa.update(budgets)
+            .where(b.id == id_, b.active.is_(True), has_room(amount))
+            .values(reserved_micros=b.reserved_micros + amount, updated_at=now).returning(budgets))
+
+
+def holds(held: Any) -> sa.ColumnElement[bool]:
+    """The budget holds at least ``held`` in reservations."""
+    return b.reserved_micros >= held
+
+
+def settle_values(held: Any, cost: Any, now: Any) -> dict[str, Any]:
+    """A settlement: the hold given back, ``cost`` (<= held, so spent + reserved stays within the limit) spent."""
+    return {"reserved_micros": b.reserved_micros - held, "spent_micros": b.spent_micros + cost, "updated_at": now}
+
+
+def settle_stmt(id_: str, held: int, cost: int, now: datetime) -> sa.Update:
+    """reserved -= held, spent += cost."""
+    return (sa.update(budgets).where(b.id == id_, holds(held)).values(**settle_values(held, cost, now))
+            .returning(budgets))
+
+
+def set_alerted_stmt(id_: Any, alerted: Any) -> sa.Update:
+    return sa.update(budgets).where(b.id == id_).values(alerted=alerted)
+
+
 class Budgets(Repository[Budget]):
     table = budgets
     entity = Budget
@@ -45,8 +96,7 @@ class Budgets(Repository[Budget]):
 
     async def applicable(self, project_id: str, agent_id: str | None,
                          key_id: str | None = None) -> builtins.list[Budget]:
-        rows = await self.conn.execute(sa.select(budgets).where(
-            b.project_id == project_id, applies_to(agent_id, key_id)).order_by(b.id))
+        rows = await self.conn.execute(select_applicable(project_id, agent_id, key_id))
         return [self.to_entity(r) for r in rows]
 
     async def by_ids(self, ids: builtins.list[str]) -> builtins.list[Budget]:
@@ -58,10 +108,8 @@ class Budgets(Repository[Budget]):
             period_start=new_start, spent_micros=0, alerted=[], updated_at=now))
 
     async def reserve(self, id_: str, amount: int, now: datetime) -> Budget | None:
-        return await self._one(
-            sa.update(budgets)
-            .where(b.id == id_, b.active.is_(True), b.spent_micros + b.reserved_micros + amount <= b.limit_micros)
-            .values(reserved_micros=b.reserved_micros + amount, updated_at=now))
+        row = (await self.conn.execute(reserve_stmt(id_, amount, now))).first()
+        return self.to_entity(row) if row else None
 
     async def release(self, id_: str, amount: int, now: datetime) -> Budget | None:
         return await self._one(
@@ -69,10 +117,8 @@ class Budgets(Repository[Budget]):
             .values(reserved_micros=b.reserved_micros - amount, updated_at=now))
 
     async def settle(self, id_: str, held: int, cost: int, now: datetime) -> Budget | None:
-        """reserved -= held, spent += cost. cost <= held keeps spent + reserved <= limit."""
-        return await self._one(
-            sa.update(budgets).where(b.id == id_, b.reserved_micros >= held)
-            .values(reserved_micros=b.reserved_micros - held, spent_micros=b.spent_micros + cost, updated_at=now))
+        row = (await self.conn.execute(settle_stmt(id_, held, cost, now))).first()
+        return self.to_entity(row) if row else None
 
     async def set_limit(self, id_: str, limit: int, now: datetime) -> Budget | None:
         return await self._one(

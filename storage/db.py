@@ -12,29 +12,38 @@ two small pools beside SQLAlchemy's, same server settings and schema): a handful
 run per request there, and SQLAlchemy's per-execute overhead was most of the request's CPU
 (bench/README.md). The read-only pool's sessions default to ``default_transaction_read_only``, so
 the brain's reads through it cannot write either.
+
+On SQLite (a file) the same two paths run on synchronous connections in threads of their own:
+``sqlite_writer()`` (one thread, one connection: a whole ``BEGIN IMMEDIATE`` transaction per hand-over,
+under the same process-wide write lock as ``write()``) for storage/sqlite_hot.py, and
+``sqlite_reader()`` (two threads, ``PRAGMA query_only`` connections) for the brain's prefetch — through
+aiosqlite every statement is a hand-over to its thread and back, and that was most of a request's CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from domain.inputs import storable_json
 
+T = TypeVar("T")
 
-def _sqlite_setup(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+
+def _sqlite_setup(engine: sa.Engine, *, query_only: bool = False) -> None:
+    @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from the driver so BEGIN is ours to choose.
         dbapi_connection.isolation_level = None
@@ -43,9 +52,11 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        if query_only:  # a reader's connection for good: any write through it fails in SQLite itself
+            cursor.execute("PRAGMA query_only=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def on_begin(conn: sa.Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
@@ -86,7 +97,7 @@ class Database:
             self._server_settings = server_settings
         self.engine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
-            _sqlite_setup(self.engine)
+            _sqlite_setup(self.engine.sync_engine)
             self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         else:
             event.listen(self.engine.sync_engine, "checkout", _drop_closed)
@@ -97,6 +108,8 @@ class Database:
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._pool_size = pool_size
         self._raw_pools: dict[bool, asyncio.Task[asyncpg.Pool]] = {}
+        self._sqlite_writer: SqliteWriter | None = None
+        self._sqlite_reader: SqliteReader | None = None
 
     @property
     def dialect(self) -> str:
@@ -107,6 +120,27 @@ class Database:
         lock = self._write_lock or contextlib.nullcontext()
         async with lock, self._write_engine.begin() as conn:
             yield conn
+
+    @property
+    def sqlite_file(self) -> bool:
+        return self.is_sqlite and self.url.database not in (None, "", ":memory:")
+
+    def sqlite_writer(self) -> SqliteWriter | None:
+        """SQLite (a file): the hot path's writer — one thread, one synchronous connection (None otherwise)."""
+        if not self.sqlite_file:
+            return None
+        if self._sqlite_writer is None:
+            assert self._write_lock is not None
+            self._sqlite_writer = SqliteWriter(self.url, self._write_lock)
+        return self._sqlite_writer
+
+    def sqlite_reader(self) -> SqliteReader | None:
+        """SQLite (a file): read-only synchronous connections on their own threads (the brain's prefetch)."""
+        if not self.sqlite_file:
+            return None
+        if self._sqlite_reader is None:
+            self._sqlite_reader = SqliteReader(self.url)
+        return self._sqlite_reader
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -151,6 +185,10 @@ class Database:
             await conn.execute(sa.text("SELECT 1"))
 
     async def dispose(self) -> None:
+        for sync in (self._sqlite_writer, self._sqlite_reader):
+            if sync is not None:
+                await sync.close()
+        self._sqlite_writer = self._sqlite_reader = None
         pools, self._raw_pools = list(self._raw_pools.values()), {}
         for task in pools:
             if task.done() and not task.cancelled() and task.exception() is None:
@@ -158,6 +196,75 @@ class Database:
             else:
                 task.cancel()
         await self.engine.dispose()
+
+
+class SqliteWriter:
+    """SQLite's writes without a thread hop per statement: ``await writer.run(fn)`` runs ``fn(conn)`` —
+    plain synchronous SQLAlchemy on its own connection — in ONE ``BEGIN IMMEDIATE`` transaction on one
+    dedicated thread, under the process's write lock (so it takes turns with ``Database.write()``;
+    other processes: ``BEGIN IMMEDIATE`` + ``busy_timeout``). ``fn`` raising rolls the transaction back.
+
+    Through aiosqlite every statement is a hand-over to its thread and back (an event-loop wake-up) and
+    most of a SQLite request's CPU went there (bench/README.md); here a whole transaction — or a group
+    commit of several operations — is one hand-over."""
+
+    def __init__(self, url: sa.URL, lock: asyncio.Lock) -> None:
+        self.lock = lock
+        self.engine = sa.create_engine(url.set(drivername="sqlite"), poolclass=sa.pool.StaticPool,
+                                       json_serializer=_sa_json_text,  # as the async engine's
+                                       connect_args={"timeout": 30, "check_same_thread": False})
+        _sqlite_setup(self.engine)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smartspace-sqlite-writer")
+        self._conn: sa.Connection | None = None
+
+    def _transaction(self, fn: Callable[[sa.Connection], T]) -> T:
+        if self._conn is None:
+            self._conn = self.engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+        with self._conn.begin():
+            return fn(self._conn)
+
+    async def run(self, fn: Callable[[sa.Connection], T]) -> T:
+        async with self.lock:
+            done = asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
+            try:
+                return await asyncio.shield(done)
+            except asyncio.CancelledError:  # the caller gave up: keep the lock until the thread's transaction ends
+                await asyncio.wait([done])
+                raise
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self.engine.dispose()
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=False)
+
+
+class SqliteReader:
+    """``await reader.run(fn)``: ``fn(conn)`` in one read transaction on a synchronous connection whose
+    session is ``PRAGMA query_only`` (writes fail in SQLite itself), on one of ``threads`` threads — one
+    hand-over instead of one per statement (BEGIN, PRAGMA, SELECT, PRAGMA, COMMIT through aiosqlite)."""
+
+    def __init__(self, url: sa.URL, threads: int = 2) -> None:
+        self.engine = sa.create_engine(url.set(drivername="sqlite"), pool_size=threads, max_overflow=0,
+                                       json_serializer=_sa_json_text,
+                                       connect_args={"timeout": 30, "check_same_thread": False})
+        _sqlite_setup(self.engine, query_only=True)
+        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="smartspace-sqlite-reader")
+
+    def _transaction(self, fn: Callable[[sa.Connection], T]) -> T:
+        with self.engine.connect() as conn, conn.begin():
+            return fn(conn)
+
+    async def run(self, fn: Callable[[sa.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.dispose)
+        self._executor.shutdown(wait=False)
 
 
 class _RawAcquire:

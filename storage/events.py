@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from itertools import groupby
+from typing import Any
 
 import msgspec
 import sqlalchemy as sa
@@ -84,6 +85,25 @@ def append_arguments(chained: Sequence[Event]) -> tuple:
             [e.hash for e in chained])
 
 
+# The generic append's statements, shared with storage/sqlite_hot.py's synchronous writer.
+def advance_head_stmt(project_id: Any, n: Any) -> sa.Update:
+    """Take ``n`` seqs of a project's log (the head row's lock serialises its writers): the head before them."""
+    return (sa.update(event_heads).where(event_heads.c.project_id == project_id)
+            .values(seq=event_heads.c.seq + n).returning(event_heads.c.seq, event_heads.c.hash))
+
+
+def set_head_hash_stmt(project_id: str, hash_: str) -> sa.Update:
+    return sa.update(event_heads).where(event_heads.c.project_id == project_id).values(hash=hash_)
+
+
+INSERT_EVENTS = sa.insert(events)
+
+
+def event_rows(chained: Sequence[Event]) -> list[dict]:
+    """INSERT_EVENTS's parameters (executemany)."""
+    return [{c.name: getattr(e, c.name) for c in _COLUMNS} for e in chained]
+
+
 class EventLog:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
@@ -97,12 +117,7 @@ class EventLog:
         ordered = sorted(enumerate(pending), key=lambda p: (p[1].project_id, p[0]))
         for project_id, group in groupby(ordered, key=lambda p: p[1].project_id):
             batch = [p for _, p in group]
-            row = (await self.conn.execute(
-                sa.update(event_heads)
-                .where(event_heads.c.project_id == project_id)
-                .values(seq=event_heads.c.seq + len(batch))
-                .returning(event_heads.c.seq, event_heads.c.hash)
-            )).first()
+            row = (await self.conn.execute(advance_head_stmt(project_id, len(batch)))).first()
             if row is None:
                 raise NotFound("project has no event log", {"project_id": project_id})
             chained = link(batch, project_id, actor, row.seq - len(batch), row.hash)
@@ -112,10 +127,8 @@ class EventLog:
                 # CTE runs exactly once) and every row, passed as arrays.
                 await self.conn.exec_driver_sql(PG_APPEND_MANY, append_arguments(chained))
             else:
-                await self.conn.execute(sa.update(event_heads).where(event_heads.c.project_id == project_id)
-                                        .values(hash=chained[-1].hash))
-                await self.conn.execute(sa.insert(events), [{c.name: getattr(e, c.name) for c in _COLUMNS}
-                                                            for e in chained])
+                await self.conn.execute(set_head_hash_stmt(project_id, chained[-1].hash))
+                await self.conn.execute(INSERT_EVENTS, event_rows(chained))
         out.sort(key=lambda e: (e.project_id, e.seq))
         return out
 

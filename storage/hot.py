@@ -1,5 +1,5 @@
 """The spend hot path on PostgreSQL: a request's two money transactions — the reservation, and the
-closing (settle or fail) — as fixed statements on a raw asyncpg connection (``domain.spend.HotPath``).
+closing (settle or fail) — as a few statements on a raw asyncpg connection (``domain.spend.HotPath``).
 
 Three lanes, chosen per operation by how busy this process is:
 
@@ -10,14 +10,19 @@ Three lanes, chosen per operation by how busy this process is:
 - **alone** (something else may be in flight, or the rows are not known): ``BEGIN``; one statement
   that does the money and advances the event head (``_RESERVE`` / ``_CLOSE``); one statement
   appending the events (``storage.events.PG_APPEND_MANY``); ``COMMIT``.
-- **group commit** (transactions already in flight): the operations that arrived meanwhile run
-  together in the same four-step shape — one money statement each, one append for all, one commit —
-  ordered by project, so every batch locks rows in one global order. Under load a hot project's
-  wallet and event-head rows are locked once per batch, and the fsync is shared.
+- **group commit** (transactions already in flight, ``storage.batch.GroupCommit``): the operations
+  that arrived meanwhile run together in the same four-step shape — one money statement each, one
+  append for all, one commit — ordered by project, so every batch locks rows in one global order.
+  Under load a hot project's wallet and event-head rows are locked once per batch, and the fsync is
+  shared.
 
-The statements are fixed texts, prepared once per connection by asyncpg; the generic path
-(SQLAlchemy, ``domain.spend.Spending``) issues ~12 statements for the same work and spent most of a
-gateway request's CPU doing it (bench/README.md).
+The statements are built with SQLAlchemy from the SAME expressions the generic repositories use —
+wallet and budget room, holds, capture and settle values, applicability, the current period, the
+request's transition, the event head's advance (storage/wallet.py, budgets.py, spend.py, events.py) —
+and compiled once, at import, for asyncpg (``_Compiled``: text with $n parameters, which asyncpg
+prepares once per connection). The generic path (SQLAlchemy per execute, ``domain.spend.Spending``)
+issues ~12 statements for the same work and spent most of a gateway request's CPU doing it
+(bench/README.md).
 
 Only the common case is handled here; anything else changes nothing and returns False so the
 service runs its generic path, which knows every case and builds the exact error: a wallet or budget
@@ -36,128 +41,157 @@ wallet, budgets, event head (each CTE depends on the one before, so PostgreSQL r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
 from domain.base import new_id
 from domain.budgets import Budget, budget_updated, crossed_thresholds, needs_roll, period_start, threshold_reached
 from domain.events import Event, PendingEvent
 from domain.spend import CloseValues, Prepared, SpendRequest
 from domain.wallet import LedgerEntry, Wallet, wallet_updated
+from storage import budgets as budget_sql
+from storage import events as events_sql
+from storage import spend as spend_sql
+from storage import wallet as wallet_sql
+from storage.batch import Declined, GroupCommit, resolve
 from storage.db import Database
 from storage.events import PG_APPEND_MANY, append_arguments, link
+from storage.models import budgets, event_heads, ledger_entries, spend_requests, wallets
+from storage.models import events as events_table
 
 log = logging.getLogger("smartspace.hot")
 
-_BUDGET_COLUMNS = ("id", "project_id", "agent_id", "key_id", "name", "period", "limit_micros", "spent_micros",
-                   "reserved_micros", "period_start", "alert_thresholds", "alerted", "active", "created_at",
-                   "updated_at")
-_B = ", ".join(f"b.{c} AS b_{c}" for c in _BUDGET_COLUMNS)
-_RETURNING_BUDGET = ", ".join(f"budgets.{c}" for c in _BUDGET_COLUMNS)
+# ---------------------------------------------------------------- the statements, from the shared expressions
+# Built with SQLAlchemy from the expressions the generic repositories use (storage/wallet.py, storage/budgets.py,
+# storage/spend.py, storage/events.py: wallet room, budget room, applicability, the current period, the
+# transition), compiled ONCE for asyncpg ($n parameters; asyncpg prepares each text once per connection).
+class _Compiled:
+    """A statement compiled once for asyncpg: its text, and its arguments from keyword values."""
 
-_REQUEST_COLUMNS = ("id", "project_id", "agent_id", "key_id", "actor", "source", "operation", "model", "provider",
-                    "status", "decision", "params", "metadata", "estimated_cost_micros", "reserved_micros",
-                    "cost_micros", "input_tokens", "output_tokens", "risk_score", "error", "idempotency_key",
-                    "response", "reservation_expires_at", "approval_expires_at", "resolved_by", "tx_hash",
-                    "settlement_batch_id", "created_at", "settled_at")
-_REQUEST_TYPES = {"decision": "jsonb", "params": "jsonb", "metadata": "jsonb", "error": "jsonb", "response": "jsonb",
-                  "estimated_cost_micros": "bigint", "reserved_micros": "bigint", "cost_micros": "bigint",
-                  "input_tokens": "integer", "output_tokens": "integer", "risk_score": "double precision",
-                  "reservation_expires_at": "timestamptz", "approval_expires_at": "timestamptz",
-                  "created_at": "timestamptz", "settled_at": "timestamptz"}
-_FIRST_REQUEST_ARG = 9
-_REQUEST_VALUES = ", ".join(f"${i}::{_REQUEST_TYPES.get(c, 'varchar')}"
-                            for i, c in enumerate(_REQUEST_COLUMNS, start=_FIRST_REQUEST_ARG))
-# Key-scoped budgets (issue 15): the request row's own key_id argument is the key the budgets must match
-# (storage.budgets.applies_to says the same for the generic path).
-_KEY_ARG = _FIRST_REQUEST_ARG + _REQUEST_COLUMNS.index("key_id")
+    __slots__ = ("constants", "named", "order", "sql", "template")
 
-# $1 project, $2 amount, $3 now, $4 agent, $5/$6/$7 current day/week/month start, $8 events besides the
-# budgets', $9… the request row. Budgets whose period has ended fail the period_start test (they must roll).
-_RESERVE = f"""
-WITH w AS (
-    UPDATE wallets SET reserved_micros = reserved_micros + $2::bigint, updated_at = $3::timestamptz
-    WHERE project_id = $1::varchar AND balance_micros - reserved_micros >= $2::bigint
-    RETURNING project_id, balance_micros, reserved_micros, deposit_address, updated_at),
-b AS (
-    UPDATE budgets SET reserved_micros = reserved_micros + $2::bigint, updated_at = $3::timestamptz
-    WHERE project_id = $1::varchar AND active AND (agent_id IS NULL OR agent_id = $4::varchar)
-      AND (key_id IS NULL OR key_id = ${_KEY_ARG}::varchar)
-      AND EXISTS (SELECT 1 FROM w)
-      AND spent_micros + reserved_micros + $2::bigint <= limit_micros
-      AND period_start >= CASE period WHEN 'day' THEN $5::timestamptz WHEN 'week' THEN $6::timestamptz
-                                      WHEN 'month' THEN $7::timestamptz ELSE period_start END
-    RETURNING {_RETURNING_BUDGET}),
-applicable AS (
-    SELECT count(*) AS n FROM budgets
-    WHERE project_id = $1::varchar AND active AND (agent_id IS NULL OR agent_id = $4::varchar)
-      AND (key_id IS NULL OR key_id = ${_KEY_ARG}::varchar)),
-h AS (
-    UPDATE event_heads SET seq = seq + $8::bigint + (SELECT count(*) FROM b)
-    WHERE project_id = $1::varchar AND EXISTS (SELECT 1 FROM w)
-    RETURNING seq, hash),
-r AS (
-    INSERT INTO spend_requests ({", ".join(_REQUEST_COLUMNS)}, budget_ids)
-    VALUES ({_REQUEST_VALUES}, (SELECT coalesce(jsonb_agg(id ORDER BY id), '[]'::jsonb) FROM b)))
-SELECT w.project_id AS w_project_id, w.balance_micros AS w_balance_micros, w.reserved_micros AS w_reserved_micros,
-       w.deposit_address AS w_deposit_address, w.updated_at AS w_updated_at,
-       (SELECT n FROM applicable) AS applicable, h.seq AS head_seq, h.hash AS head_hash, {_B}
-FROM (SELECT 1) AS one LEFT JOIN w ON true LEFT JOIN h ON true LEFT JOIN b ON true
-ORDER BY b.id
-"""
+    def __init__(self, stmt: sa.ClauseElement) -> None:
+        # an SQLCompiler (positiontup, construct_params); typed as the base Compiled by SQLAlchemy
+        compiled: Any = stmt.compile(dialect=asyncpg_dialect.dialect(), compile_kwargs={"render_postcompile": True})
+        self.sql = compiled.string
+        self.order = tuple(compiled.positiontup or ())
+        self.constants = compiled.construct_params()  # the literals the expressions carry ('day', 1 …)
+        self.template = [self.constants[n] for n in self.order]
+        self.named = tuple((i, n) for i, n in enumerate(self.order) if n in _PARAMETERS)  # those of _p()
 
-# $1 request, $2 allowed current statuses, $3 new status, $4 cost, $5/$6 tokens, $7 response, $8 error,
-# $9 settled_at, $10 now, $11 ledger entry id, $12 actor, $13 events besides the budgets'.
-_CLOSE = f"""
-WITH t AS (
-    UPDATE spend_requests SET status = $3::varchar, cost_micros = $4::bigint, input_tokens = $5::integer,
-        output_tokens = $6::integer, response = $7::jsonb, error = $8::jsonb, settled_at = $9::timestamptz,
-        reservation_expires_at = NULL
-    WHERE id = $1::varchar AND status = ANY($2::varchar[])
-    RETURNING project_id, model, reserved_micros, budget_ids),
-w AS (
-    UPDATE wallets SET reserved_micros = wallets.reserved_micros - t.reserved_micros,
-        balance_micros = wallets.balance_micros - $4::bigint, updated_at = $10::timestamptz
-    FROM t
-    WHERE wallets.project_id = t.project_id AND t.reserved_micros > 0
-      AND wallets.reserved_micros >= t.reserved_micros
-    RETURNING wallets.project_id, wallets.balance_micros, wallets.reserved_micros, wallets.deposit_address,
-              wallets.updated_at),
-l AS (
-    INSERT INTO ledger_entries (id, project_id, kind, amount_micros, balance_after_micros, ref, memo, actor,
-                                created_at)
-    SELECT $11::varchar, w.project_id, 'spend', -$4::bigint, w.balance_micros, $1::varchar, left(t.model, 500),
-           $12::varchar, $10::timestamptz
-    FROM w, t WHERE $4::bigint > 0
-    RETURNING memo),
-b AS (
-    UPDATE budgets SET reserved_micros = budgets.reserved_micros - t.reserved_micros,
-        spent_micros = budgets.spent_micros + $4::bigint, updated_at = $10::timestamptz
-    FROM t
-    WHERE budgets.id IN (SELECT jsonb_array_elements_text(t.budget_ids)) AND EXISTS (SELECT 1 FROM w)
-      AND budgets.reserved_micros >= t.reserved_micros
-    RETURNING {_RETURNING_BUDGET}),
-h AS (
-    UPDATE event_heads SET seq = seq + $13::bigint + (SELECT count(*) FROM b)
-    FROM t WHERE event_heads.project_id = t.project_id AND EXISTS (SELECT 1 FROM w)
-    RETURNING event_heads.seq, event_heads.hash)
-SELECT t.reserved_micros AS held, w.project_id AS w_project_id, w.balance_micros AS w_balance_micros,
-       w.reserved_micros AS w_reserved_micros, w.deposit_address AS w_deposit_address,
-       w.updated_at AS w_updated_at, (SELECT memo FROM l) AS memo, h.seq AS head_seq, h.hash AS head_hash, {_B}
-FROM (SELECT 1) AS one LEFT JOIN t ON true LEFT JOIN w ON true LEFT JOIN h ON true LEFT JOIN b ON true
-ORDER BY b.id
-"""
+    def args(self, **values: Any) -> list[Any]:
+        out = self.template.copy()
+        for i, name in self.named:
+            out[i] = values[name]
+        return out
 
-_SET_ALERTED = "UPDATE budgets SET alerted = $2::jsonb WHERE id = $1::varchar"
-_MORE_EVENTS = "UPDATE event_heads SET seq = seq + $2::bigint WHERE project_id = $1::varchar RETURNING seq, hash"
 
+_PARAMETERS: set[str] = set()
+
+
+def _p(name: str, type_: Any) -> sa.BindParameter[Any]:
+    """A parameter given per call (``_Compiled.args``); every other bound value is a literal of the expressions."""
+    _PARAMETERS.add(name)
+    return sa.bindparam(name, type_=type_, required=False)
+
+
+_TS = sa.DateTime(timezone=True)
+W, B, H = wallets.c, budgets.c, event_heads.c
+_BUDGET_COLUMNS = tuple(c.name for c in budgets.c)
+_REQUEST_COLUMNS = tuple(c.name for c in spend_requests.c if c.name != "budget_ids")
+_WALLET_OUT = (W.project_id, W.balance_micros, W.reserved_micros, W.deposit_address, W.updated_at)
+_ONE = sa.select(sa.literal(1).label("one")).subquery("one")
+
+
+def _wallet_columns(w: Any) -> list[Any]:
+    return [w.c[c.name].label("w_" + c.name) for c in _WALLET_OUT]
+
+
+def _budget_columns(b: Any) -> list[Any]:
+    return [b.c[c].label("b_" + c) for c in _BUDGET_COLUMNS]
+
+
+def _reserve_statement() -> sa.Select[Any]:
+    """The reservation: the wallet held, every applicable budget in its current period reserved, the event
+    head advanced, the request inserted (with the budgets reserved on). Budgets whose period has ended fail
+    ``in_current_period`` (they must roll: the generic path). Parameters: project, amount, now, agent, day /
+    week / month (the current period starts), others (events besides the budgets'), r_<column> (the row)."""
+    project, amount, now, agent = _p("project", sa.String), _p("amount", sa.BigInteger), _p("now", _TS), \
+        _p("agent", sa.String)
+    key = _p("key", sa.String)
+    w = (sa.update(wallets).where(W.project_id == project, wallet_sql.has_room(amount))
+         .values(reserved_micros=W.reserved_micros + amount, updated_at=now).returning(*_WALLET_OUT).cte("w"))
+    b = (sa.update(budgets)
+         .where(budget_sql.applies(project, agent, key), sa.exists(sa.select(w.c.project_id)),
+                budget_sql.has_room(amount),
+                budget_sql.in_current_period(_p("day", _TS), _p("week", _TS), _p("month", _TS)))
+         .values(reserved_micros=B.reserved_micros + amount, updated_at=now).returning(*budgets.c).cte("b"))
+    h = (sa.update(event_heads).where(H.project_id == project, sa.exists(sa.select(w.c.project_id)))
+         .values(seq=H.seq + _p("others", sa.BigInteger) + sa.select(sa.func.count()).select_from(b).scalar_subquery())
+         .returning(H.seq, H.hash).cte("h"))
+    reserved_on = sa.select(sa.func.coalesce(sa.func.jsonb_agg(aggregate_order_by(b.c.id, b.c.id)),
+                                             sa.literal_column("'[]'::jsonb"))).scalar_subquery()
+    r = sa.insert(spend_requests).values({**{c: _p("r_" + c, spend_requests.c[c].type) for c in _REQUEST_COLUMNS},
+                                          "budget_ids": reserved_on}).cte("r")
+    applicable = sa.select(sa.func.count()).select_from(budgets).where(budget_sql.applies(project, agent, key))
+    return (sa.select(*_wallet_columns(w), applicable.scalar_subquery().label("applicable"),
+                      h.c.seq.label("head_seq"), h.c.hash.label("head_hash"), *_budget_columns(b))
+            .select_from(_ONE.outerjoin(w, sa.true()).outerjoin(h, sa.true()).outerjoin(b, sa.true()))
+            .order_by(b.c.id).add_cte(r))
+
+
+def _close_statement(from_statuses: tuple[str, ...]) -> sa.Select[Any]:
+    """The closing (settle or fail) of a request in one of ``from_statuses``: its transition, the wallet's
+    capture and release, the ledger entry (if charged), its budgets settled, the event head advanced.
+    Parameters: id, status, cost, input_tokens, output_tokens, response, error, settled_at, now, entry, actor,
+    others."""
+    cost, now = _p("cost", sa.BigInteger), _p("now", _TS)
+    request_id = _p("id", sa.String)
+    t = (spend_sql.transition_stmt(
+        request_id, from_statuses, status=_p("status", sa.String), cost_micros=cost,
+        input_tokens=_p("input_tokens", sa.Integer), output_tokens=_p("output_tokens", sa.Integer),
+        response=_p("response", spend_requests.c.response.type), error=_p("error", spend_requests.c.error.type),
+        settled_at=_p("settled_at", _TS), reservation_expires_at=None,
+        returning=(spend_requests.c.project_id, spend_requests.c.model, spend_requests.c.reserved_micros,
+                   spend_requests.c.budget_ids)).cte("t"))
+    w = (sa.update(wallets)
+         .where(W.project_id == t.c.project_id, t.c.reserved_micros > 0, wallet_sql.holds(t.c.reserved_micros))
+         .values(**wallet_sql.capture_values(t.c.reserved_micros, cost, now)).returning(*_WALLET_OUT).cte("w"))
+    entry = sa.select(_p("entry", sa.String), w.c.project_id, sa.literal("spend"), -cost, w.c.balance_micros,
+                      request_id, sa.func.left(t.c.model, 500), _p("actor", sa.String), now).where(cost > 0)
+    l_ = (sa.insert(ledger_entries).from_select(
+        ["id", "project_id", "kind", "amount_micros", "balance_after_micros", "ref", "memo", "actor", "created_at"],
+        entry).returning(ledger_entries.c.memo).cte("l"))
+    b = (sa.update(budgets)
+         .where(B.id.in_(sa.select(sa.func.jsonb_array_elements_text(t.c.budget_ids))),
+                sa.exists(sa.select(w.c.project_id)), budget_sql.holds(t.c.reserved_micros))
+         .values(**budget_sql.settle_values(t.c.reserved_micros, cost, now)).returning(*budgets.c).cte("b"))
+    h = (sa.update(event_heads)
+         .where(H.project_id == t.c.project_id, sa.exists(sa.select(w.c.project_id)))
+         .values(seq=H.seq + _p("others", sa.BigInteger) + sa.select(sa.func.count()).select_from(b).scalar_subquery())
+         .returning(H.seq, H.hash).cte("h"))
+    return (sa.select(t.c.reserved_micros.label("held"), *_wallet_columns(w),
+                      sa.select(l_.c.memo).scalar_subquery().label("memo"), h.c.seq.label("head_seq"),
+                      h.c.hash.label("head_hash"), *_budget_columns(b))
+            .select_from(_ONE.outerjoin(t, sa.true()).outerjoin(w, sa.true()).outerjoin(h, sa.true())
+                         .outerjoin(b, sa.true()))
+            .order_by(b.c.id))
+
+
+_RESERVE = _Compiled(_reserve_statement())
+_CLOSES: dict[tuple[str, ...], _Compiled] = {
+    statuses: _Compiled(_close_statement(statuses)) for statuses in (("executing",), ("executing", "approved"))}
+_SET_ALERTED = _Compiled(budget_sql.set_alerted_stmt(_p("id", sa.String), _p("alerted", budgets.c.alerted.type)))
+_MORE_EVENTS = _Compiled(events_sql.advance_head_stmt(_p("project", sa.String), _p("n", sa.BigInteger)))
 
 # ---------------------------------------------------------------- the express lane
 # When this process wrote a project's rows last (it knows its wallet, budgets and event head exactly) and
@@ -170,106 +204,173 @@ _MORE_EVENTS = "UPDATE event_heads SET seq = seq + $2::bigint WHERE project_id =
 # normal path. One round trip and one fsync instead of BEGIN, two statements and COMMIT.
 # Each CTE waits for the one before it (the EXISTS / count references), so the rows are locked in the normal
 # path's order — request, wallet, budgets, event head — and the events go in last.
-_EXPRESS_EVENTS = """
-h AS (
-    UPDATE event_heads SET seq = $10::bigint, hash = $11::varchar
-    WHERE project_id = $1::varchar AND seq = $12::bigint AND hash = $13::varchar
-      AND (SELECT count(*) FROM b) = cardinality($17::varchar[])
-    RETURNING 1),
-e AS (
-    INSERT INTO events (id, project_id, seq, type, actor, data, ts, prev_hash, hash)
-    SELECT t.id, $1::varchar, t.seq, t.type, $2::varchar, t.data, t.ts, t.prev_hash, t.hash
-    FROM unnest($3::varchar[], $4::bigint[], $5::varchar[], $6::jsonb[], $7::varchar[], $8::varchar[], $9::varchar[])
-         AS t(id, seq, type, data, ts, prev_hash, hash)
-    WHERE EXISTS (SELECT 1 FROM h))"""
-_EXPRESS_BUDGETS = ("unnest($17::varchar[], $18::bigint[], $19::bigint[], $20::timestamptz[], $21::text[], "
-                    "$22::text[]) AS x(id, spent, reserved, updated_at, alerted, new_alerted)")
-_EXPRESS_BUDGET_MATCH = ("budgets.id = x.id AND budgets.spent_micros = x.spent "
-                         "AND budgets.reserved_micros = x.reserved AND budgets.updated_at = x.updated_at "
-                         "AND budgets.alerted = x.alerted::jsonb")
-_FIRST_EXPRESS_REQUEST_ARG = 24
-_EXPRESS_REQUEST_VALUES = ", ".join(f"${i}::{_REQUEST_TYPES.get(c, 'varchar')}"
-                                    for i, c in enumerate(_REQUEST_COLUMNS, start=_FIRST_EXPRESS_REQUEST_ARG))
-_EXPRESS_KEY_ARG = _FIRST_EXPRESS_REQUEST_ARG + _REQUEST_COLUMNS.index("key_id")
-_WALLET_MATCH = ("project_id = $1::varchar AND balance_micros = ($16::bigint[])[1] "
-                 "AND reserved_micros = ($16::bigint[])[2]")
-
-# $1 project, $2 actor, $3-$9 events, $10/$11 new head, $12/$13 old head, $14 amount, $15 now,
-# $16 wallet (balance, reserved) as an array, $17-$22 budgets, $23 agent, $24… the request row.
-_EXPRESS_RESERVE = f"""
-WITH w AS (
-    UPDATE wallets SET reserved_micros = reserved_micros + $14::bigint, updated_at = $15::timestamptz
-    WHERE {_WALLET_MATCH} AND balance_micros - reserved_micros >= $14::bigint
-    RETURNING 1),
-b AS (
-    UPDATE budgets SET reserved_micros = budgets.reserved_micros + $14::bigint, updated_at = $15::timestamptz
-    FROM {_EXPRESS_BUDGETS}
-    WHERE {_EXPRESS_BUDGET_MATCH} AND budgets.active AND EXISTS (SELECT 1 FROM w)
-      AND budgets.spent_micros + budgets.reserved_micros + $14::bigint <= budgets.limit_micros
-    RETURNING 1),
-{_EXPRESS_EVENTS},
-r AS (
-    INSERT INTO spend_requests ({", ".join(_REQUEST_COLUMNS)}, budget_ids)
-    VALUES ({_EXPRESS_REQUEST_VALUES}, to_jsonb($17::varchar[])))
-SELECT 1 / ((SELECT count(*) FROM h) = 1 AND (SELECT count(*) FROM w) = 1
-            AND (SELECT count(*) FROM budgets WHERE project_id = $1::varchar AND active
-                 AND (agent_id IS NULL OR agent_id = $23::varchar)
-                 AND (key_id IS NULL OR key_id = ${_EXPRESS_KEY_ARG}::varchar))
-                = cardinality($17::varchar[]))::int AS ok
-"""
-
-# $1-$13 as above, $14 cost, $15 now, $16 wallet (balance, reserved), $17-$22 budgets (new_alerted with any
-# threshold just crossed), $23 request id, $24 allowed statuses, $25 new status, $26/$27 tokens, $28 response,
-# $29 error, $30 settled_at, $31 held, $32 ledger entry id, $33 memo.
-_EXPRESS_CLOSE = f"""
-WITH t AS (
-    UPDATE spend_requests SET status = $25::varchar, cost_micros = $14::bigint, input_tokens = $26::integer,
-        output_tokens = $27::integer, response = $28::jsonb, error = $29::jsonb, settled_at = $30::timestamptz,
-        reservation_expires_at = NULL
-    WHERE id = $23::varchar AND status = ANY($24::varchar[]) AND reserved_micros = $31::bigint
-    RETURNING 1),
-w AS (
-    UPDATE wallets SET reserved_micros = reserved_micros - $31::bigint,
-        balance_micros = balance_micros - $14::bigint, updated_at = $15::timestamptz
-    WHERE {_WALLET_MATCH} AND reserved_micros >= $31::bigint AND EXISTS (SELECT 1 FROM t)
-    RETURNING 1),
-l AS (
-    INSERT INTO ledger_entries (id, project_id, kind, amount_micros, balance_after_micros, ref, memo, actor,
-                                created_at)
-    SELECT $32::varchar, $1::varchar, 'spend', -$14::bigint, ($16::bigint[])[1] - $14::bigint, $23::varchar,
-           $33::varchar, $2::varchar, $15::timestamptz
-    WHERE $14::bigint > 0),
-b AS (
-    UPDATE budgets SET reserved_micros = budgets.reserved_micros - $31::bigint,
-        spent_micros = budgets.spent_micros + $14::bigint, updated_at = $15::timestamptz, alerted = x.new_alerted::jsonb
-    FROM {_EXPRESS_BUDGETS}
-    WHERE {_EXPRESS_BUDGET_MATCH} AND budgets.reserved_micros >= $31::bigint AND EXISTS (SELECT 1 FROM w)
-    RETURNING 1),
-{_EXPRESS_EVENTS}
-SELECT 1 / ((SELECT count(*) FROM h) = 1 AND (SELECT count(*) FROM t) = 1
-            AND (SELECT count(*) FROM w) = 1)::int AS ok
-"""
+def _arrays(name: str, **columns: Any) -> Any:
+    """``unnest($a, $b, …) AS name(a, b, …)``: rows passed as one array parameter per column."""
+    return (sa.func.unnest(*(_p(c, sa.ARRAY(t)) for c, t in columns.items()))
+            .table_valued(*columns).render_derived(name=name))
 
 
-def _event_arguments(project_id: str, actor: str, chained: list[Event], head: tuple[int, str]) -> list:
-    """$1-$13 of an express statement: the events, the head they move to, the head they expect."""
-    return [project_id, actor, [e.id for e in chained], [e.seq for e in chained], [e.type for e in chained],
-            [e.data for e in chained], [e.ts for e in chained], [e.prev_hash for e in chained],
-            [e.hash for e in chained], chained[-1].seq, chained[-1].hash, head[0], head[1]]
+def _count(cte: Any) -> Any:
+    return sa.select(sa.func.count()).select_from(cte).scalar_subquery()
 
 
-def _budget_arguments(expected: list[Budget], new_alerted: list[list[int]]) -> list:
-    """$17-$22: each budget as this process last wrote it, and its alerted list after this operation."""
-    return [[b.id for b in expected], [b.spent_micros for b in expected], [b.reserved_micros for b in expected],
-            [b.updated_at for b in expected], [_json(b.alerted) for b in expected], [_json(a) for a in new_alerted]]
+def _express_wallet(amount_change: dict[str, Any], *where: Any) -> Any:
+    """The wallet, iff it holds exactly what this process last wrote (old_balance, old_reserved)."""
+    return (sa.update(wallets).where(W.project_id == _p("project", sa.String),
+                                     W.balance_micros == _p("old_balance", sa.BigInteger),
+                                     W.reserved_micros == _p("old_reserved", sa.BigInteger), *where)
+            .values(**amount_change).returning(W.project_id).cte("w"))
+
+
+def _express_budgets() -> Any:
+    """Each budget as this process last wrote it (b_ids, b_spent, b_reserved, b_updated, b_alerted) and its
+    alerted list after the operation (b_new_alerted)."""
+    return _arrays("x", b_ids=sa.String, b_spent=sa.BigInteger, b_reserved=sa.BigInteger, b_updated=_TS,
+                   b_alerted=sa.Text, b_new_alerted=sa.Text)
+
+
+def _budget_matches(x: Any) -> list[Any]:
+    return [B.id == x.c.b_ids, B.spent_micros == x.c.b_spent, B.reserved_micros == x.c.b_reserved,
+            B.updated_at == x.c.b_updated, B.alerted == sa.cast(x.c.b_alerted, JSONB)]
+
+
+def _express_events(b: Any) -> tuple[Any, Any]:
+    """The event head, iff it is still (old_seq, old_hash) and every expected budget moved, set to (new_seq,
+    new_hash); the events (e_* arrays) inserted iff it was."""
+    project, actor = _p("project", sa.String), _p("actor", sa.String)
+    h = (sa.update(event_heads)
+         .where(H.project_id == project, H.seq == _p("old_seq", sa.BigInteger), H.hash == _p("old_hash", sa.String),
+                _count(b) == sa.func.cardinality(_p("b_ids", sa.ARRAY(sa.String))))
+         .values(seq=_p("new_seq", sa.BigInteger), hash=_p("new_hash", sa.String)).returning(H.project_id).cte("h"))
+    ev = _arrays("ev", e_id=sa.String, e_seq=sa.BigInteger, e_type=sa.String, e_data=JSONB, e_ts=sa.String,
+                 e_prev=sa.String, e_hash=sa.String)
+    e = (sa.insert(events_table).from_select(
+        ["id", "project_id", "seq", "type", "actor", "data", "ts", "prev_hash", "hash"],
+        sa.select(ev.c.e_id, project, ev.c.e_seq, ev.c.e_type, actor, ev.c.e_data, ev.c.e_ts, ev.c.e_prev,
+                  ev.c.e_hash)
+        .where(sa.exists(sa.select(h.c.project_id)))).cte("e"))
+    return h, e
+
+
+def _undo_unless(*conditions: Any) -> Any:
+    """The express statement's result: 1, or a division by zero — undoing every CTE — if any condition fails."""
+    return (sa.literal(1, sa.Integer) // sa.cast(sa.and_(*conditions), sa.Integer)).label("ok")
+
+
+def _express_reserve_statement() -> sa.Select[Any]:
+    """The reservation in one statement (parameters: project, actor, amount, now, agent, old_*, new_*, b_*, e_*,
+    r_<column>)."""
+    project, amount, now, agent = _p("project", sa.String), _p("amount", sa.BigInteger), _p("now", _TS), \
+        _p("agent", sa.String)
+    key = _p("key", sa.String)
+    w = _express_wallet({"reserved_micros": W.reserved_micros + amount, "updated_at": now}, wallet_sql.has_room(amount))
+    x = _express_budgets()
+    b = (sa.update(budgets)
+         .where(*_budget_matches(x), B.active.is_(True), sa.exists(sa.select(w.c.project_id)),
+                budget_sql.has_room(amount))
+         .values(reserved_micros=B.reserved_micros + amount, updated_at=now).returning(B.id).cte("b"))
+    h, e = _express_events(b)
+    r = sa.insert(spend_requests).values({
+        **{c: _p("r_" + c, spend_requests.c[c].type) for c in _REQUEST_COLUMNS},
+        "budget_ids": sa.func.to_jsonb(_p("b_ids", sa.ARRAY(sa.String)))}).cte("r")
+    applicable = sa.select(sa.func.count()).select_from(budgets).where(budget_sql.applies(project, agent, key))
+    return sa.select(_undo_unless(_count(h) == 1, _count(w) == 1, applicable.scalar_subquery() == sa.func.cardinality(
+        _p("b_ids", sa.ARRAY(sa.String))))).add_cte(e, r)
+
+
+def _express_close_statement(from_statuses: tuple[str, ...]) -> sa.Select[Any]:
+    """The closing in one statement (parameters: project, actor, id, held, cost, now, status, tokens, response,
+    error, settled_at, entry, memo, old_*, new_*, b_*, e_*)."""
+    project, cost, now, held = _p("project", sa.String), _p("cost", sa.BigInteger), _p("now", _TS), \
+        _p("held", sa.BigInteger)
+    request_id = _p("id", sa.String)
+    t = spend_sql.transition_stmt(
+        request_id, from_statuses, status=_p("status", sa.String), cost_micros=cost,
+        input_tokens=_p("input_tokens", sa.Integer), output_tokens=_p("output_tokens", sa.Integer),
+        response=_p("response", spend_requests.c.response.type), error=_p("error", spend_requests.c.error.type),
+        settled_at=_p("settled_at", _TS), reservation_expires_at=None,
+        returning=(spend_requests.c.id,)).where(spend_requests.c.reserved_micros == held).cte("t")
+    w = _express_wallet(wallet_sql.capture_values(held, cost, now), wallet_sql.holds(held),
+                        sa.exists(sa.select(t.c.id)))
+    entry = sa.select(_p("entry", sa.String), project, sa.literal("spend"), -cost,
+                      _p("old_balance", sa.BigInteger) - cost, request_id, _p("memo", sa.String),
+                      _p("actor", sa.String), now).where(cost > 0)
+    l_ = sa.insert(ledger_entries).from_select(
+        ["id", "project_id", "kind", "amount_micros", "balance_after_micros", "ref", "memo", "actor", "created_at"],
+        entry).cte("l")
+    x = _express_budgets()
+    b = (sa.update(budgets)
+         .where(*_budget_matches(x), budget_sql.holds(held), sa.exists(sa.select(w.c.project_id)))
+         .values(**budget_sql.settle_values(held, cost, now), alerted=sa.cast(x.c.b_new_alerted, JSONB))
+         .returning(B.id).cte("b"))
+    h, e = _express_events(b)
+    return sa.select(_undo_unless(_count(h) == 1, _count(t) == 1, _count(w) == 1)).add_cte(l_, e)
+
+
+_EXPRESS_RESERVE = _Compiled(_express_reserve_statement())
+_EXPRESS_CLOSES: dict[tuple[str, ...], _Compiled] = {statuses: _Compiled(_express_close_statement(statuses))
+                   for statuses in (("executing",), ("executing", "approved"))}
+
+
+# ---------------------------------------------------------------- event data (every hot path's)
+def reserve_events(row: SpendRequest, wallet: Wallet, budgets: list[Budget], before: list[PendingEvent],
+                   after: list[PendingEvent]) -> list[PendingEvent]:
+    """A reservation's events, in the generic path's order: ``before``, the hold, each budget's, ``after``."""
+    amount = row.reserved_micros
+    money = [PendingEvent(row.project_id, "wallet.updated", wallet_updated(wallet, "hold", amount, row.id))]
+    money += [PendingEvent(row.project_id, "budget.updated", budget_updated(b, "reserved", amount=amount, ref=row.id))
+              for b in budgets]
+    return [*before, *money, *after]
+
+
+def ledger_entry(request: Prepared, cost: int, wallet: Wallet, entry_id: str, actor: str,
+                 now: datetime) -> LedgerEntry | None:
+    """The spend entry a closing books (none when nothing is charged)."""
+    if not cost:
+        return None
+    return LedgerEntry(id=entry_id, project_id=request.project_id, kind="spend", amount_micros=-cost,
+                       balance_after_micros=wallet.balance_micros, ref=request.request_id,
+                       memo=request.model[:500], actor=actor, created_at=now)
+
+
+def close_events(request: Prepared, cost: int, entry: LedgerEntry | None, wallet: Wallet, budgets: list[Budget],
+                 crossed: list[list[int]], after: list[PendingEvent]) -> list[PendingEvent]:
+    """A closing's events: the capture, each budget as settled (before its crossed thresholds are recorded,
+    as the generic path shows it) and its thresholds, then ``after``."""
+    held = request.reserved_micros
+    project_id = request.project_id
+    out = [PendingEvent(project_id, "wallet.updated", wallet_updated(
+        wallet, "spend", -cost, request.request_id, entry=entry, released_micros=held - cost))]
+    for budget, reached in zip(budgets, crossed, strict=True):
+        out.append(PendingEvent(project_id, "budget.updated", budget_updated(
+            budget, "settled", amount=cost, released_micros=held - cost, ref=request.request_id)))
+        out += [PendingEvent(project_id, "budget.threshold", threshold_reached(budget, t)) for t in reached]
+    return [*out, *after]
+
+
+def alerted(budgets: list[Budget], crossed: list[list[int]]) -> list[Budget]:
+    """The budgets as stored once the thresholds just crossed are recorded as alerted."""
+    return [msgspec.structs.replace(b, alerted=sorted({*b.alerted, *c})) if c else b
+            for b, c in zip(budgets, crossed, strict=True)]
+
+
+def _event_arguments(chained: list[Event], head: tuple[int, str]) -> dict[str, Any]:
+    """An express statement's events, the head they move to, the head they expect."""
+    return {"e_id": [e.id for e in chained], "e_seq": [e.seq for e in chained], "e_type": [e.type for e in chained],
+            "e_data": [e.data for e in chained], "e_ts": [e.ts for e in chained],
+            "e_prev": [e.prev_hash for e in chained], "e_hash": [e.hash for e in chained],
+            "new_seq": chained[-1].seq, "new_hash": chained[-1].hash, "old_seq": head[0], "old_hash": head[1]}
+
+
+def _budget_arguments(expected: list[Budget], new_alerted: list[list[int]]) -> dict[str, Any]:
+    """Each budget as this process last wrote it, and its alerted list after this operation."""
+    return {"b_ids": [b.id for b in expected], "b_spent": [b.spent_micros for b in expected],
+            "b_reserved": [b.reserved_micros for b in expected], "b_updated": [b.updated_at for b in expected],
+            "b_alerted": [_json(b.alerted) for b in expected], "b_new_alerted": [_json(a) for a in new_alerted]}
 
 
 def _json(value: object) -> str:  # lists as jsonb array elements go as text (asyncpg reads a list as a dimension)
     return msgspec.json.encode(value).decode()
-
-
-class _Decline(Exception):
-    """The hot path does not handle this case: roll back, let the generic path run."""
 
 
 def _wallet(row: asyncpg.Record) -> Wallet:
@@ -281,12 +382,6 @@ def _wallet(row: asyncpg.Record) -> Wallet:
 
 def _budgets(rows: Sequence[asyncpg.Record]) -> list[Budget]:
     return [Budget(**{c: r["b_" + c] for c in _BUDGET_COLUMNS}) for r in rows if r["b_id"] is not None]
-
-
-def _alerted(budgets: list[Budget], crossed: list[list[int]]) -> list[Budget]:
-    """The budgets as stored once the thresholds just crossed are recorded as alerted."""
-    return [msgspec.structs.replace(b, alerted=sorted({*b.alerted, *c})) if c else b
-            for b, c in zip(budgets, crossed, strict=True)]
 
 
 class _State:
@@ -342,9 +437,9 @@ class _Op(NamedTuple):
 class PgHotPath:
     """``domain.spend.HotPath`` for PostgreSQL. ``publish`` gets the committed events (the bus).
 
-    Group commit: operations that arrive while a transaction is in flight wait and then run together
-    — ordered by project, so every batch takes row locks in one global order — in ONE transaction
-    with ONE event append (``PG_APPEND_MANY``) and one commit. Under load a hot project's wallet and
+    Group commit (``storage.batch.GroupCommit``): operations that arrive while a transaction is in flight
+    wait and then run together — ordered by project, so every batch takes row locks in one global order —
+    in ONE transaction with ONE event append (``PG_APPEND_MANY``) and one commit. Under load a hot project's wallet and
     event-head rows are then locked once per batch instead of once per request, and the commits'
     fsyncs are shared. If any operation of a batch declines or fails, the batch rolls back and each of
     its operations runs again alone, so one request's trouble is never another's.
@@ -356,15 +451,13 @@ class PgHotPath:
                  max_batch: int = 64, max_projects: int = 10_000) -> None:
         self.db = db
         self.publish = publish
-        self.workers = workers
-        self.max_batch = max_batch
         self.max_projects = max_projects
         # How often each happened: reserve, close, declined, error; batches committed; batches split after a
         # failure; express (one-statement) operations, and stale ones (the rows had moved: the normal path ran).
         self.outcomes: Counter[str] = Counter()
-        self._queue: list[_Op] = []
-        self._active = 0
-        self._tasks: set[asyncio.Task] = set()
+        self.engine: GroupCommit[_Op] = GroupCommit(
+            self._commit, publish, expected=(Declined, asyncpg.PostgresError, asyncpg.InterfaceError, OSError),
+            workers=workers, max_batch=max_batch, outcomes=self.outcomes)
         self._state: dict[str, _State] = {}
 
     def forget(self, project_id: str | None = None) -> None:
@@ -380,22 +473,21 @@ class PgHotPath:
         amount = row.reserved_micros
         starts = [period_start(p, now) for p in ("day", "week", "month")]
         args = [getattr(row, c) for c in _REQUEST_COLUMNS]
+        request_args = {"r_" + c: v for c, v in zip(_REQUEST_COLUMNS, args, strict=True)}
 
         def events(wallet: Wallet, budgets: list[Budget]) -> list[PendingEvent]:
-            money = [PendingEvent(row.project_id, "wallet.updated", wallet_updated(wallet, "hold", amount, row.id))]
-            money += [PendingEvent(row.project_id, "budget.updated",
-                                   budget_updated(b, "reserved", amount=amount, ref=row.id)) for b in budgets]
-            return [*before, *money, *after]
+            return reserve_events(row, wallet, budgets, before, after)
 
         async def work(conn: asyncpg.Connection) -> _Done:
-            rows = await conn.fetch(_RESERVE, row.project_id, amount, now, row.agent_id, *starts,
-                                    len(before) + 1 + len(after), *args)
+            rows = await conn.fetch(_RESERVE.sql, *_RESERVE.args(
+                project=row.project_id, amount=amount, now=now, agent=row.agent_id, key=row.key_id, day=starts[0],
+                week=starts[1], month=starts[2], others=len(before) + 1 + len(after), **request_args))
             first = rows[0]
             if first["w_project_id"] is None:
-                raise _Decline("the wallet has no room")
+                raise Declined("the wallet has no room")
             budgets = _budgets(rows)
             if len(budgets) != first["applicable"]:
-                raise _Decline("a budget has no room, or must roll into a new period")
+                raise Declined("a budget has no room, or must roll into a new period")
             row.budget_ids = [b.id for b in budgets]
             wallet = _wallet(first)
             return _Done(events(wallet, budgets), actor, first["head_seq"], first["head_hash"],
@@ -417,10 +509,12 @@ class PgHotPath:
                      for b in budgets]
             row.budget_ids = list(ids)
             chained = link(events(wallet, moved), row.project_id, actor, *state.head)
-            return _Express(_EXPRESS_RESERVE, [
-                *_event_arguments(row.project_id, actor, chained, state.head), amount, now,
-                [old.balance_micros, old.reserved_micros], *_budget_arguments(budgets, [b.alerted for b in budgets]),
-                row.agent_id, *args], chained, _After(wallet, moved, (row.agent_id, row.key_id), ids))
+            return _Express(_EXPRESS_RESERVE.sql, _EXPRESS_RESERVE.args(
+                project=row.project_id, actor=actor, amount=amount, now=now, agent=row.agent_id, key=row.key_id,
+                old_balance=old.balance_micros, old_reserved=old.reserved_micros,
+                **_event_arguments(chained, state.head), **_budget_arguments(budgets, [b.alerted for b in budgets]),
+                **request_args),
+                chained, _After(wallet, moved, (row.agent_id, row.key_id), ids))
 
         return await self._submit("reserve", row.project_id, row.id, work, express)
 
@@ -434,36 +528,28 @@ class PgHotPath:
         memo = request.model[:500]
 
         def events(wallet: Wallet, budgets: list[Budget], crossed: list[list[int]]) -> list[PendingEvent]:
-            """Budgets as settled, before the crossed thresholds are recorded (as the generic path shows them)."""
-            entry = None
-            if cost:
-                entry = LedgerEntry(id=entry_id, project_id=project_id, kind="spend", amount_micros=-cost,
-                                    balance_after_micros=wallet.balance_micros, ref=request.request_id, memo=memo,
-                                    actor=actor, created_at=now)
-            out = [PendingEvent(project_id, "wallet.updated", wallet_updated(
-                wallet, "spend", -cost, request.request_id, entry=entry, released_micros=held - cost))]
-            for budget, reached in zip(budgets, crossed, strict=True):
-                out.append(PendingEvent(project_id, "budget.updated", budget_updated(
-                    budget, "settled", amount=cost, released_micros=held - cost, ref=request.request_id)))
-                out += [PendingEvent(project_id, "budget.threshold", threshold_reached(budget, t)) for t in reached]
-            return [*out, *after]
+            return close_events(request, cost, ledger_entry(request, cost, wallet, entry_id, actor, now), wallet,
+                                budgets, crossed, after)
 
         async def work(conn: asyncpg.Connection) -> _Done:
-            rows = await conn.fetch(_CLOSE, request.request_id, list(from_statuses), values.status, cost,
-                                    values.input_tokens, values.output_tokens, values.response, values.error,
-                                    values.settled_at, now, entry_id, actor, 1 + len(after))
+            close = _CLOSES.get(from_statuses) or _Compiled(_close_statement(from_statuses))
+            rows = await conn.fetch(close.sql, *close.args(
+                id=request.request_id, status=values.status, cost=cost, input_tokens=values.input_tokens,
+                output_tokens=values.output_tokens, response=values.response, error=values.error,
+                settled_at=values.settled_at, now=now, entry=entry_id, actor=actor, others=1 + len(after)))
             first = rows[0]
             if first["held"] != held or first["w_project_id"] is None:
-                raise _Decline("the request is not in the expected state")
+                raise Declined("the request is not in the expected state")
             budgets = _budgets(rows)
             crossed = [crossed_thresholds(b) for b in budgets]
-            stored = _alerted(budgets, crossed)
+            stored = alerted(budgets, crossed)
             for budget, reached in zip(stored, crossed, strict=True):
                 if reached:  # rare: once per threshold per period
-                    await conn.execute(_SET_ALERTED, budget.id, budget.alerted)
+                    await conn.execute(_SET_ALERTED.sql, *_SET_ALERTED.args(id=budget.id, alerted=budget.alerted))
             head_seq = first["head_seq"]
             if alerts := sum(len(c) for c in crossed):
-                head_seq = (await conn.fetchrow(_MORE_EVENTS, project_id, alerts))["seq"]
+                more = _MORE_EVENTS.args(project=project_id, n=alerts)
+                head_seq = (await conn.fetchrow(_MORE_EVENTS.sql, *more))["seq"]
             wallet = _wallet(first)
             return _Done(events(wallet, budgets, crossed), actor, head_seq, first["head_hash"], _After(wallet, stored))
 
@@ -481,39 +567,32 @@ class PgHotPath:
             moved = [msgspec.structs.replace(b, reserved_micros=b.reserved_micros - held,
                                              spent_micros=b.spent_micros + cost, updated_at=now) for b in budgets]
             crossed = [crossed_thresholds(b) for b in moved]
-            stored = _alerted(moved, crossed)
+            stored = alerted(moved, crossed)
             chained = link(events(wallet, moved, crossed), project_id, actor, *state.head)
-            return _Express(_EXPRESS_CLOSE, [
-                *_event_arguments(project_id, actor, chained, state.head), cost, now,
-                [old.balance_micros, old.reserved_micros], *_budget_arguments(budgets, [b.alerted for b in stored]),
-                request.request_id, list(from_statuses), values.status, values.input_tokens, values.output_tokens,
-                values.response, values.error, values.settled_at, held, entry_id, memo],
+            statement = _EXPRESS_CLOSES.get(from_statuses) or _Compiled(_express_close_statement(from_statuses))
+            return _Express(statement.sql, statement.args(
+                project=project_id, actor=actor, id=request.request_id, held=held, cost=cost, now=now,
+                status=values.status, input_tokens=values.input_tokens, output_tokens=values.output_tokens,
+                response=values.response, error=values.error, settled_at=values.settled_at, entry=entry_id, memo=memo,
+                old_balance=old.balance_micros, old_reserved=old.reserved_micros,
+                **_event_arguments(chained, state.head), **_budget_arguments(budgets, [b.alerted for b in stored])),
                 chained, _After(wallet, stored))
 
         return await self._submit("close", project_id, request.request_id, work, express)
 
-    # ------------------------------------------------------------ group commit
+    # ------------------------------------------------------------ lanes
     async def _submit(self, kind: str, project_id: str, ref: str,
                       work: Callable[[asyncpg.Connection], Awaitable[_Done]],
                       express: Callable[[_State], _Express | None]) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        op = _Op(kind, project_id, ref, work, express, future)
-        if self._queue or self._active >= self.workers:
-            self._queue.append(op)  # transactions are in flight: wait for the next batch
-            self._start_worker()
-            return await future
-        # Room to run at once, in the caller's task (no hand-over): in the express lane if nothing at all is
-        # in flight and this process knows the project's rows, else as a batch of one.
-        self._active += 1
-        try:
-            state = self._state.get(project_id) if self._active == 1 else None
-            plan = op.express(state) if state is not None else None
-            if plan is None or not await self._express(op, plan):
-                await self._commit([op])
-        finally:
-            self._active -= 1
-            self._start_worker()  # operations that queued meanwhile
-        return future.result()
+        # Room to run at once, and nothing at all in flight: the express lane if this process knows the
+        # project's rows; else a batch of one, or the next group commit (storage/batch.py).
+        return await self.engine.submit(_Op(kind, project_id, ref, work, express, future), self._try_express)
+
+    async def _try_express(self, op: _Op) -> bool:
+        state = self._state.get(op.project_id)
+        plan = op.express(state) if state is not None else None
+        return plan is not None and await self._express(op, plan)
 
     async def _express(self, op: _Op, plan: _Express) -> bool:
         """One autocommit statement. False (nothing changed): the rows were not as this process last wrote
@@ -533,7 +612,7 @@ class PgHotPath:
         try:
             await self.publish(plan.events)
         finally:
-            _resolve(op.future, True)
+            resolve(op.future, True)
         return True
 
     def _remember(self, project_id: str, after: _After, last: Event) -> None:
@@ -552,78 +631,17 @@ class PgHotPath:
         if after.applicable is not None:
             state.applicable[after.requester] = after.applicable
 
-    def _start_worker(self) -> None:
-        if self._queue and self._active < self.workers:
-            self._active += 1
-            task = asyncio.create_task(self._worker(), name="smartspace-hot-path")
-            self._tasks.add(task)  # held until it ends (it does when the queue is drained)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _worker(self) -> None:
-        try:
-            while self._queue:
-                batch = self._queue[:self.max_batch]
-                del self._queue[:self.max_batch]
-                batch.sort(key=lambda op: op.project_id)  # stable: each project's operations keep their order
-                if len(batch) > 1 and await self._commit(batch):
-                    continue
-                for op in batch:  # alone: a decline or failure is that operation's own
-                    if op.future.done():
-                        continue
-                    with contextlib.suppress(Exception):  # handed to the operation's caller by _commit
-                        await self._commit([op])
-        except asyncio.CancelledError:  # shutting down: whoever still waits takes the generic path
-            for op in self._queue:
-                _resolve(op.future, False)
-            self._queue.clear()
-            raise
-        finally:
-            self._active -= 1
-        self._start_worker()  # operations that arrived while this one was finishing
-
-    async def _commit(self, ops: list[_Op]) -> bool:
-        """Run ``ops`` in one transaction. True: committed, published, every future resolved True.
-        False for a batch of several: rolled back, nothing resolved (the caller retries them alone)."""
-        try:
-            async with self.db.raw() as conn, conn.transaction():
-                done = [await op.work(conn) for op in ops]
-                events, lasts = self._chain(ops, done)
-                await conn.execute(PG_APPEND_MANY, *append_arguments(events))
-        except (_Decline, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            if len(ops) > 1:
-                self.outcomes["split"] += 1
-                return False
-            if isinstance(exc, _Decline):
-                self.outcomes["declined"] += 1
-            else:  # rolled back: the generic path retries it (and reports what it finds)
-                self.outcomes["error"] += 1
-                log.warning("hot path rolled back after a database error", extra={"ref": ops[0].ref,
-                                                                                  "error": repr(exc)})
-            _resolve(ops[0].future, False)
-            return False
-        except BaseException as exc:  # a bug or a cancellation: nobody may wait forever
-            if isinstance(exc, Exception) and len(ops) > 1:  # perhaps one operation's: each runs alone
-                log.exception("hot path batch failed", extra={"refs": [op.ref for op in ops]})
-                self.outcomes["split"] += 1
-                return False
-            for op in ops:
-                if op.future.done():
-                    continue
-                if isinstance(exc, Exception):
-                    op.future.set_exception(exc)
-                else:
-                    op.future.cancel()
-            raise
-        self.outcomes["batches"] += 1
+    async def _commit(self, ops: list[_Op]) -> list[Event]:
+        """Run ``ops`` in one transaction (the engine publishes the events it returns, and splits a batch
+        that raised)."""
+        async with self.db.raw() as conn, conn.transaction():
+            done = [await op.work(conn) for op in ops]
+            events, lasts = self._chain(ops, done)
+            await conn.execute(PG_APPEND_MANY, *append_arguments(events))
         for op, result, last in zip(ops, done, lasts, strict=True):
             self.outcomes[op.kind] += 1
             self._remember(op.project_id, result.after, last)
-        try:
-            await self.publish(events)
-        finally:
-            for op in ops:
-                _resolve(op.future, True)
-        return True
+        return events
 
     @staticmethod
     def _chain(ops: list[_Op], done: list[_Done]) -> tuple[list[Event], list[Event]]:
@@ -641,7 +659,3 @@ class PgHotPath:
             out += chained
         return out, lasts
 
-
-def _resolve(future: asyncio.Future[bool], value: bool) -> None:
-    if not future.done():  # the waiting caller may have been cancelled meanwhile
-        future.set_result(value)

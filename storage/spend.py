@@ -18,15 +18,21 @@ from storage.models import catalog_models, spend_requests
 s = spend_requests.c
 
 
+def transition_stmt(id_: Any, from_statuses: tuple[str, ...], returning: tuple[Any, ...] = (spend_requests,),
+                    **values: Any) -> sa.Update:
+    """Update iff the request is still in one of ``from_statuses``: exactly one writer wins a race. Shared
+    by the repository and both hot paths (storage/hot.py, storage/sqlite_hot.py)."""
+    return (sa.update(spend_requests).where(s.id == id_, s.status.in_(from_statuses)).values(**values)
+            .returning(*returning))
+
+
 class SpendRequests(Repository[SpendRequest]):
     table = spend_requests
     entity = SpendRequest
 
     async def transition(self, id_: str, from_statuses: tuple[str, ...], **values: Any) -> SpendRequest | None:
         """Update iff the request is still in one of ``from_statuses``: exactly one writer wins a race."""
-        row = (await self.conn.execute(
-            sa.update(spend_requests).where(s.id == id_, s.status.in_(from_statuses)).values(**values)
-            .returning(spend_requests))).first()
+        row = (await self.conn.execute(transition_stmt(id_, from_statuses, **values))).first()
         return self.to_entity(row) if row else None
 
     async def list(self, project_id: str, page: PageRequest, status: str | None = None, *,

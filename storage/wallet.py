@@ -16,20 +16,44 @@ from storage.models import ledger_entries, wallets
 
 w = wallets.c
 
-# The two hot conditional UPDATEs of the spend path, built once (only parameters are bound per call).
-_HOLD = (sa.update(wallets)
+# The two hot conditional UPDATEs of the spend path, built once (only parameters are bound per call); shared
+# with storage/sqlite_hot.py. Parameters: hold_params() / capture_params().
+def has_room(amount: Any) -> sa.ColumnElement[bool]:
+    """Wallet room: ``amount`` is available (balance - reserved)."""
+    return w.balance_micros - w.reserved_micros >= amount
+
+
+HOLD = (sa.update(wallets)
          .where(w.project_id == sa.bindparam("p_project"),
-                w.balance_micros - w.reserved_micros >= sa.bindparam("p_amount", type_=sa.BigInteger))
+                has_room(sa.bindparam("p_amount", type_=sa.BigInteger)))
          .values(reserved_micros=w.reserved_micros + sa.bindparam("p_amount", type_=sa.BigInteger),
                  updated_at=sa.bindparam("p_now"))
          .returning(wallets))
-_CAPTURE = (sa.update(wallets)
-            .where(w.project_id == sa.bindparam("p_project"),
-                   w.reserved_micros >= sa.bindparam("p_held", type_=sa.BigInteger))
-            .values(reserved_micros=w.reserved_micros - sa.bindparam("p_held", type_=sa.BigInteger),
-                    balance_micros=w.balance_micros - sa.bindparam("p_charge", type_=sa.BigInteger),
-                    updated_at=sa.bindparam("p_now"))
-            .returning(wallets))
+def holds(held: Any) -> sa.ColumnElement[bool]:
+    """The wallet holds at least ``held`` in reservations (a capture or release of it is possible)."""
+    return w.reserved_micros >= held
+
+
+def capture_values(held: Any, charge: Any, now: Any) -> dict[str, Any]:
+    """A capture: the hold given back, ``charge`` (<= held) taken from the balance."""
+    return {"reserved_micros": w.reserved_micros - held, "balance_micros": w.balance_micros - charge,
+            "updated_at": now}
+
+
+CAPTURE = (sa.update(wallets)
+           .where(w.project_id == sa.bindparam("p_project"), holds(sa.bindparam("p_held", type_=sa.BigInteger)))
+           .values(**capture_values(sa.bindparam("p_held", type_=sa.BigInteger),
+                                    sa.bindparam("p_charge", type_=sa.BigInteger), sa.bindparam("p_now")))
+           .returning(wallets))
+
+
+def hold_params(project_id: str, amount: int, now: datetime) -> dict[str, Any]:
+    return {"p_project": project_id, "p_amount": amount, "p_now": now}
+
+
+def capture_params(project_id: str, held: int, charge: int, now: datetime) -> dict[str, Any]:
+    assert 0 <= charge <= held
+    return {"p_project": project_id, "p_held": held, "p_charge": charge, "p_now": now}
 
 
 def insert_ignore(conn: AsyncConnection, table: sa.Table, index: list[str]) -> Any:
@@ -38,7 +62,7 @@ def insert_ignore(conn: AsyncConnection, table: sa.Table, index: list[str]) -> A
     return dialect.insert(table).on_conflict_do_nothing(index_elements=index)
 
 
-def _wallet(row: sa.Row[Any]) -> Wallet:
+def to_wallet(row: sa.Row[Any]) -> Wallet:
     m = row._mapping
     return Wallet(project_id=m["project_id"], balance_micros=m["balance_micros"],
                   reserved_micros=m["reserved_micros"],
@@ -58,7 +82,7 @@ class Wallets:
 
     async def _one(self, stmt: Any) -> Wallet | None:
         row = (await self.conn.execute(stmt.returning(wallets))).first()
-        return _wallet(row) if row else None
+        return to_wallet(row) if row else None
 
     async def ensure(self, project_id: str, now: datetime) -> None:
         await self.conn.execute(insert_ignore(self.conn, wallets, ["project_id"]).values(
@@ -69,7 +93,7 @@ class Wallets:
         if for_update and self.conn.dialect.name == "postgresql":
             stmt = stmt.with_for_update()
         row = (await self.conn.execute(stmt)).first()
-        return _wallet(row) if row else None
+        return to_wallet(row) if row else None
 
     async def add_balance(self, project_id: str, delta: int, now: datetime) -> Wallet | None:
         """balance += delta; a negative delta only if it leaves available >= 0."""
@@ -79,8 +103,8 @@ class Wallets:
         return await self._one(stmt.values(balance_micros=w.balance_micros + delta, updated_at=now))
 
     async def hold(self, project_id: str, amount: int, now: datetime) -> Wallet | None:
-        row = (await self.conn.execute(_HOLD, {"p_project": project_id, "p_amount": amount, "p_now": now})).first()
-        return _wallet(row) if row else None
+        row = (await self.conn.execute(HOLD, hold_params(project_id, amount, now))).first()
+        return to_wallet(row) if row else None
 
     async def release(self, project_id: str, amount: int, now: datetime) -> Wallet | None:
         return await self._one(
@@ -90,10 +114,8 @@ class Wallets:
 
     async def capture(self, project_id: str, held: int, charge: int, now: datetime) -> Wallet | None:
         """reserved -= held, balance -= charge (charge <= held, so available never goes negative)."""
-        assert 0 <= charge <= held
-        row = (await self.conn.execute(_CAPTURE, {"p_project": project_id, "p_held": held, "p_charge": charge,
-                                                  "p_now": now})).first()
-        return _wallet(row) if row else None
+        row = (await self.conn.execute(CAPTURE, capture_params(project_id, held, charge, now))).first()
+        return to_wallet(row) if row else None
 
     async def set_deposit_address(self, project_id: str, address: str, now: datetime) -> Wallet | None:
         return await self._one(sa.update(wallets).where(w.project_id == project_id)

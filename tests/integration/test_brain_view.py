@@ -89,6 +89,23 @@ async def test_inserts_are_refused_too_and_normal_writes_still_work_afterwards(d
         assert (await conn.execute(sa.select(sa.func.count()).select_from(policies))).scalar_one() == 1
 
 
+async def test_a_write_through_the_sqlite_reader_fails_in_the_database(db):
+    """SQLite: the brain's prefetch connection (``Database.sqlite_reader()``) is ``query_only`` for good."""
+    reader = db.sqlite_reader()
+    if reader is None:
+        pytest.skip("SQLite's reader")
+    await seed_catalog(db)
+    for _ in range(3):  # every pooled connection, each time it is handed out again
+        assert await reader.run(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(
+            catalog_models)).scalar_one()) > 0  # reading works
+        with pytest.raises(sa.exc.DBAPIError) as exc:
+            await reader.run(lambda conn: conn.execute(sa.update(catalog_models).values(input_micros_per_mtok=0)))
+        assert read_only_message(exc.value)
+    async with db.read() as conn:
+        prices = (await conn.execute(sa.select(catalog_models.c.input_micros_per_mtok))).scalars().all()
+    assert prices and 0 not in prices
+
+
 # ---------------------------------------------------------------- decisions from the real tables
 async def test_a_funded_project_is_approved_and_an_empty_wallet_is_not(client, container):
     owner = await register(client)
@@ -259,8 +276,8 @@ async def test_a_write_through_the_brains_raw_connection_fails_in_the_database(d
     assert prices and 0 not in prices
 
 
-@postgresql_only
 async def test_the_raw_prefetch_reads_what_the_sqlalchemy_prefetch_reads(client, container):
+    """PostgreSQL: the raw asyncpg prefetch; SQLite: the same statement on the synchronous reader."""
     owner = await register(client)
     agent = await create_agent(client, owner)
     other = await create_agent(client, owner)
