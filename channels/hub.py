@@ -23,6 +23,13 @@ Access follows the log: each subscribe re-checks the connection's token and the 
 ``member.removed`` takes that user's sockets out of the project's rooms and a ``key.revoked``
 disconnects that key's sockets (on every process, since every process sees every event).
 
+Cheap connect and subscribe (:class:`_Grants`): what a check found is kept per process — token → principal
+for ``PRINCIPAL_TTL_SECONDS`` (never past the token's own expiry), (project, principal) → member for
+``MEMBERSHIP_TTL_SECONDS`` — and forgotten as soon as an event says it may have changed (``member.removed``,
+``key.revoked``, ``project.deleted``: on arrival from the bus, and again when drained, so one recovered from
+the log counts too) or the bus resyncs. A result read while such an event went by is not kept. A subscribe
+with nothing to replay (``since`` at or past what this process has emitted) on warm grants reads nothing.
+
 Per-client state lives in the socket session and room membership; the hub itself keeps only the
 streams (one per subscribed project) and the hold buffers of subscribes in progress.
 """
@@ -38,6 +45,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
+import jwt
 import msgspec
 import socketio
 from aiohttp import web
@@ -59,6 +67,10 @@ _REVOKING = frozenset({"member.removed", "key.revoked"})  # events after which s
 # Recipients queued per step of a broadcast; between steps the loop runs other work (requests, the bus).
 FANOUT_CHUNK = 256
 _wire = msgspec.json.Encoder()
+_FORGETTING = frozenset({"member.removed", "key.revoked", "project.deleted"})  # events that void grants
+PRINCIPAL_TTL_SECONDS = 10.0  # bounds a grant whose voiding event this process never heard (Redis dropped it)
+MEMBERSHIP_TTL_SECONDS = 30.0
+GRANTS_MAX = 50_000  # per kind; the oldest go first
 
 
 def _ts_epoch(ts: str) -> float:
@@ -92,6 +104,95 @@ class _Stream:
         return (self.upto is not None and seq <= self.upto) or seq in self.ahead
 
 
+def _token_expiry(token: str, actor: Actor) -> float | None:
+    """When a verified token stops authenticating (epoch seconds), if it says: a key's ``expires_at``, an access
+    token's ``exp`` claim (its signature was verified by the check being cached)."""
+    expires_at = getattr(actor, "expires_at", None)  # keys carry it once they can expire
+    if isinstance(expires_at, datetime):
+        return expires_at.timestamp()
+    if token.startswith("sk-"):
+        return None
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.InvalidTokenError:
+        return time.time()  # cannot tell: do not keep it
+    return float(exp) if isinstance(exp, int | float) else time.time()
+
+
+class _Grants:
+    """What this process found when it last checked a token or a membership, until an event voids it."""
+
+    def __init__(self) -> None:
+        self.principals: dict[str, tuple[Actor, float]] = {}  # token -> (principal, valid until)
+        self.members: dict[tuple[str, str], float] = {}  # (project_id, actor label) -> valid until
+        self.epoch = 0  # moves whenever something is forgotten: a check that overlapped it is not kept
+
+    def principal(self, token: str) -> Actor | None:
+        hit = self.principals.get(token)
+        if hit is None:
+            return None
+        if time.time() >= hit[1]:
+            del self.principals[token]
+            return None
+        return hit[0]
+
+    def member(self, project_id: str, actor: Actor) -> bool:
+        key = (project_id, actor.label)
+        until = self.members.get(key)
+        if until is None:
+            return False
+        if time.time() >= until:
+            del self.members[key]
+            return False
+        return True
+
+    def keep(self, epoch: int, token: str | None, actor: Actor, project_id: str | None = None) -> None:
+        """Keep what a check that began at ``epoch`` found, unless something was forgotten meanwhile."""
+        if epoch != self.epoch:
+            return
+        now = time.time()
+        if token is not None:
+            until = now + PRINCIPAL_TTL_SECONDS
+            expiry = _token_expiry(token, actor)
+            if expiry is not None:
+                until = min(until, expiry)
+            if until > now:
+                _put(self.principals, token, (actor, until))
+        if project_id is not None:
+            _put(self.members, (project_id, actor.label), now + MEMBERSHIP_TTL_SECONDS)
+
+    def forget(self, event: Event) -> None:
+        if event.type not in _FORGETTING:
+            return
+        self.epoch += 1
+        data, project_id = event.data, event.project_id
+        if event.type == "member.removed":
+            self.members.pop((project_id, f"user:{data.get('user_id')}"), None)
+            return
+        if event.type == "key.revoked":
+            gone = {f"key:{data.get('key_id')}"}
+        else:  # project.deleted: its keys stop authenticating, its members' grants go
+            gone = {a.label for a, _ in self.principals.values() if a.kind == "key" and a.project_id == project_id}
+            for key in [k for k in self.members if k[0] == project_id]:
+                del self.members[key]
+        for token in [t for t, (a, _) in self.principals.items() if a.label in gone]:
+            del self.principals[token]
+        for key in [k for k in self.members if k[1] in gone]:
+            del self.members[key]
+
+    def clear(self) -> None:
+        self.epoch += 1
+        self.principals.clear()
+        self.members.clear()
+
+
+def _put(cache: dict, key: Any, value: Any) -> None:
+    cache.pop(key, None)
+    if len(cache) >= GRANTS_MAX:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 class Hub:
     def __init__(self, container: Units, metrics: HubMetrics) -> None:
         self.container = container
@@ -106,15 +207,31 @@ class Hub:
         self._pending: set[asyncio.TimerHandle | asyncio.Future] = set()  # gap look-ups, stopped by close()
         self._closed = False
         self.tail_check_seconds = TAIL_CHECK_SECONDS
+        self.grants = _Grants()
         for namespace in NAMESPACES:
             self.sio.register_namespace(ProjectNamespace(namespace, self))
         container.bus.listen(self.deliver)
-        container.bus.on_resync(self.catch_up_all)
+        container.bus.on_resync(self.resync)
+
+    async def resync(self) -> None:
+        """The bus was away: whatever it did not say may have voided a grant; read the log for what was missed."""
+        self.grants.clear()
+        await self.catch_up_all()
+
+    async def principal(self, token: str) -> Actor:
+        """The token's principal: as this process last found it, or checked now (a read, no write)."""
+        actor = self.grants.principal(token)
+        if actor is None:
+            epoch = self.grants.epoch
+            actor = await self.container.authenticate(token, count_use=False)
+            self.grants.keep(epoch, token, actor)
+        return actor
 
     # ------------------------------------------------------------------ delivery
     async def deliver(self, event: Event) -> None:
         """A bus listener: note the event and return at once. The project's drainer emits it (in seq order), so
         neither the publishing request nor the Redis reader waits for a broadcast."""
+        self.grants.forget(event)
         stream = self.streams.get(event.project_id)
         if stream is None or stream.seen(event.seq):
             return  # nobody here subscribes to this project, or already delivered
@@ -135,6 +252,7 @@ class Hub:
             while stream.upto is not None and stream.upto + 1 in stream.ahead:
                 stream.upto += 1
                 event = stream.ahead.pop(stream.upto)
+                self.grants.forget(event)  # again: it may come from the log, not the bus
                 await self._emit_live(event)
                 if event.type in _REVOKING:
                     await self._revoke(event)
@@ -282,7 +400,7 @@ class Hub:
         # Hold first, then join, then read: nothing committed from here on can slip past this subscriber. The
         # token's re-check (a revoked key, a deleted user), the membership check, the log's head and the first
         # replay page are one read; until it passes, what the room carries only goes to this subscriber's hold
-        # buffer, which a refusal discards.
+        # buffer, which a refusal discards. Warm (the grants known, nothing to replay): no read at all.
         key = (namespace, sid, project_id, next(self._ids))
         self.holding[key] = []
         self._holds += 1
@@ -291,22 +409,13 @@ class Hub:
             await self.sio.enter_room(sid, room(project_id), namespace=namespace)
             if not self.sio.manager.is_connected(sid, namespace):
                 raise Forbidden("the connection is closing")
-            async with self.container.reader(actor) as scope:
-                if token is not None:
-                    await self.container.authenticate(token, count_use=False, scope=scope)
-                try:
-                    await scope.projects.require(project_id, "viewer")
-                except DomainError:
-                    raise Forbidden("you are not a member of this project", {"project_id": project_id}) from None
-                head = await scope.store.events.head(project_id)
-                page = await scope.store.events.since(project_id, since, REPLAY_PAGE)
-            latest = top = head[0] if head else 0
-            if stream.upto is None:
-                # Everything up to the head is in the log, and every member of the room is still holding.
-                stream.upto = latest
-                for seq in [s for s in stream.ahead if s <= latest]:
-                    del stream.ahead[seq]
-                self._kick(project_id, stream)
+            if (stream.upto is not None and since >= stream.upto
+                    and (token is None or self.grants.principal(token) is not None)
+                    and self.grants.member(project_id, actor)):
+                # Every event after ``since`` is still to come on the room (this process emitted up to ``upto``).
+                page, top = [], stream.upto
+            else:
+                page, top = await self._check_and_read(actor, project_id, since, token, stream)
             last = since
             while True:
                 for event in page:
@@ -334,6 +443,32 @@ class Hub:
             del self.holding[key]
             self._drop_if_unused(project_id)
         return top
+
+    async def _check_and_read(self, actor: Actor, project_id: str, since: int, token: str | None,
+                              stream: _Stream) -> tuple[list[Event], int]:
+        """One read: the token's re-check, the membership, the head and the first replay page; what passed is kept
+        in the grants (unless an event voided some grant meanwhile)."""
+        epoch = self.grants.epoch
+        async with self.container.reader(actor) as scope:
+            if token is not None:
+                checked = await self.container.authenticate(token, count_use=False, scope=scope)
+            try:
+                await scope.projects.require(project_id, "viewer")
+            except DomainError:
+                raise Forbidden("you are not a member of this project", {"project_id": project_id}) from None
+            head = await scope.store.events.head(project_id)
+            page = await scope.store.events.since(project_id, since, REPLAY_PAGE)
+        if token is not None:
+            self.grants.keep(epoch, token, checked)
+        self.grants.keep(epoch, None, actor, project_id)
+        latest = head[0] if head else 0
+        if stream.upto is None:
+            # Everything up to the head is in the log, and every member of the room is still holding.
+            stream.upto = latest
+            for seq in [s for s in stream.ahead if s <= latest]:
+                del stream.ahead[seq]
+            self._kick(project_id, stream)
+        return page, latest
 
     async def unsubscribe(self, namespace: str, sid: str, project_id: str) -> None:
         await self.sio.leave_room(sid, room(project_id), namespace=namespace)
@@ -373,7 +508,7 @@ class ProjectNamespace(socketio.AsyncNamespace):
         if not token:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized")
         try:
-            actor = await self.hub.container.authenticate(str(token), count_use=False)  # a read, no write
+            actor = await self.hub.principal(str(token))  # a read at most, no write
         except DomainError:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized") from None
         except Exception:
