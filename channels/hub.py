@@ -11,8 +11,10 @@ stream reads what it has not emitted from the log. The log, not pub/sub, makes d
 Fast (bench/fanout.py, bench/README.md): the bus listener only files the event and returns, so neither the
 publishing request nor the Redis reader waits for a broadcast; one drainer task per project emits its events
 in order. An event is encoded once per process (msgspec, the Socket.IO v4 text packet inside one engine.io
-packet) and that same packet is put on each recipient socket's send queue, in steps of ``FANOUT_CHUNK``
-recipients with the loop free in between — no task per recipient, no binary scan.
+packet) and that same frame is written straight to each recipient's websocket when its engine.io writer task
+is idle (nothing queued before it can be overtaken: :func:`_write_now`), else put on the socket's send queue
+as python-socketio would — in steps of ``FANOUT_CHUNK`` recipients with the loop free in between: no task
+per recipient, no writer wake-up per recipient, no binary scan.
 
 Replay-then-live without loss or duplicates (DESIGN.md §9): a subscriber is marked *holding* and
 joins the room before anything is read; live events for it are buffered while the log is replayed to
