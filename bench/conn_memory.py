@@ -3,7 +3,8 @@
     .venv/bin/python bench/conn_memory.py [--clients 200] [--top 25] [--profile]
 
 The server (the real app: SQLite in a temporary directory, in-process bus) runs in this process; the clients
-(raw aiohttp websockets speaking engine.io 4 / Socket.IO 5, as bench/fanout.py's) in a child process, so only
+(raw aiohttp websockets speaking engine.io 4 / Socket.IO 5, subscribing with ``since`` = the head, as
+bench/fanout.py's) in a child process, so only
 the server's allocations are traced. After a warm-up of 20 connections, a snapshot; then ``--clients`` more
 connect and subscribe; a second snapshot. Prints the bytes per connection still allocated, grouped by the
 source line that allocated them (the top ``--top``), and by file. ``--profile``: instead, the server CPU per
@@ -39,13 +40,13 @@ from storage.models import metadata  # noqa: E402
 NS = "/budgets"
 
 
-async def _client(session: aiohttp.ClientSession, url: str, token: str, project: str, done: asyncio.Queue,
-                  stop: asyncio.Event) -> None:
+async def _client(session: aiohttp.ClientSession, url: str, token: str, project: str, since: int,
+                  done: asyncio.Queue, stop: asyncio.Event) -> None:
     async with session.ws_connect(url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket") as ws:
         assert (await ws.receive_str()).startswith("0")
         await ws.send_str(f"40{NS}," + json.dumps({"token": token}))
         assert (await ws.receive_str()).startswith(f"40{NS},")
-        await ws.send_str(f"42{NS},0" + json.dumps(["subscribe", {"project_id": project}]))
+        await ws.send_str(f"42{NS},0" + json.dumps(["subscribe", {"project_id": project, "since": since}]))
         while True:
             msg = await ws.receive_str()
             if msg.startswith(f"43{NS},0"):
@@ -60,15 +61,15 @@ async def _client(session: aiohttp.ClientSession, url: str, token: str, project:
                 await ws.send_str("3")
 
 
-def _clients(url: str, token: str, project: str, counts: list[int], pipe) -> None:
+def _clients(url: str, token: str, project: str, since: int, counts: list[int], pipe) -> None:
     async def main() -> None:
         done: asyncio.Queue = asyncio.Queue()
         stop = asyncio.Event()
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             tasks = []
             for n in counts:
                 for _ in range(n):
-                    tasks.append(asyncio.create_task(_client(session, url, token, project, done, stop)))
+                    tasks.append(asyncio.create_task(_client(session, url, token, project, since, done, stop)))
                 for _ in range(n):
                     await done.get()
                 pipe.send(n)
@@ -99,8 +100,11 @@ async def main(args: argparse.Namespace) -> None:
             token = (await r.json())["access_token"]
         async with http.get(url + "/api/v1/projects", headers={"Authorization": f"Bearer {token}"}) as r:
             project = (await r.json())["items"][0]["id"]
+        async with http.get(f"{url}/api/v1/projects/{project}/audit?limit=1",
+                            headers={"Authorization": f"Bearer {token}"}) as r:
+            head = (await r.json())["items"][0]["seq"]
     parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("spawn").Process(target=_clients, args=(url, token, project,
+    proc = multiprocessing.get_context("spawn").Process(target=_clients, args=(url, token, project, head,
                                                                               [20, args.clients], child))
     proc.start()
     loop = asyncio.get_running_loop()
@@ -108,7 +112,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.profile:
         from pyinstrument import Profiler
 
-        profiler = Profiler(interval=0.0005)
+        profiler = Profiler(interval=0.001, async_mode="disabled")  # the whole loop, not one task
         profiler.start()
         cpu = time.process_time()
         parent.send("go")
