@@ -503,22 +503,25 @@ class Hub:
 
 
 class _Websocket(eio_aiohttp.WebSocket):
-    """engine.io's aiohttp websocket wrapper, which also leaves the aiohttp ``WebSocketResponse`` on the engine.io
-    socket it serves (``ws_response``), for :func:`_write_now`."""
+    """engine.io's aiohttp websocket wrapper (its ``__call__``, two changes): the aiohttp ``WebSocketResponse`` is
+    left on the engine.io socket it serves (``ws_response``), for :func:`_write_now`; and permessage-deflate is
+    declined. A browser offers it, and then every broadcast frame would be compressed once per recipient, each
+    socket keeping its own zlib state (hundreds of KB) — event envelopes are small; CPU and memory matter more."""
 
-    def __init__(self, handler: Any, server: Any) -> None:
-        socket = getattr(handler, "__self__", None)  # the engine.io socket whose _websocket_handler this is
-
-        async def handle(ws: eio_aiohttp.WebSocket) -> None:
+    async def __call__(self, environ: dict) -> web.WebSocketResponse:
+        request = environ["aiohttp.request"]
+        self._sock = web.WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=False)
+        await self._sock.prepare(request)
+        self.environ = environ
+        socket = getattr(self.handler, "__self__", None)  # the engine.io socket whose _websocket_handler this is
+        if socket is not None:
+            socket.ws_response = self._sock
+        try:
+            await self.handler(self)
+        finally:
             if socket is not None:
-                socket.ws_response = ws._sock
-            try:
-                await handler(ws)
-            finally:
-                if socket is not None:
-                    socket.ws_response = None
-
-        super().__init__(handle, server)
+                socket.ws_response = None
+        return self._sock
 
 
 def _write_now(socket: Any, frame: bytes) -> bool:

@@ -159,3 +159,28 @@ async def test_frames_go_straight_to_idle_websockets_and_polling_clients_keep_th
         assert hub.direct_writes - before >= 20  # at least the two idle websockets, most of the time all three
     finally:
         await polling.disconnect()
+
+
+async def test_a_client_offering_compression_gets_plain_frames_and_the_direct_path(client):
+    """Browsers offer permessage-deflate; the hub declines it (no per-recipient compression, no zlib state per
+    socket), so such a client's events are written straight to its websocket too."""
+    import json
+
+    from channels.hub import HUB
+
+    hub = client.app[HUB]
+    alice = await register(client)
+    ws_url = url(client).replace("http://", "ws://").rstrip("/") + "/socket.io/?EIO=4&transport=websocket"
+    async with client.session.ws_connect(ws_url, compress=15) as ws:
+        assert ws.compress == 0  # the extension was declined in the handshake
+        assert (await ws.receive_str(timeout=test_sockets.WAIT)).startswith("0")
+        await ws.send_str("40/budgets," + json.dumps({"token": alice.token}))
+        assert (await ws.receive_str(timeout=test_sockets.WAIT)).startswith("40/budgets,")
+        await ws.send_str("42/budgets,0" + json.dumps(["subscribe", {"project_id": alice.project_id, "since": 1}]))
+        assert (await ws.receive_str(timeout=test_sockets.WAIT)).startswith("43/budgets,0")
+        before = hub.direct_writes
+        await patch(client, alice, name="compressed?")
+        msg = await ws.receive_str(timeout=test_sockets.WAIT)
+        name, envelope = json.loads(msg.removeprefix("42/budgets,"))
+        assert (name, envelope["seq"]) == ("project.updated", 2)
+        assert hub.direct_writes == before + 1
