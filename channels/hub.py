@@ -28,9 +28,9 @@ disconnects that key's sockets (on every process, since every process sees every
 Cheap connect and subscribe (:class:`_Grants`): what a check found is kept per process — token → principal
 for ``PRINCIPAL_TTL_SECONDS`` (never past the token's own expiry), (project, principal) → member for
 ``MEMBERSHIP_TTL_SECONDS`` — and forgotten as soon as an event says it may have changed (``member.removed``,
-``key.revoked``, ``project.deleted``: on arrival from the bus, and again when drained, so one recovered from
-the log counts too) or the bus resyncs. A result read while such an event went by is not kept. A subscribe
-with nothing to replay (``since`` at or past what this process has emitted) on warm grants reads nothing.
+``key.revoked``, ``key.updated``, ``project.deleted``: on arrival from the bus, and again when drained, so one
+recovered from the log counts too) or the bus resyncs. A result read while such an event went by is not kept. A
+subscribe with nothing to replay (``since`` at or past what this process has emitted) on warm grants reads nothing.
 
 Per-client state lives in the socket session and room membership; the hub itself keeps only the
 streams (one per subscribed project) and the hold buffers of subscribes in progress.
@@ -70,7 +70,7 @@ _REVOKING = frozenset({"member.removed", "key.revoked"})  # events after which s
 # Recipients queued per step of a broadcast; between steps the loop runs other work (requests, the bus).
 FANOUT_CHUNK = 256
 _wire = msgspec.json.Encoder()
-_FORGETTING = frozenset({"member.removed", "key.revoked", "project.deleted"})  # events that void grants
+_FORGETTING = frozenset({"member.removed", "key.revoked", "key.updated", "project.deleted"})  # void grants
 PRINCIPAL_TTL_SECONDS = 10.0  # bounds a grant whose voiding event this process never heard (Redis dropped it)
 MEMBERSHIP_TTL_SECONDS = 30.0
 GRANTS_MAX = 50_000  # per kind; the oldest go first
@@ -174,6 +174,9 @@ class _Grants:
             return
         if event.type == "key.revoked":
             gone = {f"key:{data.get('key_id')}"}
+        elif event.type == "key.updated":  # its scopes or expiry changed: read it again
+            key = data.get("key")
+            gone = {f"key:{key.get('id')}"} if isinstance(key, dict) else set()
         else:  # project.deleted: its keys stop authenticating, its members' grants go
             gone = {a.label for a, _ in self.principals.values() if a.kind == "key" and a.project_id == project_id}
             for key in [k for k in self.members if k[0] == project_id]:
@@ -420,13 +423,13 @@ class Hub:
             await self.sio.enter_room(sid, room(project_id), namespace=namespace)
             if not self.sio.manager.is_connected(sid, namespace):
                 raise Forbidden("the connection is closing")
-            if (stream.upto is not None and since >= stream.upto
-                    and (token is None or self.grants.principal(token) is not None)
+            principal = self.grants.principal(token) if token is not None else actor  # the token as re-read
+            if (stream.upto is not None and since >= stream.upto and principal is not None
                     and self.grants.member(project_id, actor)):
                 # Every event after ``since`` is still to come on the room (this process emitted up to ``upto``).
                 page, top = [], stream.upto
             else:
-                page, top = await self._check_and_read(actor, project_id, since, token, stream)
+                page, top, principal = await self._check_and_read(actor, project_id, since, token, stream)
             last = since
             while True:
                 for event in page:
@@ -456,10 +459,11 @@ class Hub:
         return top
 
     async def _check_and_read(self, actor: Actor, project_id: str, since: int, token: str | None,
-                              stream: _Stream) -> tuple[list[Event], int]:
+                              stream: _Stream) -> tuple[list[Event], int, Actor]:
         """One read: the token's re-check, the membership, the head and the first replay page; what passed is kept
-        in the grants (unless an event voided some grant meanwhile)."""
+        in the grants (unless an event voided some grant meanwhile). Also returns the principal as re-read."""
         epoch = self.grants.epoch
+        checked = actor
         async with self.container.reader(actor) as scope:
             if token is not None:
                 checked = await self.container.authenticate(token, count_use=False, scope=scope)
@@ -479,7 +483,7 @@ class Hub:
             for seq in [s for s in stream.ahead if s <= latest]:
                 del stream.ahead[seq]
             self._kick(project_id, stream)
-        return page, latest
+        return page, latest, checked
 
     async def unsubscribe(self, namespace: str, sid: str, project_id: str) -> None:
         await self.sio.leave_room(sid, room(project_id), namespace=namespace)
