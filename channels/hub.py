@@ -11,8 +11,10 @@ stream reads what it has not emitted from the log. The log, not pub/sub, makes d
 Fast (bench/fanout.py, bench/README.md): the bus listener only files the event and returns, so neither the
 publishing request nor the Redis reader waits for a broadcast; one drainer task per project emits its events
 in order. An event is encoded once per process (msgspec, the Socket.IO v4 text packet inside one engine.io
-packet) and that same packet is put on each recipient socket's send queue, in steps of ``FANOUT_CHUNK``
-recipients with the loop free in between — no task per recipient, no binary scan.
+packet) and that same frame is written straight to each recipient's websocket when its engine.io writer task
+is idle (nothing queued before it can be overtaken: :func:`_write_now`), else put on the socket's send queue
+as python-socketio would — in steps of ``FANOUT_CHUNK`` recipients with the loop free in between: no task
+per recipient, no writer wake-up per recipient, no binary scan.
 
 Replay-then-live without loss or duplicates (DESIGN.md §9): a subscriber is marked *holding* and
 joins the room before anything is read; live events for it are buffered while the log is replayed to
@@ -22,6 +24,13 @@ one event loop, so no event slips between. Clients also drop any seq they have a
 Access follows the log: each subscribe re-checks the connection's token and the membership; a
 ``member.removed`` takes that user's sockets out of the project's rooms and a ``key.revoked``
 disconnects that key's sockets (on every process, since every process sees every event).
+
+Cheap connect and subscribe (:class:`_Grants`): what a check found is kept per process — token → principal
+for ``PRINCIPAL_TTL_SECONDS`` (never past the token's own expiry), (project, principal) → member for
+``MEMBERSHIP_TTL_SECONDS`` — and forgotten as soon as an event says it may have changed (``member.removed``,
+``key.revoked``, ``key.updated``, ``project.deleted``: on arrival from the bus, and again when drained, so one
+recovered from the log counts too) or the bus resyncs. A result read while such an event went by is not kept. A
+subscribe with nothing to replay (``since`` at or past what this process has emitted) on warm grants reads nothing.
 
 Per-client state lives in the socket session and room membership; the hub itself keeps only the
 streams (one per subscribed project) and the hold buffers of subscribes in progress.
@@ -38,10 +47,12 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
+import jwt
 import msgspec
 import socketio
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from engineio import packet as eio_packet
+from engineio.async_drivers import aiohttp as eio_aiohttp
 
 from domain.base import Actor
 from domain.errors import DomainError, Forbidden, InvalidRequest, Unavailable
@@ -61,6 +72,10 @@ _REVOKING = frozenset({"member.removed", "key.revoked"})  # events after which s
 # Recipients queued per step of a broadcast; between steps the loop runs other work (requests, the bus).
 FANOUT_CHUNK = 256
 _wire = msgspec.json.Encoder()
+_FORGETTING = frozenset({"member.removed", "key.revoked", "key.updated", "project.deleted"})  # void grants
+PRINCIPAL_TTL_SECONDS = 10.0  # bounds a grant whose voiding event this process never heard (Redis dropped it)
+MEMBERSHIP_TTL_SECONDS = 30.0
+GRANTS_MAX = 50_000  # per kind; the oldest go first
 
 
 def _ts_epoch(ts: str) -> float:
@@ -109,6 +124,98 @@ class _Server(socketio.AsyncServer):
                 await socket.queue.put(None)  # and the transport too, not when the client gets round to it
 
 
+def _token_expiry(token: str, actor: Actor) -> float | None:
+    """When a verified token stops authenticating (epoch seconds), if it says: a key's ``expires_at``, an access
+    token's ``exp`` claim (its signature was verified by the check being cached)."""
+    expires_at = getattr(actor, "expires_at", None)  # keys carry it once they can expire
+    if isinstance(expires_at, datetime):
+        return expires_at.timestamp()
+    if token.startswith("sk-"):
+        return None
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.InvalidTokenError:
+        return time.time()  # cannot tell: do not keep it
+    return float(exp) if isinstance(exp, int | float) else time.time()
+
+
+class _Grants:
+    """What this process found when it last checked a token or a membership, until an event voids it."""
+
+    def __init__(self) -> None:
+        self.principals: dict[str, tuple[Actor, float]] = {}  # token -> (principal, valid until)
+        self.members: dict[tuple[str, str], float] = {}  # (project_id, actor label) -> valid until
+        self.epoch = 0  # moves whenever something is forgotten: a check that overlapped it is not kept
+
+    def principal(self, token: str) -> Actor | None:
+        hit = self.principals.get(token)
+        if hit is None:
+            return None
+        if time.time() >= hit[1]:
+            del self.principals[token]
+            return None
+        return hit[0]
+
+    def member(self, project_id: str, actor: Actor) -> bool:
+        key = (project_id, actor.label)
+        until = self.members.get(key)
+        if until is None:
+            return False
+        if time.time() >= until:
+            del self.members[key]
+            return False
+        return True
+
+    def keep(self, epoch: int, token: str | None, actor: Actor, project_id: str | None = None) -> None:
+        """Keep what a check that began at ``epoch`` found, unless something was forgotten meanwhile."""
+        if epoch != self.epoch:
+            return
+        now = time.time()
+        if token is not None:
+            until = now + PRINCIPAL_TTL_SECONDS
+            expiry = _token_expiry(token, actor)
+            if expiry is not None:
+                until = min(until, expiry)
+            if until > now:
+                _put(self.principals, token, (actor, until))
+        if project_id is not None:
+            _put(self.members, (project_id, actor.label), now + MEMBERSHIP_TTL_SECONDS)
+
+    def forget(self, event: Event) -> None:
+        if event.type not in _FORGETTING:
+            return
+        self.epoch += 1
+        data, project_id = event.data, event.project_id
+        if event.type == "member.removed":
+            self.members.pop((project_id, f"user:{data.get('user_id')}"), None)
+            return
+        if event.type == "key.revoked":
+            gone = {f"key:{data.get('key_id')}"}
+        elif event.type == "key.updated":  # its scopes or expiry changed: read it again
+            key = data.get("key")
+            gone = {f"key:{key.get('id')}"} if isinstance(key, dict) else set()
+        else:  # project.deleted: its keys stop authenticating, its members' grants go
+            gone = {a.label for a, _ in self.principals.values() if a.kind == "key" and a.project_id == project_id}
+            for key in [k for k in self.members if k[0] == project_id]:
+                del self.members[key]
+        for token in [t for t, (a, _) in self.principals.items() if a.label in gone]:
+            del self.principals[token]
+        for key in [k for k in self.members if k[1] in gone]:
+            del self.members[key]
+
+    def clear(self) -> None:
+        self.epoch += 1
+        self.principals.clear()
+        self.members.clear()
+
+
+def _put(cache: dict, key: Any, value: Any) -> None:
+    cache.pop(key, None)
+    if len(cache) >= GRANTS_MAX:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 class Hub:
     def __init__(self, container: Units, metrics: HubMetrics) -> None:
         self.container = container
@@ -124,15 +231,34 @@ class Hub:
         self._pending: set[asyncio.TimerHandle | asyncio.Future] = set()  # gap look-ups, stopped by close()
         self._closed = False
         self.tail_check_seconds = TAIL_CHECK_SECONDS
+        self.grants = _Grants()
+        self.direct_writes = 0  # packets written straight to a websocket (not through the socket's writer task)
+        # Our engine.io server's websocket wrapper leaves the aiohttp websocket on its engine.io socket.
+        self.sio.eio._async = {**self.sio.eio._async, "websocket": _Websocket}
         for namespace in NAMESPACES:
             self.sio.register_namespace(ProjectNamespace(namespace, self))
         container.bus.listen(self.deliver)
-        container.bus.on_resync(self.catch_up_all)
+        container.bus.on_resync(self.resync)
+
+    async def resync(self) -> None:
+        """The bus was away: whatever it did not say may have voided a grant; read the log for what was missed."""
+        self.grants.clear()
+        await self.catch_up_all()
+
+    async def principal(self, token: str) -> Actor:
+        """The token's principal: as this process last found it, or checked now (a read, no write)."""
+        actor = self.grants.principal(token)
+        if actor is None:
+            epoch = self.grants.epoch
+            actor = await self.container.authenticate(token, count_use=False)
+            self.grants.keep(epoch, token, actor)
+        return actor
 
     # ------------------------------------------------------------------ delivery
     async def deliver(self, event: Event) -> None:
         """A bus listener: note the event and return at once. The project's drainer emits it (in seq order), so
         neither the publishing request nor the Redis reader waits for a broadcast."""
+        self.grants.forget(event)
         stream = self.streams.get(event.project_id)
         if stream is None or stream.seen(event.seq):
             return  # nobody here subscribes to this project, or already delivered
@@ -153,6 +279,7 @@ class Hub:
             while stream.upto is not None and stream.upto + 1 in stream.ahead:
                 stream.upto += 1
                 event = stream.ahead.pop(stream.upto)
+                self.grants.forget(event)  # again: it may come from the log, not the bus
                 await self._emit_live(event)
                 if event.type in _REVOKING:
                     await self._revoke(event)
@@ -193,21 +320,26 @@ class Hub:
             await asyncio.wait(tasks, timeout=5)
         self._pending.clear()
 
-    def _packet(self, namespace: str, event: Event) -> eio_packet.Packet:
+    def _packet(self, namespace: str, event: Event) -> tuple[eio_packet.Packet, bytes]:
         """The event as one engine.io MESSAGE, encoded once (msgspec) and shared by every recipient: its text is
-        the Socket.IO v4 EVENT packet ``2<namespace>,["<type>",<envelope>]``. Envelopes are JSON (no binary)."""
+        the Socket.IO v4 EVENT packet ``2<namespace>,["<type>",<envelope>]``. Envelopes are JSON (no binary).
+        Returned with the websocket frame's payload (that text in UTF-8) for :func:`_write_now`."""
         body = _wire.encode([event.type, event.envelope()]).decode()
         pkt = eio_packet.Packet(eio_packet.MESSAGE, f"2{namespace},{body}")
-        pkt.encode()  # fills the packet's cache: each socket's writer sends the same string
-        return pkt
+        text = pkt.encode()  # fills the packet's cache: each socket's writer sends the same string
+        return pkt, text.encode()
 
-    def _queue(self, namespace: str, sid: str, eio_sid: str | None, pkt: eio_packet.Packet) -> None:
-        """Hand a packet to a client's engine.io socket: its writer task sends the queue in order."""
+    def _queue(self, namespace: str, sid: str, eio_sid: str | None, wire: tuple[eio_packet.Packet, bytes]) -> None:
+        """Hand a packet to a client's engine.io socket: written to its websocket now when nothing it was sent
+        before is still waiting, else put on its queue, which its writer task sends in order."""
         if eio_sid is None:
             eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
         if socket is not None and not socket.closed:
-            socket.queue.put_nowait(pkt)
+            if _write_now(socket, wire[1]):
+                self.direct_writes += 1
+            else:
+                socket.queue.put_nowait(wire[0])
 
     async def _emit_live(self, event: Event) -> None:
         namespace = namespace_for(event.type)
@@ -220,7 +352,7 @@ class Hub:
         recipients = [p for p in self.sio.manager.get_participants(namespace, room(event.project_id))
                       if p[0] not in held]
         if recipients:
-            pkt = self._packet(namespace, event)
+            wire = self._packet(namespace, event)
             for i in range(0, len(recipients), FANOUT_CHUNK):
                 if i:
                     holds = self._holds
@@ -229,7 +361,7 @@ class Hub:
                         held = {k[1] for k in self.holding if k[0] == namespace and k[2] == event.project_id}
                 for sid, eio_sid in recipients[i:i + FANOUT_CHUNK]:
                     if sid not in held:
-                        self._queue(namespace, sid, eio_sid, pkt)
+                        self._queue(namespace, sid, eio_sid, wire)
         self.metrics.events_delivered.labels(namespace).inc()
         self.metrics.live_lag.observe(max(0.0, time.time() - _ts_epoch(event.ts)))
 
@@ -300,7 +432,7 @@ class Hub:
         # Hold first, then join, then read: nothing committed from here on can slip past this subscriber. The
         # token's re-check (a revoked key, a deleted user), the membership check, the log's head and the first
         # replay page are one read; until it passes, what the room carries only goes to this subscriber's hold
-        # buffer, which a refusal discards.
+        # buffer, which a refusal discards. Warm (the grants known, nothing to replay): no read at all.
         key = (namespace, sid, project_id, next(self._ids))
         self.holding[key] = []
         self._holds += 1
@@ -309,23 +441,15 @@ class Hub:
             await self.sio.enter_room(sid, room(project_id), namespace=namespace)
             if not self.sio.manager.is_connected(sid, namespace):
                 raise Forbidden("the connection is closing")
-            async with self.container.reader(actor) as scope:
-                if token is not None:
-                    actor = await self.container.authenticate(token, count_use=False, scope=scope)
-                require_key_scope(actor, "audit:read")  # a key's live events are its project's log
-                try:
-                    await scope.projects.require(project_id, "viewer")
-                except DomainError:
-                    raise Forbidden("you are not a member of this project", {"project_id": project_id}) from None
-                head = await scope.store.events.head(project_id)
-                page = await scope.store.events.since(project_id, since, REPLAY_PAGE)
-            latest = top = head[0] if head else 0
-            if stream.upto is None:
-                # Everything up to the head is in the log, and every member of the room is still holding.
-                stream.upto = latest
-                for seq in [s for s in stream.ahead if s <= latest]:
-                    del stream.ahead[seq]
-                self._kick(project_id, stream)
+            principal = self.grants.principal(token) if token is not None else actor  # the token as re-read
+            page: list[Event]
+            if (stream.upto is not None and since >= stream.upto and principal is not None
+                    and self.grants.member(project_id, actor)):
+                # Every event after ``since`` is still to come on the room (this process emitted up to ``upto``).
+                page, top = [], stream.upto
+            else:
+                page, top, principal = await self._check_and_read(actor, project_id, since, token, stream)
+            require_key_scope(principal, "audit:read")  # a key's live events are its project's log
             last = since
             while True:
                 for event in page:
@@ -354,6 +478,33 @@ class Hub:
             self._drop_if_unused(project_id)
         return top
 
+    async def _check_and_read(self, actor: Actor, project_id: str, since: int, token: str | None,
+                              stream: _Stream) -> tuple[list[Event], int, Actor]:
+        """One read: the token's re-check, the membership, the head and the first replay page; what passed is kept
+        in the grants (unless an event voided some grant meanwhile). Also returns the principal as re-read."""
+        epoch = self.grants.epoch
+        checked = actor
+        async with self.container.reader(actor) as scope:
+            if token is not None:
+                checked = await self.container.authenticate(token, count_use=False, scope=scope)
+            try:
+                await scope.projects.require(project_id, "viewer")
+            except DomainError:
+                raise Forbidden("you are not a member of this project", {"project_id": project_id}) from None
+            head = await scope.store.events.head(project_id)
+            page = await scope.store.events.since(project_id, since, REPLAY_PAGE)
+        if token is not None:
+            self.grants.keep(epoch, token, checked)
+        self.grants.keep(epoch, None, actor, project_id)
+        latest = head[0] if head else 0
+        if stream.upto is None:
+            # Everything up to the head is in the log, and every member of the room is still holding.
+            stream.upto = latest
+            for seq in [s for s in stream.ahead if s <= latest]:
+                del stream.ahead[seq]
+            self._kick(project_id, stream)
+        return page, latest, checked
+
     async def unsubscribe(self, namespace: str, sid: str, project_id: str) -> None:
         await self.sio.leave_room(sid, room(project_id), namespace=namespace)
         self._drop_if_unused(project_id)
@@ -373,6 +524,51 @@ class Hub:
                 if (namespace, sid) != leaving and manager.is_connected(sid, namespace):
                     return
         del self.streams[project_id]
+
+
+class _Websocket(eio_aiohttp.WebSocket):
+    """engine.io's aiohttp websocket wrapper (its ``__call__``, two changes): the aiohttp ``WebSocketResponse`` is
+    left on the engine.io socket it serves (``ws_response``), for :func:`_write_now`; and permessage-deflate is
+    declined. A browser offers it, and then every broadcast frame would be compressed once per recipient, each
+    socket keeping its own zlib state (hundreds of KB) — event envelopes are small; CPU and memory matter more."""
+
+    async def __call__(self, environ: dict) -> web.WebSocketResponse:
+        request = environ["aiohttp.request"]
+        self._sock = web.WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=False)
+        await self._sock.prepare(request)
+        self.environ = environ
+        socket = getattr(self.handler, "__self__", None)  # the engine.io socket whose _websocket_handler this is
+        if socket is not None:
+            socket.ws_response = self._sock
+        try:
+            await self.handler(self)
+        finally:
+            if socket is not None:
+                socket.ws_response = None
+        return self._sock
+
+
+def _write_now(socket: Any, frame: bytes) -> bool:
+    """Write a text frame straight to an engine.io socket's websocket, if that cannot overtake anything the socket
+    was sent before: its writer task is idle (waiting on an empty queue, so all it took was written), the
+    connection is a settled websocket without compression, and the transport is taking data (not paused: a slow
+    client's frames queue up, as before). Saves one writer task wake-up (and its ``wait_for``) per recipient.
+    Relies on aiohttp 3.x's WebSocketWriter and asyncio.Queue internals; false when they are not what is expected."""
+    ws = getattr(socket, "ws_response", None)
+    if ws is None or not socket.upgraded or socket.upgrading or socket.closing or ws.compress:
+        return False
+    queue = socket.queue
+    writer = getattr(ws, "_writer", None)
+    getters = getattr(queue, "_getters", None)
+    if (writer is None or not getters or not queue.empty() or not any(not g.done() for g in getters)
+            or getattr(writer, "_closing", True) or getattr(writer.protocol, "_paused", True)
+            or writer.transport is None or writer.transport.is_closing()):
+        return False
+    try:
+        writer._write_websocket_frame(frame, WSMsgType.TEXT, 0)
+    except Exception:
+        return False  # not written: the queue (and the writer's own error handling) takes it
+    return True
 
 
 def _log_failure(task: asyncio.Future) -> None:
@@ -402,7 +598,7 @@ class ProjectNamespace(socketio.AsyncNamespace):
         if not token:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized")
         try:
-            actor = await self.hub.container.authenticate(str(token), count_use=False)  # a read, no write
+            actor = await self.hub.principal(str(token))  # a read at most, no write
         except DomainError:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized") from None
         except Exception:

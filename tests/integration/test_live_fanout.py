@@ -6,6 +6,7 @@ Real Socket.IO clients over real sockets on a real app; every wait is "until, or
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -119,3 +120,67 @@ async def test_a_non_member_subscribe_gets_nothing_even_while_events_flow(client
     assert all(ack["ok"] is False and ack["error"]["code"] == "forbidden" for ack in acks), acks
     await watcher.until_seq(6)
     assert spy.received == []
+
+
+async def test_frames_go_straight_to_idle_websockets_and_polling_clients_keep_the_queue(client, live):
+    """A broadcast writes the frame to each websocket whose writer is idle (``direct_writes`` counts them); a
+    long-polling client has no websocket and gets the same events through its queue. Both get every event once,
+    in order, while a second subscribe (replay + ack on the same socket) interleaves with the broadcasts."""
+    from channels.hub import HUB
+
+    hub = client.app[HUB]
+    alice = await register(client)
+    ws_clients = [await live(alice.token) for _ in range(3)]
+    polling = LiveClient(url(client), alice.token)
+    await polling.sio.connect(url(client), auth={"token": alice.token}, namespaces=["/budgets"],
+                              transports=["polling"], wait_timeout=test_sockets.WAIT)
+    try:
+        for lc in [*ws_clients, polling]:
+            assert (await lc.subscribe(alice.project_id))["seq"] == 1
+        before = hub.direct_writes
+
+        async def changes() -> None:
+            for i in range(20):
+                await patch(client, alice, name=f"direct {i}")
+
+        async def resubscribe() -> None:
+            for _ in range(5):
+                ack = await ws_clients[0].subscribe(alice.project_id, since=ws_clients[0].last_seq)
+                assert ack["ok"] is True
+
+        await asyncio.gather(changes(), resubscribe())
+        for lc in [*ws_clients, polling]:
+            await lc.until_seq(21)
+        for lc in [*ws_clients[1:], polling]:
+            assert lc.seqs() == list(range(1, 22))
+        seqs = ws_clients[0].seqs()  # a replay may repeat a seq still in flight (clients drop those); never reorders
+        assert sorted(set(seqs)) == list(range(1, 22))
+        assert all(b >= a for a, b in itertools.pairwise(seqs))
+        assert hub.direct_writes - before >= 20  # at least the two idle websockets, most of the time all three
+    finally:
+        await polling.disconnect()
+
+
+async def test_a_client_offering_compression_gets_plain_frames_and_the_direct_path(client):
+    """Browsers offer permessage-deflate; the hub declines it (no per-recipient compression, no zlib state per
+    socket), so such a client's events are written straight to its websocket too."""
+    import json
+
+    from channels.hub import HUB
+
+    hub = client.app[HUB]
+    alice = await register(client)
+    ws_url = url(client).replace("http://", "ws://").rstrip("/") + "/socket.io/?EIO=4&transport=websocket"
+    async with client.session.ws_connect(ws_url, compress=15) as ws:
+        assert ws.compress == 0  # the extension was declined in the handshake
+        assert (await ws.receive_str(timeout=test_sockets.WAIT)).startswith("0")
+        await ws.send_str("40/budgets," + json.dumps({"token": alice.token}))
+        assert (await ws.receive_str(timeout=test_sockets.WAIT)).startswith("40/budgets,")
+        await ws.send_str("42/budgets,0" + json.dumps(["subscribe", {"project_id": alice.project_id, "since": 1}]))
+        assert (await ws.receive_str(timeout=test_sockets.WAIT)).startswith("43/budgets,0")
+        before = hub.direct_writes
+        await patch(client, alice, name="compressed?")
+        msg = await ws.receive_str(timeout=test_sockets.WAIT)
+        name, envelope = json.loads(msg.removeprefix("42/budgets,"))
+        assert (name, envelope["seq"]) == ("project.updated", 2)
+        assert hub.direct_writes == before + 1
