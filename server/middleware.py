@@ -150,7 +150,10 @@ async def input_middleware(request: web.Request, handler):
     judged where it is decoded (server/http.py), which knows its fields."""
     if "%00" in request.raw_path:  # cheap: an encoded NUL must show up like this in the raw path
         _nul_in_url(request)
-    if request.body_exists and request.match_info.http_exception is None:  # a 404/405 reads no body
+    # Only the route table's handlers read bodies through aiohttp's cache. Socket.IO's engine.io reads the raw
+    # stream itself (a read here would leave it an empty body: long-polling would hang); its packets are
+    # depth-checked where they are decoded (domain.inputs.SocketJson). A 404/405 reads no body.
+    if request.body_exists and request.match_info.http_exception is None and route_spec(request) is not None:
         body = await request.read()  # cached: the handler's read costs nothing more
         if depth_exceeds(body):
             raise BodyTooDeep()

@@ -106,7 +106,7 @@ async def test_a_key_revoked_on_another_process_refuses_its_warm_sockets_at_once
     a, _, _ = await redis_app(aiohttp_client, settings, db, redis_url, name)
     b, _, _ = await redis_app(aiohttp_client, settings, db, redis_url, name)
     alice = await register(b)
-    key = await create_key(b, alice)
+    key = await create_key(b, alice, scopes=["audit:read"])  # a key sees its project's live log with audit:read
     async with AsyncExitStack() as stack:
         watcher = await LiveClient(url(a), alice.token).connect()
         stack.push_async_callback(watcher.disconnect)

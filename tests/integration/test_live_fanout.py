@@ -88,7 +88,7 @@ async def test_the_live_lag_metric_observes_each_emitted_event(client, live, met
 
 async def test_a_key_connects_and_subscribes_with_reads_only(client, live):
     alice = await register(client)
-    key = await create_key(client, alice)
+    key = await create_key(client, alice, scopes=["audit:read", "project:read"])  # live events: its project's log
     lc = await live(key["key"])
     assert (await lc.subscribe(alice.project_id))["ok"] is True
     await patch(client, alice)
