@@ -232,7 +232,7 @@ class _Pass:
             outcome=outcome, reasons=reasons, risk_score=score, risk_factors=factors or [],
             estimated_cost_micros=self.estimate, model=model.id if model else None, error_code=error_code,
             retry_after_seconds=retry_after, tier=tier, provider=model.provider if model else None,
-            upstream_model=model.name if model else None, max_output_tokens=self.output_tokens,
+            upstream_model=model.wire_name if model else None, max_output_tokens=self.output_tokens,
             rate_limits=self.rate_limits, budget_ids=self.budget_ids, policy_version=self.policy_version,
             input_micros_per_mtok=model.input_micros_per_mtok if model else None,
             output_micros_per_mtok=model.output_micros_per_mtok if model else None)

@@ -20,6 +20,7 @@ from server.container import Container
 from server.http import CONTAINER, routes
 from server.metrics import METRICS, Metrics
 from server.middleware import access_middleware, auth_middleware, error_middleware, request_id_middleware
+from server.providers import configured_models
 from server.settings import Settings
 from storage.bus import LocalBus, RedisBus
 from storage.catalog import seed_catalog
@@ -52,11 +53,27 @@ def create_app(settings: Settings, *, container: Container | None = None,
     routes.install(app)
     idempotency.install(app)  # streamed answers are recorded for Idempotency-Key replays
 
+    async def declare_models(container: Container) -> None:
+        declared = configured_models(container.providers.upstreams)
+        if not declared:
+            return
+        for attempt in range(3):  # another process starting at once may insert the same rows first
+            try:
+                async with container.uow() as scope:
+                    changed = await scope.catalog.declare(declared, source="SMARTSPACE_UPSTREAMS")
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+        if changed:
+            log.info("catalog models declared in configuration", extra={"models": changed})
+
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if migrate is not None:
             await migrate(container.db)
         await container.bus.start()
         await seed_catalog(container.db)  # missing catalog ids only; admin edits win
+        await declare_models(container)  # the models SMARTSPACE_UPSTREAMS declares: added or brought in line
         log.info("smartspace started", extra={"database": container.db.dialect,
                                               "bus": type(container.bus).__name__})
         yield

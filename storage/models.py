@@ -176,6 +176,8 @@ catalog_models = sa.Table(
     sa.Column("max_output_tokens", sa.Integer(), nullable=False),
     sa.Column("active", sa.Boolean(), nullable=False, server_default=sa.true()),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("aliases", JSON, nullable=False, server_default="[]"),  # other ids clients may send
+    sa.Column("upstream_model", sa.String(200), nullable=True),  # the provider's own name, when not `name`
 )
 
 # One wallet per project. balance = sum(ledger_entries.amount_micros); reserved = open holds.

@@ -72,7 +72,7 @@ async def test_anthropic_end_to_end_json_and_stream(gw):
         messages=[{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi anthropic"}])
     sent = gw.fake.received[-1]
     assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == ANTHROPIC_KEY
-    assert sent.body["system"] == "be terse" and sent.body["model"] == "claude-3-5-haiku"
+    assert sent.body["system"] == "be terse" and sent.body["model"] == "claude-3-5-haiku-20241022"  # the dated id
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage.completion_tokens == 5
     stream = await gw.oai.chat.completions.create(
