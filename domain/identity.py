@@ -408,7 +408,9 @@ class Keys:
 
 def parse_key(raw: str) -> str:
     """Validate the shape of a presented key and return its hash."""
-    if not raw.startswith(KEY_PREFIX) or len(raw) < 20:
+    if not raw.startswith(KEY_PREFIX):
         raise Unauthorized("API keys start with sk-")
+    if len(raw) < 20:  # shaped like a key, but no key this server issued: say so, not how keys look
+        raise Unauthorized("the API key is unknown, revoked, or its project is not active")
     return hash_key(raw)
 

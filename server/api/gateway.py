@@ -261,7 +261,8 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
 
 async def _sse_error(resp: web.StreamResponse, exc: DomainError) -> None:
     with contextlib.suppress(ConnectionError):
-        await resp.write(b"data: " + _encode(openai_error(exc.code, exc.message, exc.details)) + b"\n\n")
+        await resp.write(b"data: " + _encode(openai_error(exc.code, exc.message, exc.details, exc.status))
+                        + b"\n\n")
         await resp.write_eof()
 
 
