@@ -51,7 +51,7 @@ class ModelNotFound(NotFound):
 
 ModelId = Annotated[str, Meta(min_length=3, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[^\s/].*$",
                               description="provider/model, e.g. ollama/llama3.2")]
-Alias = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^\S+$")]
+Alias = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^\S+$", description="a name without spaces")]
 Price = Annotated[int, Meta(ge=0, le=10**12)]
 Tokens = Annotated[int, Meta(ge=1, le=100_000_000)]
 

@@ -18,7 +18,8 @@ from domain.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unautho
 if TYPE_CHECKING:
     from domain.scope import Deps, Scope
 
-Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=320)]
+Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=320,
+                            description="an email address such as ada@example.com")]
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
 Password = Annotated[str, Meta(min_length=8, max_length=256)]
 KEY_PREFIX = "sk-"

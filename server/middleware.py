@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from domain.errors import DomainError, RateLimited, Unauthorized
-from server.http import ACTOR, REQUEST_ID, encode, route_spec
+from server.http import ACTOR, REQUEST_ID, encode, invalid_body, route_spec
 
 access_log = logging.getLogger("smartspace.access")
 log = logging.getLogger("smartspace.http")
@@ -141,7 +141,8 @@ async def error_middleware(request: web.Request, handler):
         # syntax error is reached. Malformed JSON is a 400 whatever the decoder met first.
         if not await _is_json(request):
             return error_response(request, 400, "invalid_request", "the body is not valid JSON")
-        return error_response(request, 422, "invalid_request", str(exc), {"reason": str(exc)})
+        invalid = invalid_body(exc)
+        return error_response(request, 422, invalid.code, invalid.message, invalid.details)
     except msgspec.DecodeError as exc:
         return error_response(request, 400, "invalid_request", f"the body is not valid JSON: {exc}")
     except web.HTTPException as exc:
