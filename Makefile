@@ -1,12 +1,15 @@
 # `make run`  — install, migrate, serve on the embedded defaults (SQLite, in-process bus, devnet).
-# `make test` — install, run every test (PostgreSQL and Redis on 127.0.0.1 by default).
+# `make test` — install, run every test (PostgreSQL and Redis on 127.0.0.1 by default; the browser
+#               tests need Debian's chromium, installed here when missing and we are root).
+# `make demo`  — a running dashboard with simulated agent traffic (`smartspace demo`).
+# `make ui`    — rebuild the dashboard bundle (ui/ → server/static, committed) from the lockfile (Node).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 export SMARTSPACE_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export SMARTSPACE_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run test fuzz lint fmt bench lock clean contracts
+.PHONY: install run test fuzz lint fmt bench lock clean contracts ui chromium demo
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +23,7 @@ run: install
 	$(BIN)/smartspace migrate
 	$(BIN)/smartspace serve
 
-test: install
+test: install chromium
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -28,6 +31,26 @@ test: install
 # more examples than the bounded run inside `make test`.
 fuzz: install
 	SMARTSPACE_FUZZ_EXAMPLES=$${SMARTSPACE_FUZZ_EXAMPLES:-100} $(BIN)/pytest -m fuzz -s tests/e2e/test_fuzz_openapi.py
+
+# Browser tests drive /usr/bin/chromium (never a downloaded browser). Missing it, root with apt-get
+# installs it; anyone else gets a loud warning and the browser tests skip.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing Debian's chromium for the browser tests"; \
+	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/tmp/smartspace-chromium.log 2>&1 \
+	      || { tail -5 /tmp/smartspace-chromium.log; echo "!!! make: chromium could not be installed: the browser tests will be SKIPPED"; }; \
+	  else \
+	    echo "!!! make: /usr/bin/chromium is missing (apt-get install chromium as root): the browser tests will be SKIPPED"; \
+	  fi; \
+	fi
+
+# The dashboard: `npm ci` from ui/package-lock.json, then vite builds into server/static (commit it).
+ui:
+	cd ui && npm ci --no-audit --no-fund && npm run build
+
+demo: install
+	$(BIN)/smartspace demo
 
 lint: install
 	$(BIN)/ruff check .
@@ -48,4 +71,4 @@ lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v '^smartspace' > requirements.lock
 
 clean:
-	rm -rf $(VENV) .smartspace .pytest_cache
+	rm -rf $(VENV) .smartspace .pytest_cache ui/node_modules .smartspace-artifacts

@@ -389,9 +389,12 @@ class Keys:
         await self.scope.projects.require(project_id, "viewer")
         return await self.store.keys.list(project_id, page)
 
-    async def authenticate(self, raw: str) -> KeyPrincipal:
-        """Resolve a presented key; counts the use. A revoked or unknown key fails at once."""
-        principal = await self.store.keys.use(parse_key(raw), utcnow())
+    async def authenticate(self, raw: str, *, count_use: bool = True) -> KeyPrincipal:
+        """Resolve a presented key; counts the use (unless ``count_use`` is false: a read, e.g. a socket connect).
+        A revoked or unknown key fails at once."""
+        key_hash = parse_key(raw)
+        principal = (await self.store.keys.use(key_hash, utcnow()) if count_use
+                     else await self.store.keys.principal(key_hash))
         if principal is None or principal.project_status != "active":
             raise Unauthorized("the API key is unknown, revoked, or its project is not active")
         return principal

@@ -137,10 +137,11 @@ UowFactory = Callable[["Actor"], AbstractAsyncContextManager["Scope"]]
 
 class Units(Protocol):
     """What a consumer of the live books (the Socket.IO hub) needs from the container: read-only units
-    of work, and turning a token (access token or ``sk-`` key) into the acting principal."""
+    of work, and turning a token (access token or ``sk-`` key) into the acting principal (``count_use``:
+    whether a key's use is counted, a write; ``scope``: an open unit of work to read it in)."""
 
     def reader(self, actor: Actor = ...) -> AbstractAsyncContextManager[Scope]: ...
-    async def authenticate(self, token: str) -> Actor: ...
+    async def authenticate(self, token: str, *, count_use: bool = True, scope: Scope | None = None) -> Actor: ...
     @property
     def bus(self) -> EventBus: ...
 
@@ -161,9 +162,15 @@ class Levels(Protocol):
     def labels(self, *values: str) -> Level: ...
 
 
+class Observed(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
 class HubMetrics(Protocol):
     """The hub's counters by namespace (``server.metrics.Metrics``, prometheus_client)."""
 
+    @property
+    def live_lag(self) -> Observed: ...
     @property
     def events_delivered(self) -> Counters: ...
     @property

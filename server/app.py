@@ -22,7 +22,7 @@ from server.metrics import METRICS, Metrics
 from server.middleware import access_middleware, auth_middleware, error_middleware, request_id_middleware
 from server.providers import configured_models
 from server.settings import Settings
-from storage.bus import LocalBus, RedisBus
+from storage.bus import LocalBus, RedisBus, channel_for, deployment_id
 from storage.catalog import seed_catalog
 from storage.db import Database
 
@@ -32,7 +32,9 @@ SETTINGS = web.AppKey("settings", Settings)
 
 def build_container(settings: Settings, metrics: Metrics, *, db: Database | None = None) -> Container:
     db = db or Database(settings.resolved_database_url, pool_size=settings.database_pool_size)
-    bus = RedisBus(settings.redis_url, metrics) if settings.redis_url else LocalBus(metrics)
+    bus = (RedisBus(settings.redis_url, metrics, channel_for(settings.redis_channel_prefix),
+                    deployment=deployment_id(db.url.database or "", settings.resolved_jwt_secret))
+           if settings.redis_url else LocalBus(metrics))
     return Container(settings, db, bus, metrics=metrics)
 
 

@@ -1,13 +1,17 @@
-"""The ``smartspace`` command: ``serve`` and ``migrate``."""
+"""The ``smartspace`` command: ``serve``, ``migrate`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
+import os
+import signal
 import sys
 
+import msgspec
 from aiohttp import web
 
 from server.settings import Settings, SettingsError, load_settings
@@ -23,24 +27,120 @@ def _settings_or_exit() -> Settings:
 
 def serve(args: argparse.Namespace) -> None:
     settings = _settings_or_exit()
-    from server.app import create_app
     from server.logs import setup_logging
-    from storage.migrate import upgrade
 
     setup_logging(settings.log_level)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
-    migrate = upgrade if settings.migrate_on_start else None
-    app = create_app(settings, migrate=migrate)
+    workers = args.workers
+    if workers > 1:
+        if not settings.redis_url:
+            _exit("--workers needs SMARTSPACE_REDIS_URL: each worker is its own process, and events reach "
+                  "the others' sockets through Redis")
+        if not settings.resolved_database_url.startswith("postgresql"):
+            _exit("--workers needs PostgreSQL (SMARTSPACE_DATABASE_URL): SQLite has one writer per file")
     print(f"smartspace: serving on http://{host}:{port} (database {settings.resolved_database_url.split('://')[0]}, "
-          f"bus {'redis' if settings.redis_url else 'in-process'})", file=sys.stderr, flush=True)
+          f"bus {'redis' if settings.redis_url else 'in-process'}"
+          f"{f', {workers} workers' if workers > 1 else ''})", file=sys.stderr, flush=True)
+    if workers == 1:
+        _run_worker(settings, host, port, 0, migrate_here=settings.migrate_on_start, reuse_port=False)
+        return
+    if settings.migrate_on_start:  # once, before any worker starts
+        _migrate_once(settings)
+    _supervise(settings, host, port, workers)
+
+
+def _exit(message: str, code: int = 2) -> None:
+    print(f"smartspace: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _run_worker(settings: Settings, host: str, port: int, index: int, *, migrate_here: bool, reuse_port: bool) -> None:
+    from server.app import create_app
+    from server.metrics import METRICS
+    from storage.migrate import upgrade
+
+    app = create_app(settings, migrate=upgrade if migrate_here else None)
+    app[METRICS].worker.labels(str(index), str(os.getpid())).set(1)
     try:
-        web.run_app(app, host=host, port=port, access_log=None, print=None)
+        web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None)
     except OSError as exc:  # the database did not answer at start-up, or the port is taken
         hint = (f"is {host}:{port} free? (SMARTSPACE_PORT / --port)" if exc.errno == errno.EADDRINUSE
                 else "check SMARTSPACE_DATABASE_URL and that the database is running")
         print(f"smartspace: cannot start: {exc}; {hint}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _migrate_once(settings: Settings) -> None:
+    from storage.db import Database
+    from storage.migrate import upgrade
+
+    async def run() -> None:
+        db = Database(settings.resolved_database_url)
+        try:
+            await upgrade(db)
+        finally:
+            await db.dispose()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        _exit(f"cannot reach the database ({exc}); check SMARTSPACE_DATABASE_URL", 1)
+
+
+def _supervise(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Fork ``workers`` processes that each serve the same port (SO_REUSEPORT: the kernel spreads new connections
+    over them), each with its own event loop, database pool and bus connection; the payments worker runs in the
+    first only. SIGTERM/SIGINT go to every worker; if one dies, the others are stopped and the exit code is
+    non-zero (a supervisor restarts the whole)."""
+    children: dict[int, int] = {}
+    for index in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            _die_with_parent()
+            worker_settings = settings if index == 0 else msgspec.structs.replace(settings, chain_worker=False)
+            code = 0
+            try:
+                _run_worker(worker_settings, host, port, index, migrate_here=False, reuse_port=True)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                logging.getLogger("smartspace.cli").exception("worker failed")
+                code = 1
+            os._exit(code)
+        children[pid] = index
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    failed = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if not stopping:
+            print(f"smartspace: worker {index} (pid {pid}) exited with {code}; stopping the others", file=sys.stderr)
+            failed = failed or code or 1
+            stop(signal.SIGTERM, None)
+    raise SystemExit(failed)
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM if the supervisor dies (no orphaned workers holding the port)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def migrate(args: argparse.Namespace) -> None:
@@ -65,14 +165,53 @@ def migrate(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
-def _port(raw: str) -> int:
+def demo(args: argparse.Namespace) -> None:
+    from server.demo import DemoError, run
+
+    url = args.url
+    if url is None:
+        settings = _settings_or_exit()
+        url = f"http://{settings.host}:{settings.port}"
     try:
-        port = int(raw)
+        raise SystemExit(asyncio.run(run(url, args.duration, serve=not args.no_serve,
+                                         keep_serving=not args.exit, seed=args.seed,
+                                         approval_wait=args.approval_wait)))
+    except DemoError as exc:
+        print(f"\nsmartspace demo: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("\nsmartspace demo: stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _within(cast: type, low: float, high: float, what: str):
+    """An argparse type: ``cast(raw)`` between ``low`` and ``high``, else a message naming ``what``."""
+
+    def parse(raw: str):
+        try:
+            value = cast(raw)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {what} between {low} and {high}")
+        return value
+
+    return parse
+
+
+_port = _within(int, 1, 65535, "a TCP port")
+_seconds = _within(float, 1, 86_400, "a number of seconds")
+_wait = _within(int, 0, 300, "a number of seconds")
+
+
+def _workers(raw: str) -> int:
+    try:
+        n = int(raw)
     except ValueError:
-        port = -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port between 1 and 65535")
-    return port
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of workers between 1 and 64")
+    return n
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,10 +220,22 @@ def main(argv: list[str] | None = None) -> None:
     p_serve = sub.add_parser("serve", help="run the HTTP + Socket.IO server")
     p_serve.add_argument("--host", default=None, help="bind address (default SMARTSPACE_HOST or 127.0.0.1)")
     p_serve.add_argument("--port", type=_port, default=None, help="port (default SMARTSPACE_PORT or 8080)")
+    p_serve.add_argument("--workers", type=_workers, default=1,
+                         help="worker processes sharing the port (SO_REUSEPORT; needs PostgreSQL and Redis)")
     p_serve.set_defaults(func=serve)
     p_migrate = sub.add_parser("migrate", help="apply database migrations")
     p_migrate.add_argument("revision", nargs="?", default="head")
     p_migrate.set_defaults(func=migrate)
+    p_demo = sub.add_parser("demo", help="a demo project with simulated agent traffic, for the dashboard")
+    p_demo.add_argument("--url", default=None, help="the server (default http://SMARTSPACE_HOST:SMARTSPACE_PORT); "
+                        "started here when none answers")
+    p_demo.add_argument("--duration", type=_seconds, default=90.0, help="seconds of traffic (default 90)")
+    p_demo.add_argument("--no-serve", action="store_true", help="fail instead of starting a server")
+    p_demo.add_argument("--exit", action="store_true", help="stop a server it started when the traffic ends")
+    p_demo.add_argument("--seed", type=int, default=None, help="random seed for the traffic")
+    p_demo.add_argument("--approval-wait", type=_wait, default=20, metavar="SECONDS",
+                        help="how long every other held request waits for a person to approve it (default 20)")
+    p_demo.set_defaults(func=demo)
     args = parser.parse_args(argv)
     args.func(args)
 

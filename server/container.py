@@ -102,14 +102,20 @@ class Container:
         return Actor(kind="user", id=user_id, user_id=user_id, email=email,
                      platform_admin=email.lower() in self.admin_emails)
 
-    async def authenticate(self, token: str) -> Actor:
-        """An access token (JWT) or a project API key → the acting principal."""
+    async def authenticate(self, token: str, *, count_use: bool = True, scope: Scope | None = None) -> Actor:
+        """An access token (JWT) or a project API key → the acting principal. ``count_use=False``: reads only, no
+        write transaction (a key's use is not counted), e.g. for a socket; ``scope``: read in that unit of work."""
         if token.startswith("sk-"):
-            async with self.uow() as scope:
-                key = await scope.keys.authenticate(token)
+            count_use = count_use and scope is None
+            async with contextlib.AsyncExitStack() as stack:
+                if scope is None:
+                    scope = await stack.enter_async_context(self.uow() if count_use else self.reader())
+                key = await scope.keys.authenticate(token, count_use=count_use)
             return Actor(kind="key", id=key.key_id, project_id=key.project_id, agent_id=key.agent_id)
         user_id = self.tokens.verify(token)
-        async with self.reader() as scope:
+        async with contextlib.AsyncExitStack() as stack:
+            if scope is None:
+                scope = await stack.enter_async_context(self.reader())
             user = await scope.store.users.get(user_id)
         if user is None:
             raise Unauthorized("the user of this token no longer exists")

@@ -26,6 +26,11 @@ class Metrics:
                                        ["namespace"], registry=r)
         self.events_delivered = Counter("smartspace_events_delivered_total",
                                         "Events emitted to Socket.IO rooms", ["namespace"], registry=r)
+        self.live_lag = Histogram(
+            "smartspace_live_lag_seconds", "Live delivery lag: event commit (its ts) to its emit on this process",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.worker = Gauge("smartspace_worker", "1 for the `serve --workers` worker (index, pid) that answered",
+                            ["worker", "pid"], registry=r)
         self.bus_errors = Counter("smartspace_bus_errors_total", "Event bus publish/listen failures",
                                   ["op"], registry=r)
         # Rate limits while Redis is away (storage/ratelimit.py): counted per process instead of shared.

@@ -36,6 +36,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     database_url: str = ""  # empty: SQLite file in data_dir
     database_pool_size: int = 10
     redis_url: str = ""  # empty: in-process event bus
+    redis_channel_prefix: str = "smartspace"  # the event channel is "<prefix>:events"
     migrate_on_start: bool = True
     hot_path: bool = True  # PostgreSQL: reserve and settle through storage/hot.py (raw asyncpg)
     # --- identity ---
@@ -80,6 +81,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
              "a URL starting with sqlite+aiosqlite:// or postgresql+asyncpg://"),
             ("redis_url", self.redis_url == "" or self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://")), "a URL starting with redis:// or rediss://"),
+            ("redis_channel_prefix", re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.redis_channel_prefix) is not None,
+             "1-64 letters, digits or _ . : -"),
             ("access_token_ttl_seconds", self.access_token_ttl_seconds > 0, "a positive number"),
             ("reservation_ttl_seconds", self.reservation_ttl_seconds > 0, "a positive number"),
             ("approval_ttl_seconds", self.approval_ttl_seconds > 0, "a positive number"),

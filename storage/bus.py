@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -38,7 +39,7 @@ from domain.events import Event
 log = logging.getLogger("smartspace.bus")
 Listener = Callable[[Event], Awaitable[None]]
 Resync = Callable[[], Awaitable[None]]
-CHANNEL = "smartspace:events"
+CHANNEL = "smartspace:events"  # the default prefix's channel: f"{SMARTSPACE_REDIS_CHANNEL_PREFIX}:events"
 OUTBOX_LIMIT = 10_000  # messages (one per committed unit of work) kept while Redis is away
 HEARTBEAT = b"smartspace-heartbeat"
 
@@ -46,6 +47,17 @@ HEARTBEAT = b"smartspace-heartbeat"
 class _Message(msgspec.Struct, array_like=True):
     origin: str
     events: list[Event]
+    deployment: str = ""  # whose events these are: a process ignores another deployment's on a shared channel
+
+
+def channel_for(prefix: str) -> str:
+    return f"{prefix}:events"
+
+
+def deployment_id(database_name: str, secret: str) -> str:
+    """Who shares events: processes of one deployment share its database and its JWT secret (a token issued by
+    one is valid on all). Derived, never configured, so two deployments on one Redis cannot be mixed up."""
+    return hashlib.sha256(f"{database_name}\0{secret}".encode()).hexdigest()[:16]
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -89,11 +101,12 @@ class LocalBus:
 
 
 class RedisBus(LocalBus):
-    def __init__(self, url: str, metrics=None, channel: str = CHANNEL, *, heartbeat_seconds: float = 1.0,
-                 max_backoff_seconds: float = 2.0) -> None:
+    def __init__(self, url: str, metrics=None, channel: str = CHANNEL, *, heartbeat_seconds: float = 0.5,
+                 max_backoff_seconds: float = 2.0, deployment: str = "") -> None:
         super().__init__(metrics)
         self.url = url
         self.channel = channel
+        self.deployment = deployment
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_seconds = heartbeat_seconds
         self.max_backoff_seconds = max_backoff_seconds
@@ -113,6 +126,11 @@ class RedisBus(LocalBus):
         self.connected = asyncio.Event()  # the listener is subscribed
         self.resyncs = 0  # completed resyncs after a lost connection (for tests and logs)
 
+    @property
+    def deaf_after_seconds(self) -> float:
+        """Silence after which the listener counts its connection as lost (a frozen subscription): 1.5 s by default."""
+        return self.heartbeat_seconds * 3
+
     async def ping(self) -> None:
         await self.redis.ping()
 
@@ -126,7 +144,7 @@ class RedisBus(LocalBus):
         if len(self._outbox) >= OUTBOX_LIMIT:
             self._outbox.popleft()  # the log still has them; far subscribers recover on resync
             self._count("overflow")
-        self._outbox.append(_encode(_Message(self.origin, list(events))))
+        self._outbox.append(_encode(_Message(self.origin, list(events), self.deployment)))
         self._outbox_ready.set()
 
     async def _publish_forever(self) -> None:
@@ -193,7 +211,7 @@ class RedisBus(LocalBus):
             message = await pubsub.get_message(timeout=min(self.heartbeat_seconds, 1.0))
             now = time.monotonic()
             if message is None:
-                if now - heard > self.heartbeat_seconds * 3:
+                if now - heard > self.deaf_after_seconds:
                     raise _Deaf(f"nothing heard from redis for {now - heard:.1f}s")
                 continue
             heard = now
@@ -221,6 +239,8 @@ class RedisBus(LocalBus):
             self._count("decode")
             log.warning("ignored an undecodable message on the event channel")
             return
+        if decoded.deployment != self.deployment:
+            return  # another deployment sharing this Redis channel: not ours to deliver
         if decoded.origin != self.origin:
             await self._deliver(decoded.events)
 

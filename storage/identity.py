@@ -167,6 +167,16 @@ class Keys(Repository[ApiKey]):
         return KeyPrincipal(key_id=row.id, project_id=row.project_id, agent_id=row.agent_id,
                             project_status=status)
 
+    async def principal(self, key_hash: str) -> KeyPrincipal | None:
+        """What ``use`` returns, read only (nothing counted)."""
+        row = (await self.conn.execute(
+            sa.select(api_keys.c.id, api_keys.c.project_id, api_keys.c.agent_id, projects.c.status)
+            .join(projects, projects.c.id == api_keys.c.project_id)
+            .where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)))).first()
+        if row is None:
+            return None
+        return KeyPrincipal(key_id=row.id, project_id=row.project_id, agent_id=row.agent_id, project_status=row.status)
+
     async def revoke_all(self, project_id: str, now: datetime) -> None:
         await self.conn.execute(sa.update(api_keys).where(
             api_keys.c.project_id == project_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=now))

@@ -92,16 +92,17 @@ class Server:
     """One ``smartspace serve`` subprocess on a free loopback port, in its own session, logging to
     ``logs/<name>.log``."""
 
-    def __init__(self, name: str, env: dict[str, str], logs: Path, ready_path: str = "/ready") -> None:
+    def __init__(self, name: str, env: dict[str, str], logs: Path, ready_path: str = "/ready",
+                 port: int | None = None, *, cwd: Path = ROOT, args: tuple[str, ...] = ()) -> None:
         self.name = name
         self.ready_path = ready_path
-        self.port = free_port()
+        self.port = port or free_port()  # a given port: a restart where clients expect the same address
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = logs / f"{name}.log"
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     async def ready(self, http: aiohttp.ClientSession, within: float = START_TIMEOUT) -> None:
         """Wait until ``ready_path`` answers 200; fail with the log tail if the process exits or time runs out."""

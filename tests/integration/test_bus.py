@@ -322,3 +322,72 @@ async def test_with_redis_unreachable_the_server_keeps_serving(settings, db, red
         assert (await client.get("/health")).status == 200
     finally:
         await lc.disconnect()
+
+
+# ---------------------------------------------------------------- deployments sharing one Redis
+def test_the_channel_prefix_is_a_setting_and_the_deployment_follows_database_and_secret(settings, tmp_path):
+    from server.app import build_container
+    from server.settings import SettingsError, load_settings
+    from storage.bus import deployment_id
+
+    assert load_settings({}, dotenv=None).redis_channel_prefix == "smartspace"
+    configured = load_settings({"SMARTSPACE_REDIS_URL": "redis://127.0.0.1:1/0",
+                                "SMARTSPACE_REDIS_CHANNEL_PREFIX": "acme-prod",
+                                "SMARTSPACE_DATA_DIR": str(tmp_path)}, dotenv=None)
+    bus = build_container(configured, Metrics()).bus
+    assert isinstance(bus, RedisBus) and bus.channel == "acme-prod:events"
+    assert bus.deployment == deployment_id(str(tmp_path.resolve() / "smartspace.db"), configured.resolved_jwt_secret)
+    with pytest.raises(SettingsError, match="SMARTSPACE_REDIS_CHANNEL_PREFIX"):
+        load_settings({"SMARTSPACE_REDIS_CHANNEL_PREFIX": "has space"}, dotenv=None)
+    with pytest.raises(SettingsError, match="SMARTSPACE_REDIS_CHANNEL_PREFIX"):
+        load_settings({"SMARTSPACE_REDIS_CHANNEL_PREFIX": ""}, dotenv=None)
+    # one deployment: same database, same secret; anything else is another deployment
+    assert deployment_id("smartspace", "s" * 32) == deployment_id("smartspace", "s" * 32)
+    assert deployment_id("smartspace", "s" * 32) != deployment_id("smartspace_b", "s" * 32)
+    assert deployment_id("smartspace", "s" * 32) != deployment_id("smartspace", "t" * 32)
+
+
+async def test_two_deployments_on_one_redis_channel_ignore_each_others_events(redis_url, buses):
+    shared = channel()
+    a = await buses(RedisBus(redis_url, Metrics(), channel=shared, deployment="deployment-a"))
+    a_peer = await buses(RedisBus(redis_url, Metrics(), channel=shared, deployment="deployment-a"))
+    b = await buses(RedisBus(redis_url, Metrics(), channel=shared, deployment="deployment-b"))
+    b_peer = await buses(RedisBus(redis_url, Metrics(), channel=shared, deployment="deployment-b"))
+    heard = {name: Recorder() for name in ("a_peer", "b", "b_peer")}
+    a_peer.listen(heard["a_peer"])
+    b.listen(heard["b"])
+    b_peer.listen(heard["b_peer"])
+    for bus in (a, a_peer, b, b_peer):
+        await connected(bus)
+
+    await a.publish([event(1, "prj_a")])
+    await heard["a_peer"].until(lambda: heard["a_peer"].seqs == [1], "A's peer hears A")
+    # Redis has sent A's message to every subscriber; B's own deployment speaks after it, on the same channel:
+    await b_peer.publish([event(7, "prj_b")])
+    await heard["b"].until(lambda: 7 in heard["b"].seqs, "B hears its peer")
+    assert [(e.project_id, e.seq) for e in heard["b"].events] == [("prj_b", 7)]  # and never heard A
+    assert heard["b_peer"].seqs == [7]  # its own publish, delivered locally
+    assert heard["a_peer"].seqs == [1]
+
+
+async def test_with_default_options_a_frozen_subscription_is_noticed_and_nothing_is_lost(settings, db, redis_url,
+                                                                                         proxy, aiohttp_client):
+    name = channel()
+    a, bus_a, metrics_a = await redis_app(aiohttp_client, settings, db, through(proxy, redis_url), name)
+    b, _, _ = await redis_app(aiohttp_client, settings, db, redis_url, name)
+    assert bus_a.deaf_after_seconds <= 2  # the default heartbeat: a frozen Redis is noticed within 2 s
+    alice = await register(b)
+    lc = await LiveClient(str(a.make_url("/")), alice.token).connect()
+    try:
+        await lc.subscribe(alice.project_id)
+        proxy.freeze()  # the connection stays open, nothing flows: no socket error, only silence
+        for i in range(3):
+            resp = await b.patch(f"/api/v1/projects/{alice.project_id}", json={"name": f"frozen {i}"},
+                                 headers=alice.headers)
+            assert resp.status == 200
+        await until_errors(metrics_a, "listen")
+        proxy.thaw()
+        await lc.until_seq(4)
+        assert lc.seqs() == [1, 2, 3, 4]
+    finally:
+        await lc.disconnect()
