@@ -25,6 +25,7 @@ from domain.budgets import needs_roll
 from domain.catalog import CatalogModel, cost_micros, resolve
 from domain.decisions import Activity, BrainView, BudgetState, Decision, Reason, SpendInput
 from domain.errors import DomainError
+from domain.spend.entities import with_fee
 
 OPERATIONS = ("chat", "embedding")
 FLASH_MAX_COST_MICROS = 1_000_000  # $1
@@ -106,7 +107,8 @@ class _Pass:
         else:
             wanted = req.max_output_tokens if req.max_output_tokens is not None else self.view.default_output_tokens
             self.output_tokens = max(0, min(wanted, model.max_output_tokens))
-        self.estimate = cost_micros(model, req.input_tokens, self.output_tokens)
+        # the worst case the project may pay: the provider's price and the platform fee on it
+        self.estimate = with_fee(cost_micros(model, req.input_tokens, self.output_tokens), req.fee_bps)
 
     # 2 ------------------------------------------------------------------------------------------
     async def identity(self) -> None:

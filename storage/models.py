@@ -208,6 +208,20 @@ ledger_entries = sa.Table(
     _created(),
 )
 
+# The platform's own ledger: the fee on each settled request (SMARTSPACE_PLATFORM_FEE_BPS), credited in the
+# transaction that debits the project's wallet cost + fee. Insert-only (no balance row to contend on):
+# the platform's balance is the sum.
+platform_ledger = sa.Table(
+    "platform_ledger",
+    metadata,
+    _id("pfl_"),
+    sa.Column("kind", sa.String(32), nullable=False),  # platform_fee
+    sa.Column("amount_micros", sa.BigInteger(), nullable=False),
+    sa.Column("ref", sa.String(120), nullable=True),  # the spend request
+    sa.Column("project_id", sa.String(40), nullable=False, index=True),  # who paid it
+    _created(),
+)
+
 budgets = sa.Table(
     "budgets",
     metadata,
@@ -260,6 +274,7 @@ spend_requests = sa.Table(
     sa.Column("estimated_cost_micros", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("reserved_micros", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("cost_micros", sa.BigInteger(), nullable=True),
+    sa.Column("fee_micros", sa.BigInteger(), nullable=True),  # the platform fee charged on top of cost_micros
     sa.Column("input_tokens", sa.Integer(), nullable=True),
     sa.Column("output_tokens", sa.Integer(), nullable=True),
     sa.Column("risk_score", sa.Float(), nullable=True),

@@ -6,9 +6,10 @@ translated to the OpenAI shapes the rest of SmartSpace speaks and runs the one e
 (``spending.call`` / ``spending.open_stream``): priced, decided, reserved and settled exactly like a chat
 completion, any catalog model behind it (an Anthropic upstream gets it translated back, see
 ``server/providers/anthropic.py``). Answers carry ``x-smartspace-request-id`` and
-``x-smartspace-cost-micros``; a stream's last ``message_delta`` carries ``usage.cost_micros`` and
-``usage.request_id``. Errors are rendered in Anthropic's shape ``{"type": "error", "error": {"type",
-"message"}}`` by the one HTTP renderer (``server.middleware.error_response``).
+``x-smartspace-cost-micros`` / ``x-smartspace-fee-micros``; a stream's last ``message_delta`` carries
+``usage.cost_micros``, ``usage.fee_micros`` and ``usage.request_id``. Errors are rendered in Anthropic's
+shape ``{"type": "error", "error": {"type", "message"}}`` by the one HTTP renderer
+(``server.middleware.error_response``).
 """
 
 from __future__ import annotations
@@ -250,10 +251,10 @@ class StreamWriter:
                 self.finish = choice["finish_reason"]
         return out
 
-    def end(self, usage: Usage, cost: int) -> bytes:
+    def end(self, usage: Usage, cost: int, fee: int) -> bytes:
         return (self._close() + self.frame("message_delta", {
             "delta": {"stop_reason": STOP_REASONS.get(self.finish or "stop", "end_turn"), "stop_sequence": None},
-            "usage": _usage(usage, {"cost_micros": cost, "request_id": self.request_id})})
+            "usage": _usage(usage, {"cost_micros": cost, "fee_micros": fee, "request_id": self.request_id})})
             + self.frame("message_stop", {}))
 
 
@@ -261,7 +262,7 @@ class StreamWriter:
 async def _json_answer(request: web.Request, actor: Actor, cmd: SpendCommand, laps: Laps) -> web.Response:
     outcome = await _c(request).spending.call(actor, cmd, source="gateway", wait_seconds=wait_seconds(request),
                                               idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
-    headers = _receipt_headers(outcome.prepared.request_id, outcome.receipt.cost_micros)
+    headers = _receipt_headers(outcome.receipt)
     headers["Server-Timing"] = _server_timing(laps)
     body = to_message(outcome.completion.body, outcome.usage, cmd.model, outcome.prepared.request_id)
     return web.Response(body=_encode(body), content_type="application/json", headers=headers)
@@ -293,7 +294,7 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
             await resp.write(StreamWriter.frame("error", anthropic_error(error.code, error.message, error.details,
                                                                          error.status)))
         else:
-            await resp.write(writer.end(stream.usage, stream.receipt.cost_micros))
+            await resp.write(writer.end(stream.usage, stream.receipt.cost_micros, stream.receipt.fee_micros))
         await resp.write_eof()
     return resp
 

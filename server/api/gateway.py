@@ -32,7 +32,7 @@ from domain.errors import ApprovalRequired, Conflict, DomainError, InvalidReques
 from domain.events import Event
 from domain.identity import KEY_PREFIX, parse_key
 from domain.providers import usage_to_openai
-from domain.spend import Laps, SpendCommand
+from domain.spend import Laps, Receipt, SpendCommand
 from server.container import Container
 from server.http import REQUEST_ID, read_body, routes
 from server.http import container as _c
@@ -187,8 +187,10 @@ def wait_seconds(request: web.Request) -> float:
     return value
 
 
-def _receipt_headers(request_id: str, cost: int) -> dict[str, str]:
-    return {"x-smartspace-request-id": request_id, "x-smartspace-cost-micros": str(cost)}
+def _receipt_headers(receipt: Receipt) -> dict[str, str]:
+    """The receipt on an answer: the provider's cost and the platform fee (the wallet paid both)."""
+    return {"x-smartspace-request-id": receipt.request_id, "x-smartspace-cost-micros": str(receipt.cost_micros),
+            "x-smartspace-fee-micros": str(receipt.fee_micros)}
 
 
 def _server_timing(laps: Laps) -> str:
@@ -208,7 +210,7 @@ async def _json_answer(request: web.Request, actor: Actor, cmd: SpendCommand, la
     outcome = await _c(request).spending.call(actor, cmd, source="gateway", wait_seconds=wait_seconds(request),
                                               idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
     completion = outcome.completion
-    headers = _receipt_headers(outcome.prepared.request_id, outcome.receipt.cost_micros)
+    headers = _receipt_headers(outcome.receipt)
     headers["Server-Timing"] = _server_timing(laps)
     body, raw = completion.body, completion.raw
     if as_base64:
@@ -241,7 +243,7 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
     if stream.error is not None or stream.receipt is None or stream.usage is None:
         await _sse_error(resp, stream.error or ProviderError("the stream ended without a settlement"))
         return resp
-    cost = stream.receipt.cost_micros
+    cost, fee = stream.receipt.cost_micros, stream.receipt.fee_micros
     tail = b""
     if stream.want_usage:
         template = stream.template or {}
@@ -249,9 +251,10 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
             "id": template.get("id", prepared.request_id), "object": "chat.completion.chunk",
             "created": template.get("created", int(time.time())),
             "model": template.get("model", prepared.upstream_model), "choices": []}
-        final["usage"] = {**usage_to_openai(stream.usage), "cost_micros": cost, "request_id": prepared.request_id}
+        final["usage"] = {**usage_to_openai(stream.usage), "cost_micros": cost, "fee_micros": fee,
+                          "request_id": prepared.request_id}
         tail = b"data: " + _encode(final) + b"\n\n"
-    tail += (f": smartspace cost_micros={cost} request_id={prepared.request_id} "
+    tail += (f": smartspace cost_micros={cost} fee_micros={fee} request_id={prepared.request_id} "
              f"timing={_server_timing(laps).replace(' ', '')}\n\n".encode() + b"data: [DONE]\n\n")
     with contextlib.suppress(ConnectionError):
         await resp.write(tail)
