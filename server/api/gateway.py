@@ -254,7 +254,7 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
         final["usage"] = {**usage_to_openai(stream.usage), "cost_micros": cost, "fee_micros": fee,
                           "request_id": prepared.request_id}
         tail = b"data: " + _encode(final) + b"\n\n"
-    tail += (f": smartspace cost_micros={cost} fee_micros={fee} request_id={prepared.request_id} "
+    tail += (f": smartspace cost_micros={cost} request_id={prepared.request_id} fee_micros={fee} "
              f"timing={_server_timing(laps).replace(' ', '')}\n\n".encode() + b"data: [DONE]\n\n")
     with contextlib.suppress(ConnectionError):
         await resp.write(tail)
