@@ -14,7 +14,6 @@ shape ``{"type": "error", "error": {"type", "message"}}`` by the one HTTP render
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Mapping
 from typing import Any
@@ -26,16 +25,13 @@ from domain.base import Actor
 from domain.errors import DomainError, InvalidRequest, ProviderError
 from domain.providers import Usage
 from domain.spend import Laps, SpendCommand
-from server.api.gateway import _body, _receipt_headers, _recover, _server_timing, key_actor, wait_seconds
-from server.http import REQUEST_ID, routes
+from server.api.gateway import _receipt_headers, _server_timing, pump, serve_chat, wait_seconds
 from server.http import container as _c
+from server.http import routes
 from server.idempotency import HEADER as IDEMPOTENCY_KEY
-from server.idempotency import idempotent
 from server.middleware import anthropic_error
 
 _encode = msgspec.json.encode
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no"}
 _OWN = frozenset({"model", "messages", "system", "max_tokens", "stream", "metadata", "stop_sequences",
                   "tools", "tool_choice"})
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
@@ -273,20 +269,8 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
                                                     idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
     prepared = stream.prepared
     writer = StreamWriter(cmd.model, prepared.request_id, prepared.input_tokens)
-    resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-smartspace-request-id": prepared.request_id,
-                                       "X-Request-ID": request.get(REQUEST_ID, "")})
-    try:
-        await resp.prepare(request)
-        await resp.write(writer.start())
-        async with contextlib.aclosing(stream.chunks()) as chunks:
-            async for chunk in chunks:
-                frames = writer.feed(chunk)
-                if frames:
-                    await resp.write(frames)
-    except (ConnectionError, asyncio.CancelledError) as exc:  # the client hung up: pay what was streamed
-        await stream.abort()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
+    resp, complete = await pump(request, stream, writer.feed, first=writer.start())
+    if not complete:
         return resp
     with contextlib.suppress(ConnectionError):
         if stream.error is not None or stream.receipt is None or stream.usage is None:
@@ -303,12 +287,4 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
              "Idempotency-Key honoured)", tag="gateway", auth=False,
              errors=(400, 401, 402, 403, 404, 409, 429, 502, 504))
 async def messages(request: web.Request) -> web.StreamResponse:
-    laps = Laps()
-    actor = await key_actor(request)
-    body = await _body(request)
-    cmd = messages_command(body, actor)
-    laps.lap("auth")
-    return await idempotent(
-        request, actor, actor.project_id, body,
-        lambda: _sse_answer(request, actor, cmd, laps) if cmd.stream else _json_answer(request, actor, cmd, laps),
-        recover=_recover(request, actor))
+    return await serve_chat(request, messages_command, _json_answer, _sse_answer)

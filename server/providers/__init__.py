@@ -241,25 +241,19 @@ class Pool:
 
     async def stream(self, call: ProviderCall) -> AsyncIterator[Any]:
         """Moves on to the next upstream only before the first chunk: once output flowed, a failure stands."""
-        last: Exception | None = None
-        for i in self.order():
-            iterator = self.members[i][1].stream(call).__aiter__()
+        async def open_(adapter: Any) -> tuple[Any, Any]:
+            iterator = adapter.stream(call).__aiter__()
             try:
-                try:
-                    first = await anext(iterator, None)
-                except Exception as exc:
-                    if not _worth_another(exc):
-                        raise
-                    self._rest(i, exc)
-                    last = exc
-                    continue
-                self.resting_until[i] = 0.0
-                if first is not None:
-                    yield first
-                async for chunk in iterator:
-                    yield chunk
-                return
-            finally:
+                return iterator, await anext(iterator, None)
+            except BaseException:
                 await iterator.aclose()
-        assert last is not None
-        raise last
+                raise
+
+        iterator, first = await self._each(open_)
+        try:
+            if first is not None:
+                yield first
+            async for chunk in iterator:
+                yield chunk
+        finally:
+            await iterator.aclose()
