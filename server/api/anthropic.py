@@ -53,7 +53,9 @@ def _text(content: Any, param: str) -> str:
 
 
 def _image(block: Mapping[str, Any], param: str) -> dict[str, Any]:
-    source = block.get("source") or {}
+    source = block.get("source")
+    if not isinstance(source, Mapping):
+        raise InvalidRequest(f"{param}.source must be an object", {"param": f"{param}.source"})
     if source.get("type") == "base64":
         url = f"data:{source.get('media_type', '')};base64,{source.get('data', '')}"
     elif source.get("type") == "url":
