@@ -133,3 +133,19 @@ async def test_errors_are_in_anthropic_shape_and_map_to_the_sdk_exceptions(gw):
     assert resp.status == 400 and (await resp.json())["type"] == "error"
     wallet = await gw.wallet()
     assert wallet.reserved_micros == 0
+
+
+async def test_a_stream_cut_upstream_ends_with_an_anthropic_error_event_and_pays_what_was_streamed(gw):
+    gw.fake.plan(Behavior(cut_after=3))
+    resp = await gw.client.post("/v1/messages", headers={"x-api-key": gw.key["key"]}, json={
+        "model": "openai/gpt-4o-mini", "max_tokens": 50, "stream": True, "messages": HI})
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    text = (await resp.read()).decode()
+    assert text.startswith("event: message_start\n") and "event: content_block_delta" in text
+    assert "event: message_stop" not in text
+    last = text.strip().split("\n\n")[-1]
+    assert last.startswith("event: error\n") and '"type":"api_error"' in last and '"code":"provider_error"' in last
+    row = await _request(gw, resp.headers["x-smartspace-request-id"])
+    assert row["status"] == "failed" and row["cost_micros"] > 0  # the streamed output is charged
+    wallet = await gw.wallet()
+    assert wallet.reserved_micros == 0
