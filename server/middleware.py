@@ -32,7 +32,7 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                    429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
-ANTHROPIC_PATHS = ("/v1/messages",)
+ANTHROPIC_PATHS = ("/v1/messages",)  # and below it (e.g. an unknown /v1/messages/… is a 404 in its shape)
 
 
 def _type(table: dict[int, str], status: int) -> str:
@@ -63,7 +63,7 @@ def error_response(request: web.Request, status: int, code: str, message: str,
     if request.path.startswith("/v1/"):
         if status == 422:  # OpenAI and Anthropic answer an invalid request 400
             status = 400
-        shape = anthropic_error if request.path in ANTHROPIC_PATHS else openai_error
+        shape = anthropic_error if request.path.startswith(ANTHROPIC_PATHS) else openai_error
         body = encode(shape(code, message, details, status))
         rid = details.get("request_id") if details else None
         if rid:  # the gateway's spend request, as on its successful answers
