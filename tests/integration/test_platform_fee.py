@@ -63,6 +63,10 @@ async def test_a_request_pays_cost_and_fee_and_the_platform_books_the_fee(client
     # the REST read of the request shows the same receipt
     again = await (await client.get(f"/api/v1/requests/{body['id']}", headers=owner.headers)).json()
     assert again["receipt"]["fee_micros"] == FEE
+    usage = await (await client.get(f"/api/v1/projects/{owner.project_id}/usage", headers=owner.headers)).json()
+    assert (usage["totals"]["cost_micros"], usage["totals"]["fee_micros"]) == (COST, FEE)
+    assert usage["totals"]["cost_micros"] + usage["totals"]["fee_micros"] == -usage["ledger"]["spend"]
+    assert usage["totals"]["variance_micros"] == 0
     # only platform admins read the platform's ledger
     assert (await client.get("/api/v1/admin/platform/ledger", headers=owner.headers)).status == 403
 
