@@ -49,8 +49,11 @@ class ModelNotFound(NotFound):
     code = "not_found"
 
 
-ModelId = Annotated[str, Meta(min_length=3, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[^\s/].*$",
-                              description="provider/model, e.g. ollama/llama3.2")]
+# the columns: provider ≤ 64 characters, model ≤ 160, the whole id ≤ 200
+ModelId = Annotated[str, Meta(min_length=3, max_length=200,
+                              pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}/[^\s/][^\n]{0,159}$",
+                              description="provider/model, e.g. ollama/llama3.2 (provider up to 64 characters, "
+                                          "model up to 160)")]
 Alias = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^\S+$", description="a name without spaces")]
 Price = Annotated[int, Meta(ge=0, le=10**12)]
 Tokens = Annotated[int, Meta(ge=1, le=100_000_000)]

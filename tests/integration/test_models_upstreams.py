@@ -194,3 +194,13 @@ async def test_a_client_error_is_not_retried_on_another_upstream(aiohttp_client,
         assert (len(one.received), len(two.received)) == (1, 0)
     finally:
         await gw.oai.close()
+
+
+@pytest.mark.parametrize("model_id", ["nope", "a" * 65 + "/m", "p/" + "m" * 161, "p/two words\nline"])
+async def test_a_model_id_the_catalog_cannot_hold_is_refused_in_words(client, model_id):
+    admin = await register(client, email=ADMIN)
+    resp = await client.post("/api/v1/admin/models", headers=admin.headers, json={
+        "id": model_id, "input_micros_per_mtok": 1, "output_micros_per_mtok": 1})
+    assert resp.status == 422
+    error = (await resp.json())["error"]
+    assert error["details"]["field"] == "id" and "provider/model" in error["message"] and "^" not in error["message"]
