@@ -14,6 +14,7 @@ from aiohttp import web
 import server.api  # noqa: F401 - registers the REST routes
 from channels.chat import attach as attach_chat
 from channels.hub import attach as attach_hub
+from domain.errors import DomainError
 from server import idempotency
 from server.chain.workers import chain_context
 from server.container import Container
@@ -21,7 +22,7 @@ from server.http import CONTAINER, routes
 from server.metrics import METRICS, Metrics
 from server.middleware import access_middleware, auth_middleware, error_middleware, request_id_middleware
 from server.providers import configured_models
-from server.settings import Settings
+from server.settings import Settings, SettingsError
 from storage.bus import LocalBus, RedisBus, channel_for, deployment_id
 from storage.catalog import seed_catalog
 from storage.db import Database
@@ -64,6 +65,8 @@ def create_app(settings: Settings, *, container: Container | None = None,
                 async with container.uow() as scope:
                     changed = await scope.catalog.declare(declared, source="SMARTSPACE_UPSTREAMS")
                 break
+            except DomainError as exc:  # e.g. an alias that already names another model
+                raise SettingsError(f"SMARTSPACE_UPSTREAMS is invalid: {exc.message}") from None
             except Exception:
                 if attempt == 2:
                     raise

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from server.providers import Upstream
+from server.settings import SettingsError
 from tests.factories import register
 from tests.fakes.gateway import start_gateway
 from tests.fakes.upstream import Behavior, FakeUpstream
@@ -204,3 +205,14 @@ async def test_a_model_id_the_catalog_cannot_hold_is_refused_in_words(client, mo
     assert resp.status == 422
     error = (await resp.json())["error"]
     assert error["details"]["field"] == "id" and "provider/model" in error["message"] and "^" not in error["message"]
+
+
+async def test_a_declared_model_whose_alias_names_another_model_stops_the_start_with_a_clear_message(
+        aiohttp_client, settings, db, metrics, fakes):
+    one, _ = fakes
+    upstreams = [Upstream(provider="ollama", kind="openai", base_url=one.base_url, models=[
+        {"id": "llama3.2", "input_micros_per_mtok": 0, "output_micros_per_mtok": 0,
+         "aliases": ["openai/gpt-4o-mini"]}])]
+    with pytest.raises(SettingsError) as err:
+        await start_gateway(aiohttp_client, settings, db, metrics, fake=one, upstreams=upstreams, funds=0)
+    assert "SMARTSPACE_UPSTREAMS" in str(err.value) and "openai/gpt-4o-mini" in str(err.value)
