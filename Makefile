@@ -1,31 +1,43 @@
-# `make run`  — install, migrate, serve on the embedded defaults (SQLite, in-process bus, devnet).
-# `make test` — install, run every test (PostgreSQL and Redis on 127.0.0.1 by default; the browser
+# `make run`  — install the runtime pins only, migrate, serve on the embedded defaults (SQLite, in-process bus, devnet).
+# `make test` — install, lint, type-check, run every test (PostgreSQL and Redis on 127.0.0.1; the browser
 #               tests need Debian's chromium, installed here when missing and we are root).
 # `make demo`  — a running dashboard with simulated agent traffic (`smartspace demo`).
 # `make ui`    — rebuild the dashboard bundle (ui/ → server/static, committed) from the lockfile (Node).
+# `make typecheck` — mypy as configured in pyproject.toml [tool.mypy] (strict on domain/ and agentic/).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 export SMARTSPACE_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export SMARTSPACE_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run test fuzz lint fmt bench lock clean contracts ui chromium demo
+.PHONY: install run test typecheck fuzz lint fmt bench lock clean contracts ui chromium demo
 
-$(BIN)/.installed: pyproject.toml requirements.lock
+# Pins: requirements.lock (what the server runs on) and requirements-dev.lock (what only tests and tools add).
+$(BIN)/.installed: pyproject.toml requirements.lock requirements-dev.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -c requirements-dev.lock -e '.[dev]'
+	@touch $@ $(BIN)/.runtime
+
+$(BIN)/.runtime: pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c requirements.lock -e .
 	@touch $@
 
 install: $(BIN)/.installed
 
-run: install
+run: $(BIN)/.runtime
 	$(BIN)/smartspace migrate
 	$(BIN)/smartspace serve
 
 test: install chromium
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest
+
+typecheck: install
+	$(BIN)/mypy
 
 # Schemathesis over the whole OpenAPI (every phase, user token and sk- key, SQLite and PostgreSQL) with
 # more examples than the bounded run inside `make test`.
@@ -66,9 +78,21 @@ bench: install
 contracts: install
 	$(BIN)/python contracts/build.py
 
-# Re-pin every dependency (after changing pyproject.toml).
+# Re-pin after changing pyproject.toml: a scratch venv installs the runtime dependencies, then the dev extra,
+# keeping every version already pinned (delete a line to upgrade that package); runtime pins go to
+# requirements.lock, the ones only the dev extra needs to requirements-dev.lock.
+LOCK_VENV := .lock-venv
 lock:
-	$(BIN)/pip freeze --exclude-editable | grep -v '^smartspace' > requirements.lock
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	touch requirements.lock requirements-dev.lock
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q -c requirements.lock -c requirements-dev.lock -e .
+	$(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^smartspace' > requirements.lock.new
+	$(LOCK_VENV)/bin/pip install -q -c requirements.lock -c requirements-dev.lock -e '.[dev]'
+	$(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^smartspace' | grep -vxFf requirements.lock.new \
+		> requirements-dev.lock || true
+	mv requirements.lock.new requirements.lock
+	rm -rf $(LOCK_VENV)
 
 clean:
-	rm -rf $(VENV) .smartspace .pytest_cache ui/node_modules .smartspace-artifacts
+	rm -rf $(VENV) $(LOCK_VENV) .smartspace .pytest_cache

@@ -28,7 +28,8 @@ from domain.base import utcnow
 from domain.chat import Emit, ModelTurn, Reply, Turn
 
 MAX_TOOL_ROUNDS = 5
-ModelCall = Callable[[str, str, list[dict], list[dict]], Awaitable[ModelTurn]]  # project, asked_by, messages, tools
+# project, asked_by, messages, tools
+ModelCall = Callable[[str, str, list[dict[str, Any]], list[dict[str, Any]]], Awaitable[ModelTurn]]
 
 SYSTEM_PROMPT = """You are SmartSpace's spend assistant for the project "{name}" ({project_id}).
 Answer questions about its AI spend, budgets, wallet, refused or held requests, approvals, payments and insights.

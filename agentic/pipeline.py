@@ -18,13 +18,15 @@ configured default (``SMARTSPACE_DEFAULT_OUTPUT_TOKENS``), capped by the model's
 from __future__ import annotations
 
 from datetime import datetime
+from typing import NoReturn
 
 from agentic import risk
 from domain import policies as pol
 from domain.budgets import needs_roll
 from domain.catalog import CatalogModel, cost_micros, resolve
-from domain.decisions import Activity, BrainView, BudgetState, Decision, Reason, SpendInput
+from domain.decisions import Activity, BrainView, BudgetState, Decision, Outcome, Reason, RiskFactor, SpendInput
 from domain.errors import DomainError
+from domain.ratelimit import RateLimit
 from domain.spend.entities import with_fee
 
 OPERATIONS = ("chat", "embedding")
@@ -55,14 +57,27 @@ class _Pass:
         self.estimate = 0
         self.agent_id = req.agent_id
         self.policy_version = 0
-        self.rate_limits = []
+        self.rate_limits: list[RateLimit] = []
+        self.key_limits: dict[str, int | None] = {}
         self.budget_ids: list[str] = []
         self._activity: Activity | None = None
 
     @staticmethod
     def fail(step: str, error_code: str, failures: list[tuple[str, str]], retry_after: int | None = None) -> None:
+        """Reject with every failure of the step, if there is any."""
         if failures:
-            raise _Rejected(error_code, [Reason(code=c, message=m, step=step) for c, m in failures], retry_after)
+            _Pass.reject(step, error_code, failures, retry_after)
+
+    @staticmethod
+    def reject(step: str, error_code: str, failures: list[tuple[str, str]],
+               retry_after: int | None = None) -> NoReturn:
+        raise _Rejected(error_code, [Reason(code=c, message=m, step=step) for c, m in failures], retry_after)
+
+    @property
+    def chosen(self) -> CatalogModel:
+        """The model ``structure`` resolved: every later step runs after it."""
+        assert self.model is not None
+        return self.model
 
     async def activity(self) -> Activity:
         if self._activity is None:
@@ -71,7 +86,8 @@ class _Pass:
 
     # 1 ------------------------------------------------------------------------------------------
     async def structure(self, system: pol.SystemPolicy) -> None:
-        req, bad = self.req, []
+        req = self.req
+        bad: list[tuple[str, str]] = []
         if not req.project_id:
             bad.append(("project_missing", "project_id is required"))
         if not req.actor:
@@ -86,20 +102,19 @@ class _Pass:
                         f"max_tokens must be between 1 and {system.max_tokens_per_request}"))
         self.fail("structure", "invalid_request", bad)
         try:
-            self.model = resolve(req.model, await self.view.models(req.model))
+            model = self.model = resolve(req.model, await self.view.models(req.model))
         except DomainError as exc:
             code = {"not_found": "model_not_found"}.get(exc.code, "model_ambiguous")
             if exc.details.get("active") is False:
                 code = "model_inactive"
-            self.fail("structure", "not_found" if exc.code == "not_found" else "invalid_request",
-                      [(code, exc.message)])
-        model = self.model
+            self.reject("structure", "not_found" if exc.code == "not_found" else "invalid_request",
+                        [(code, exc.message)])
         if model.kind != req.operation:
-            self.fail("structure", "invalid_request", [(
+            self.reject("structure", "invalid_request", [(
                 "operation_mismatch", f"{model.id} is a {model.kind} model; it cannot serve {req.operation!r}")])
         # (embedding inputs are batches: each item has its own window, so the total may be larger)
         if req.operation == "chat" and req.input_tokens > model.context_window:
-            self.fail("structure", "invalid_request", [(
+            self.reject("structure", "invalid_request", [(
                 "context_window_exceeded",
                 f"{req.input_tokens} input tokens exceed {model.id}'s context window of {model.context_window}")])
         if req.operation == "embedding":
@@ -115,34 +130,44 @@ class _Pass:
         req = self.req
         project = await self.view.project(req.project_id)
         if project is None or project.status == "deleted":
-            self.fail("identity", "not_found", [("project_not_found", f"project {req.project_id} does not exist")])
+            self.reject("identity", "not_found", [("project_not_found", f"project {req.project_id} does not exist")])
         if project.status != "active":
-            self.fail("identity", "policy_violation",
-                      [("project_inactive", f"project {req.project_id} is {project.status}")])
+            self.reject("identity", "policy_violation",
+                        [("project_inactive", f"project {req.project_id} is {project.status}")])
         if req.key_id:
             key = await self.view.key(req.key_id)
             if key is None or key.project_id != req.project_id:
-                self.fail("identity", "policy_violation",
-                          [("key_not_found", f"API key {req.key_id} does not belong to this project")])
+                self.reject("identity", "policy_violation",
+                            [("key_not_found", f"API key {req.key_id} does not belong to this project")])
             if key.revoked:
-                self.fail("identity", "policy_violation", [("key_revoked", f"API key {req.key_id} is revoked")])
+                self.reject("identity", "policy_violation", [("key_revoked", f"API key {req.key_id} is revoked")])
+            if key.expires_at is not None and key.expires_at <= self.now:
+                self.reject("identity", "policy_violation", [(
+                    "key_expired", f"API key {req.key_id} expired at {key.expires_at.isoformat()}")])
+            if key.allowed_models is not None and self.chosen.id not in key.allowed_models:
+                allowed = ", ".join(key.allowed_models) or "none"
+                self.reject("identity", "policy_violation", [(
+                    "model_not_allowed_for_key", f"model {self.chosen.id!r} is not among this key's allowed_models "
+                    f"({allowed})")])
+            self.key_limits = key.rate_limits
             if key.agent_id:
                 if self.agent_id and self.agent_id != key.agent_id:
-                    self.fail("identity", "policy_violation", [("agent_mismatch", (
+                    self.reject("identity", "policy_violation", [("agent_mismatch", (
                         f"API key {req.key_id} belongs to agent {key.agent_id}, not {self.agent_id}"))])
                 self.agent_id = key.agent_id
         if self.agent_id:
             agent = await self.view.agent(self.agent_id)
             if agent is None or agent.project_id != req.project_id:
-                self.fail("identity", "not_found",
-                          [("agent_not_found", f"agent {self.agent_id} is not in this project")])
+                self.reject("identity", "not_found",
+                            [("agent_not_found", f"agent {self.agent_id} is not in this project")])
             if agent.status != "active":
-                self.fail("identity", "policy_violation",
-                          [("agent_inactive", f"agent {self.agent_id} is {agent.status}")])
+                self.reject("identity", "policy_violation",
+                            [("agent_inactive", f"agent {self.agent_id} is {agent.status}")])
 
     # 3 ------------------------------------------------------------------------------------------
     async def system_policy(self, system: pol.SystemPolicy) -> None:
-        model, bad = self.model, []
+        model = self.chosen
+        bad: list[tuple[str, str]] = []
         if model.provider in system.blocked_providers:
             bad.append(("system_provider_blocked", f"provider {model.provider!r} is blocked platform-wide"))
         if model.id in system.blocked_models:
@@ -161,7 +186,8 @@ class _Pass:
 
     # 4 ------------------------------------------------------------------------------------------
     def project_policy(self, policy: pol.ProjectPolicy) -> None:
-        model, bad = self.model, []
+        model = self.chosen
+        bad: list[tuple[str, str]] = []
         if not policy.is_active:
             bad.append(("policy_inactive", "the project's policy is inactive: every request is refused"))
         if model.provider in policy.blocked_providers:
@@ -183,7 +209,8 @@ class _Pass:
 
     # 5 ------------------------------------------------------------------------------------------
     async def check_rate_limits(self, policy: pol.ProjectPolicy, system: pol.SystemPolicy) -> None:
-        self.rate_limits = pol.rate_limits_for(policy, system, self.req.project_id, self.req.key_id, self.agent_id)
+        self.rate_limits = pol.rate_limits_for(policy, system, self.req.project_id, self.req.key_id, self.agent_id,
+                                               self.key_limits)
         counts = await self.view.rate_counts(self.rate_limits, self.now)
         full = [(limit, n) for limit, n in zip(self.rate_limits, counts, strict=True) if n >= limit.limit]
         self.fail("rate_limit", "rate_limited",
@@ -193,7 +220,7 @@ class _Pass:
 
     # 6 ------------------------------------------------------------------------------------------
     def time_windows(self, policy: pol.ProjectPolicy) -> None:
-        bad = []
+        bad: list[tuple[str, str]] = []
         if policy.allowed_hours is not None and self.now.hour not in policy.allowed_hours:
             bad.append(("outside_allowed_hours", f"{self.now.hour:02d}:00 UTC is outside the allowed hours "
                         f"{sorted(policy.allowed_hours)}"))
@@ -208,12 +235,15 @@ class _Pass:
         wallet = await self.view.wallet(self.req.project_id)
         available = wallet.available_micros if wallet else 0
         if available < self.estimate:
-            self.fail("funds", "insufficient_funds", [(
+            self.reject("funds", "insufficient_funds", [(
                 "insufficient_funds", f"the wallet has {available} µUSDC available; the request may cost "
                 f"{self.estimate}")])
-        bad, day_usage = [], None
+        bad: list[tuple[str, str]] = []
+        day_usage: float | None = None
         for budget in await self.view.budgets(self.req.project_id):
             if budget.agent_id is not None and budget.agent_id != self.agent_id:
+                continue
+            if budget.key_id is not None and budget.key_id != self.req.key_id:
                 continue
             self.budget_ids.append(budget.id)
             used = effective_spent(budget, self.now) + budget.reserved_micros
@@ -226,7 +256,8 @@ class _Pass:
         self.fail("funds", "budget_exceeded", bad)
         return day_usage
 
-    def decision(self, outcome: str, reasons: list[Reason], *, score: float = 0.0, factors=None,
+    def decision(self, outcome: Outcome, reasons: list[Reason], *, score: float = 0.0,
+                 factors: list[RiskFactor] | None = None,
                  error_code: str | None = None, retry_after: int | None = None) -> Decision:
         model = self.model
         tier = "FLASH" if self.estimate < FLASH_MAX_COST_MICROS and score < FLASH_MAX_RISK else "PRO"
@@ -253,14 +284,14 @@ async def decide(view: BrainView, req: SpendInput, now: datetime) -> Decision:
         await run.check_rate_limits(policy, system)
         run.time_windows(policy)
         cost_reason = Reason(code="cost_estimated", step="cost", message=(
-            f"{req.input_tokens} input + up to {run.output_tokens} output tokens on {run.model.id}: "
+            f"{req.input_tokens} input + up to {run.output_tokens} output tokens on {run.chosen.id}: "
             f"at most {run.estimate} µUSDC"))
         day_usage = await run.funds()
     except _Rejected as rejected:
         return run.decision("REJECTED", rejected.reasons, error_code=rejected.error_code,
                             retry_after=rejected.retry_after)
 
-    score, factors = risk.assess(await run.activity(), cost_micros=run.estimate, model=run.model,
+    score, factors = risk.assess(await run.activity(), cost_micros=run.estimate, model=run.chosen,
                                  agent_id=run.agent_id, now=now, daily_budget_usage=day_usage)
     risk_reason = Reason(code=f"risk_{risk.level(score)}", step="risk", message=(
         f"risk {score:g}/10 ({risk.level(score)}): " + (", ".join(f.type for f in factors) or "no risk factors")))
@@ -268,7 +299,7 @@ async def decide(view: BrainView, req: SpendInput, now: datetime) -> Decision:
         return run.decision("REJECTED", [Reason(code="risk_too_high", step="outcome", message=(
             f"risk {score:g} is above the project's max_risk_score {policy.max_risk_score:g}")),
             risk_reason, cost_reason], score=score, factors=factors, error_code="policy_violation")
-    review = []
+    review: list[Reason] = []
     threshold = policy.require_approval_above_micros
     if threshold is not None and run.estimate >= threshold:
         review.append(Reason(code="approval_threshold", step="outcome", message=(

@@ -139,7 +139,8 @@ class Toolbox:
         try:
             async with self.open_view() as self.view:
                 project_id = await self.project(args.pop("project_id", None))
-                return await getattr(self, name)(project_id, **args)
+                answer: dict[str, Any] = await getattr(self, name)(project_id, **args)  # a tool named above
+                return answer
         except NotVisible as exc:
             return _error("not_found", f"project {exc.args[0]} not found")
         except UnknownPeriod as exc:
@@ -163,9 +164,10 @@ class Toolbox:
         group = next((k for k, v in filters.items() if v), None) or by
         rows = await self.view.spend(project_id, window.since, window.until, "total" if group == "total" else group)
         lookup = {"agent": names.get("agents", {}), "key": names.get("keys", {})}.get(group, {})
-        lines = [{"key": r.key, "name": lookup.get(r.key or "", r.key) if group != "model" else r.key,
-                  "cost_micros": r.cost_micros, "requests": r.requests, "input_tokens": r.input_tokens,
-                  "output_tokens": r.output_tokens} for r in rows]
+        lines: list[dict[str, Any]] = [
+            {"key": r.key, "name": lookup.get(r.key or "", r.key) if group != "model" else r.key,
+             "cost_micros": r.cost_micros, "requests": r.requests, "input_tokens": r.input_tokens,
+             "output_tokens": r.output_tokens} for r in rows]
         wanted = filters.get(group)
         if wanted:
             lines = [line for line in lines if _matches(wanted, line["key"], line["name"])]

@@ -64,6 +64,26 @@ MODEL = "local/echo-1"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
+async def _on_server(statement: str) -> None:
+    admin = Database(URL)
+    try:
+        async with admin.engine.begin() as conn:
+            await conn.execute(sa.text(statement))
+    finally:
+        await admin.dispose()
+
+
+async def create_schema(prefix: str) -> str:
+    """A fresh schema on the bench database (the scripts work in one and drop it at the end)."""
+    schema = f"{prefix}{uuid.uuid4().hex[:10]}"
+    await _on_server(f'CREATE SCHEMA "{schema}"')
+    return schema
+
+
+async def drop_schema(schema: str) -> None:
+    await _on_server(f'DROP SCHEMA "{schema}" CASCADE')
+
+
 async def make_project(db: Database, n: int) -> str:
     now = utcnow()
     user_id, project_id = new_id("usr"), new_id("prj")
@@ -125,11 +145,7 @@ async def main() -> None:
     parser.add_argument("--full", action="store_true", help="also run the brain's decision before reserving")
     args = parser.parse_args()
 
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = Database(URL)
-    async with admin.engine.begin() as conn:
-        await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    await admin.dispose()
+    schema = await create_schema("bench_")
     db = Database(URL, schema=schema, pool_size=args.workers)
     try:
         async with db.engine.begin() as conn:
@@ -216,10 +232,7 @@ async def main() -> None:
                   f"{r['per_s'] / base['per_s']:11.2f}x {r['cpu_ms']:10.2f}")
     finally:
         await db.dispose()
-        admin = Database(URL)
-        async with admin.engine.begin() as conn:
-            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        await admin.dispose()
+        await drop_schema(schema)
 
 
 if __name__ == "__main__":

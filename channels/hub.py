@@ -46,6 +46,8 @@ from engineio import packet as eio_packet
 from domain.base import Actor
 from domain.errors import DomainError, Forbidden, InvalidRequest, Unavailable
 from domain.events import NAMESPACES, Event, namespace_for
+from domain.identity import require_key_scope
+from domain.inputs import SocketJson, nul_message, nul_path
 from domain.ports import HubMetrics, Units
 
 log = logging.getLogger("smartspace.hub")
@@ -92,12 +94,28 @@ class _Stream:
         return (self.upto is not None and seq <= self.upto) or seq in self.ahead
 
 
+class _Server(socketio.AsyncServer):
+    """A packet that does not decode (malformed, or nested past ``MAX_DEPTH``) closes its connection, as the
+    JavaScript server's "parse error" does, instead of an error logged with a traceback per packet."""
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except ValueError as exc:
+            log.info("undecodable Socket.IO packet: connection closed", extra={"reason": str(exc)[:200]})
+            socket = self.eio.sockets.get(eio_sid)
+            await self.eio.disconnect(eio_sid)  # Engine.IO's close packet, then the session is gone
+            if socket is not None:
+                await socket.queue.put(None)  # and the transport too, not when the client gets round to it
+
+
 class Hub:
     def __init__(self, container: Units, metrics: HubMetrics) -> None:
         self.container = container
         self.metrics = metrics
-        self.sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*", logger=False,
-                                        engineio_logger=False, ping_interval=20, ping_timeout=20)
+        # json=: every packet is depth-checked before it is parsed (a deep one is a ValueError: _Server).
+        self.sio = _Server(async_mode="aiohttp", cors_allowed_origins="*", logger=False, engineio_logger=False,
+                           ping_interval=20, ping_timeout=20, json=SocketJson)
         # (namespace, sid, project_id, n) -> live events buffered while that subscriber is replayed
         self.holding: dict[tuple[str, str, str, int], list[Event]] = {}
         self.streams: dict[str, _Stream] = {}
@@ -293,7 +311,8 @@ class Hub:
                 raise Forbidden("the connection is closing")
             async with self.container.reader(actor) as scope:
                 if token is not None:
-                    await self.container.authenticate(token, count_use=False, scope=scope)
+                    actor = await self.container.authenticate(token, count_use=False, scope=scope)
+                require_key_scope(actor, "audit:read")  # a key's live events are its project's log
                 try:
                     await scope.projects.require(project_id, "viewer")
                 except DomainError:
@@ -368,6 +387,16 @@ class ProjectNamespace(socketio.AsyncNamespace):
         super().__init__(namespace)
         self.hub = hub
 
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        """Every event of every namespace passes here first: a NUL in any string of its payload is refused
+        with ``invalid_request`` naming the field, before any handler (PostgreSQL cannot take it)."""
+        if event not in ("connect", "disconnect") and len(args) > 1:
+            path = nul_path(args[1] if len(args) == 2 else list(args[1:]))
+            if path is not None:
+                field = "payload" if path == "$" else path
+                return ack_error(InvalidRequest(nul_message(field), {"field": field}))
+        return await super().trigger_event(event, *args)
+
     async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
         token = auth.get("token") if isinstance(auth, dict) else None
         if not token:
@@ -410,12 +439,17 @@ class ProjectNamespace(socketio.AsyncNamespace):
         return {"ok": True, "project_id": project_id}
 
 
+MAX_SEQ = 2**63 - 1  # seqs are BIGINT
+
+
 def _subscription(data: Any) -> tuple[str, int]:
     if not isinstance(data, dict) or not isinstance(data.get("project_id"), str):
         raise InvalidRequest("send {project_id, since?}")
-    since = data.get("since", 0) or 0
-    if not isinstance(since, int) or isinstance(since, bool) or since < 0:
-        raise InvalidRequest("since must be a non-negative integer seq")
+    since = data.get("since")
+    if since is None:
+        since = 0
+    elif not isinstance(since, int) or isinstance(since, bool) or not 0 <= since <= MAX_SEQ:
+        raise InvalidRequest(f"since must be an integer seq between 0 and {MAX_SEQ}", {"field": "since"})
     return data["project_id"], since
 
 

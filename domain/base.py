@@ -34,6 +34,15 @@ class Actor(msgspec.Struct, frozen=True, kw_only=True):
     agent_id: str | None = None
     email: str | None = None
     platform_admin: bool = False
+    # A key's grants beyond the gateway and its own requests and usage (domain.identity.KEY_SCOPES),
+    # and the instant it stops authenticating.
+    scopes: frozenset[str] = frozenset()
+    expires_at: datetime | None = None
+
+    def may(self, scope: str) -> bool:
+        """Whether the actor may read what ``scope`` names: users (by their role) and the system always,
+        a key only if it was granted the scope."""
+        return self.kind != "key" or scope in self.scopes
 
     @property
     def label(self) -> str:

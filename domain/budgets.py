@@ -1,4 +1,4 @@
-"""Budgets: spending limits per project or per agent, over a UTC calendar period, with alerts.
+"""Budgets: spending limits per project, per agent or per API key, over a UTC calendar period, with alerts.
 
 Periods are ``day`` (00:00 UTC), ``week`` (Monday 00:00 UTC), ``month`` (the 1st, 00:00 UTC) and
 ``total`` (never resets). A budget whose ``period_start`` lies before the current period is rolled
@@ -68,6 +68,7 @@ class Budget(msgspec.Struct, kw_only=True):
     id: str
     project_id: str
     agent_id: str | None
+    key_id: str | None = None  # a budget of one API key's requests
     name: str
     period: str
     limit_micros: int
@@ -99,6 +100,7 @@ class BudgetCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limit_micros: Micros
     period: Period
     agent_id: str | None = None
+    key_id: str | None = None  # the budget caps one API key's requests (a virtual key's own budget)
     alert_thresholds: Annotated[list[Threshold], Meta(max_length=10)] = msgspec.field(
         default_factory=lambda: list(DEFAULT_THRESHOLDS))
 
@@ -113,7 +115,9 @@ class BudgetRepo(Protocol):
     async def insert(self, budget: Budget) -> Budget: ...
     async def get(self, id_: str) -> Budget | None: ...
     async def list(self, project_id: str, page: PageRequest, agent_id: str | None = None) -> Page[Budget]: ...
-    async def applicable(self, project_id: str, agent_id: str | None) -> builtins.list[Budget]: ...
+    async def applicable(self, project_id: str, agent_id: str | None,
+                         key_id: str | None = None) -> builtins.list[Budget]: ...
+    async def by_ids(self, ids: builtins.list[str]) -> builtins.list[Budget]: ...
     async def roll(self, id_: str, new_start: datetime, now: datetime) -> Budget | None: ...
     async def reserve(self, id_: str, amount: int, now: datetime) -> Budget | None: ...
     async def release(self, id_: str, amount: int, now: datetime) -> Budget | None: ...
@@ -123,7 +127,8 @@ class BudgetRepo(Protocol):
 
 
 def _figures(budget: Budget) -> dict[str, Any]:
-    return msgspec.to_builtins(budget)
+    figures: dict[str, Any] = msgspec.to_builtins(budget)
+    return figures
 
 
 class Budgets:
@@ -136,10 +141,19 @@ class Budgets:
     # ------------------------------------------------------------ CRUD
     async def create(self, project_id: str, cmd: BudgetCreate) -> Budget:
         await self.scope.projects.require(project_id, "admin")
+        if cmd.agent_id is not None and cmd.key_id is not None:
+            raise InvalidRequest("a budget is scoped to an agent or to a key, not both (a key's budget applies "
+                                 "to its agent's requests made with it)", {"field": "key_id"})
         if cmd.agent_id is not None:
             await self.scope.agents.get(project_id, cmd.agent_id)
+        if cmd.key_id is not None:
+            key = await self.scope.keys.get(project_id, cmd.key_id)
+            if key.revoked_at is not None:
+                raise InvalidRequest("the key is revoked: a budget for it would never apply",
+                                     {"field": "key_id", "key_id": cmd.key_id})
         now = utcnow()
-        budget = Budget(id=new_id("bud"), project_id=project_id, agent_id=cmd.agent_id, name=cmd.name,
+        budget = Budget(id=new_id("bud"), project_id=project_id, agent_id=cmd.agent_id, key_id=cmd.key_id,
+                        name=cmd.name,
                         period=cmd.period, limit_micros=cmd.limit_micros, spent_micros=0, reserved_micros=0,
                         period_start=period_start(cmd.period, now) or now,
                         alert_thresholds=sorted(set(cmd.alert_thresholds)), alerted=[], active=True,
@@ -175,20 +189,25 @@ class Budgets:
             rows = await self.repo.set_limit(budget_id, cmd.limit_micros, now)
             if rows is None:
                 current = await self.repo.get(budget_id)
+                assert current is not None  # found above, in this transaction
                 raise Conflict("the new limit is below what is already spent and reserved this period",
                                {"limit_micros": cmd.limit_micros, "spent_micros": current.spent_micros,
                                 "reserved_micros": current.reserved_micros})
-        budget = await self.repo.update(budget_id, **changes, updated_at=now) if changes else \
+        changed = await self.repo.update(budget_id, **changes, updated_at=now) if changes else \
             await self.repo.get(budget_id)
-        self._updated(budget, "updated")
-        await self.check_thresholds(budget)
-        return await self.repo.get(budget_id)
+        assert changed is not None
+        self._updated(changed, "updated")
+        await self.check_thresholds(changed)
+        final = await self.repo.get(budget_id)
+        assert final is not None
+        return final
 
     async def delete(self, project_id: str, budget_id: str) -> None:
         """Deactivate: it stops applying at once; open reservations against it still settle/release."""
         await self.scope.projects.require(project_id, "admin")
         await self._budget(project_id, budget_id)
         budget = await self.repo.update(budget_id, active=False, updated_at=utcnow())
+        assert budget is not None
         self._updated(budget, "deleted")
 
     async def _budget(self, project_id: str, budget_id: str) -> Budget:
@@ -210,18 +229,30 @@ class Budgets:
         self._updated(rolled, "reset")
         return rolled
 
-    async def applicable(self, project_id: str, agent_id: str | None) -> builtins.list[Budget]:
-        """Active budgets that apply to a request of ``agent_id`` (project-wide + the agent's), by id."""
-        return await self.repo.applicable(project_id, agent_id)
+    async def applicable(self, project_id: str, agent_id: str | None,
+                         key_id: str | None = None) -> builtins.list[Budget]:
+        """Active budgets that apply to a request of ``agent_id`` made with ``key_id`` (project-wide, the
+        agent's, the key's), by id."""
+        return await self.repo.applicable(project_id, agent_id, key_id)
+
+    async def remaining(self, budget_ids: Sequence[str]) -> int | None:
+        """What the tightest of these (active) budgets has left now, ``limit - spent - reserved`` in this
+        period; None when none applies. The gateway's ``x-smartspace-budget-remaining-micros``."""
+        if not budget_ids:
+            return None
+        now = utcnow()
+        return min((b.as_rolled(now).available_micros for b in await self.repo.by_ids(list(budget_ids))),
+                   default=None)
 
     async def reserve_all(self, project_id: str, agent_id: str | None, amount: int, *, ref: str,
-                          now: datetime, budgets: builtins.list[Budget] | None = None) -> builtins.list[Budget]:
-        """Reserve ``amount`` on every active budget that applies (project-wide + this agent's), in id
+                          now: datetime, budgets: builtins.list[Budget] | None = None,
+                          key_id: str | None = None) -> builtins.list[Budget]:
+        """Reserve ``amount`` on every active budget that applies (project-wide, this agent's, this key's), in id
         order (consistent lock order across processes). Raises BudgetExceeded on the first that has
         no room — the caller's transaction then rolls back every hold it made. ``budgets``: the
         applicable list if the caller read it already (before taking the wallet's row lock)."""
         if budgets is None:
-            budgets = await self.repo.applicable(project_id, agent_id)
+            budgets = await self.repo.applicable(project_id, agent_id, key_id)
         held: list[Budget] = []
         for budget in sorted(budgets, key=lambda b: b.id):
             budget = await self.roll(budget, now)
@@ -290,7 +321,7 @@ def crossed_thresholds(budget: Budget) -> list[int]:
 
 
 def threshold_reached(budget: Budget, threshold: int) -> dict[str, Any]:
-    return {"budget_id": budget.id, "name": budget.name, "agent_id": budget.agent_id,
+    return {"budget_id": budget.id, "name": budget.name, "agent_id": budget.agent_id, "key_id": budget.key_id,
             "threshold": threshold, "period": budget.period,
             "period_start": budget.period_start.isoformat(), "limit_micros": budget.limit_micros,
             "spent_micros": budget.spent_micros, "reserved_micros": budget.reserved_micros,

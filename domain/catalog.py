@@ -7,6 +7,7 @@ never priced at zero.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Literal, Protocol
@@ -207,7 +208,7 @@ SEED: tuple[CatalogModel, ...] = (
 class CatalogRepo(Protocol):
     async def list(self, f: ModelFilter) -> list[CatalogModel]: ...
     async def get(self, id_: str) -> CatalogModel | None: ...
-    async def candidates(self, model_id: str) -> list[CatalogModel]: ...
+    async def candidates(self, model_id: str) -> builtins.list[CatalogModel]: ...
     async def update(self, id_: str, **values: object) -> CatalogModel | None: ...
     async def insert(self, entity: CatalogModel) -> CatalogModel: ...
     async def ensure_platform_log(self) -> None: ...
@@ -318,6 +319,7 @@ class Catalog:
         if "aliases" in changes:
             await self._check_names(msgspec.structs.replace(before, aliases=list(changes["aliases"])))  # type: ignore[arg-type]
         after = await self.repo.update(model_id, **changes, updated_at=utcnow())
+        assert after is not None  # found above, in this transaction
         await self.repo.ensure_platform_log()
         self.scope.emit(PLATFORM_PROJECT, "catalog.updated", {
             "model": model_id, "changes": {k: {"from": getattr(before, k), "to": v} for k, v in changes.items()}})

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal, Protocol
 
 import msgspec
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 from domain.errors import InvalidRequest
 
@@ -19,11 +19,17 @@ MICROS_DECIMALS = 6
 ZERO_ADDRESS = "0x" + "0" * 40
 
 
+def _pow10(exponent: int) -> int:
+    """10**exponent for exponent >= 0 (typed: ``int ** int`` is ``Any`` to a type checker, a float below 0)."""
+    result: int = 10**exponent
+    return result
+
+
 def micros_to_units(amount_micros: int, decimals: int) -> int:
     """micro-USDC → token base units (exact: a token with fewer than 6 decimals cannot carry every micro)."""
     if decimals >= MICROS_DECIMALS:
-        return amount_micros * 10 ** (decimals - MICROS_DECIMALS)
-    factor = 10 ** (MICROS_DECIMALS - decimals)
+        return amount_micros * _pow10(decimals - MICROS_DECIMALS)
+    factor = _pow10(MICROS_DECIMALS - decimals)
     if amount_micros % factor:
         raise InvalidRequest(f"amount must be a multiple of {factor} micro-USDC for a {decimals}-decimal token")
     return amount_micros // factor
@@ -32,8 +38,8 @@ def micros_to_units(amount_micros: int, decimals: int) -> int:
 def units_to_micros(units: int, decimals: int) -> int:
     """Token base units → micro-USDC, rounded down (dust below one micro is not credited)."""
     if decimals >= MICROS_DECIMALS:
-        return units // 10 ** (decimals - MICROS_DECIMALS)
-    return units * 10 ** (MICROS_DECIMALS - decimals)
+        return units // _pow10(decimals - MICROS_DECIMALS)
+    return units * _pow10(MICROS_DECIMALS - decimals)
 
 
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")

@@ -60,7 +60,7 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     content: str
     status: str  # complete | cancelled | failed
     project_id: str
-    data: dict | None
+    data: dict[str, Any] | None
     created_at: datetime
 
 
@@ -87,7 +87,7 @@ class ChatReply(msgspec.Struct, kw_only=True):
     conversation_id: str
     message_id: str
     response: str
-    data: dict | None = None
+    data: dict[str, Any] | None = None
 
 
 class Turn(msgspec.Struct, kw_only=True):
@@ -103,7 +103,7 @@ class Turn(msgspec.Struct, kw_only=True):
 
 class Reply(msgspec.Struct, kw_only=True):
     text: str
-    data: dict = {}
+    data: dict[str, Any] = {}
 
 
 # ---------------------------------------------------------------- ports
@@ -148,15 +148,15 @@ class Responder(Protocol):
 class ModelTurn(msgspec.Struct, kw_only=True):
     request_id: str
     content: str
-    tool_calls: list[dict]
+    tool_calls: list[dict[str, Any]]
     cost_micros: int
 
 
 ASSISTANT = Actor(kind="system", id="assistant")
 
 
-async def call_model(spending: Spending, model: str, project_id: str, asked_by: str, messages: list[dict],
-                     tools: list[dict]) -> ModelTurn:
+async def call_model(spending: Spending, model: str, project_id: str, asked_by: str, messages: list[dict[str, Any]],
+                     tools: list[dict[str, Any]]) -> ModelTurn:
     """One model call of the assistant, through SmartSpace's own spend path in-process: priced,
     policy-checked, reserved and settled against the asking project like any agent's call (it is a
     request of the project's, by ``system:assistant``, with the asker in its metadata). Any member —

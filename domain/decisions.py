@@ -8,7 +8,7 @@ implements over a read-only database session (and a rate limiter it only peeks a
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 
@@ -30,7 +30,7 @@ class SpendInput(msgspec.Struct, kw_only=True):
     operation: str  # "chat" | "embedding"
     input_tokens: int
     max_output_tokens: int | None
-    metadata: dict = {}
+    metadata: dict[str, Any] = {}
     fee_bps: int = 0  # the platform fee: the worst case (estimated_cost_micros) includes it
 
 
@@ -91,6 +91,9 @@ class KeyState(msgspec.Struct, kw_only=True):
     project_id: str
     agent_id: str | None
     revoked: bool
+    expires_at: datetime | None = None
+    allowed_models: list[str] | None = None  # "provider/model"; None: every model
+    rate_limits: dict[str, int | None] = {}  # the key's own {per_minute?, per_hour?, per_day?}
 
 
 class AgentState(msgspec.Struct, kw_only=True):
@@ -117,6 +120,7 @@ class BudgetState(msgspec.Struct, kw_only=True):
     spent_micros: int
     reserved_micros: int
     period_start: datetime
+    key_id: str | None = None  # set: the budget of one API key's requests
 
 
 class Activity(msgspec.Struct, kw_only=True):

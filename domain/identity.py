@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -14,6 +15,7 @@ from msgspec import UNSET, Meta, UnsetType
 from domain.base import ROLE_RANK, Actor, Page, PageRequest, Role, new_id, utcnow
 from domain.catalog import PLATFORM_PROJECT
 from domain.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
+from domain.policies import Window
 
 if TYPE_CHECKING:
     from domain.scope import Deps, Scope
@@ -23,6 +25,24 @@ Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=32
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
 Password = Annotated[str, Meta(min_length=8, max_length=256)]
 KEY_PREFIX = "sk-"
+
+# What a key may read beyond its baseline. Every key, whatever its scopes, may call the gateway
+# (/v1/…, POST /api/v1/requests), list the models, and read its OWN spend requests and usage; a scope
+# widens that to the project's. A route no scope names (writes, members, the chat assistant…) needs a
+# user token. Each REST route declares the scope a key needs (server/http.py RouteSpec.key_scope).
+OWN = "own"  # the route's baseline: every key, limited to what the key itself did
+KEY_SCOPES: dict[str, str] = {
+    "gateway": "the gateway and POST /api/v1/requests (every key holds it; naming it changes nothing)",
+    "requests:read": "every spend request of the project, not only the key's own",
+    "usage:read": "the project's whole usage report, not only the key's own",
+    "audit:read": "the audit log and its verification, and the project's live events over Socket.IO",
+    "budgets:read": "the project's budgets",
+    "wallet:read": "the wallet and its ledger",
+    "payments:read": "payments, deposits and the deposit address",
+    "policy:read": "the project policy and its versions",
+    "project:read": "the project itself, its members, agents and keys (metadata)",
+}
+ModelId = Annotated[str, Meta(min_length=3, max_length=200)]
 
 
 # ---------------------------------------------------------------- entities
@@ -73,6 +93,14 @@ class ApiKey(msgspec.Struct, kw_only=True):
     last_used_at: datetime | None = None
     use_count: int = 0
     revoked_at: datetime | None = None
+    expires_at: datetime | None = None
+    allowed_models: list[str] | None = None  # "provider/model" ids; null: every model the policy allows
+    scopes: list[str] = []
+    rate_limits: Window = msgspec.field(default_factory=Window)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rate_limits, dict):  # as stored (JSON)
+            self.rate_limits = msgspec.convert(self.rate_limits, Window)
 
 
 class CreatedKey(ApiKey, kw_only=True):
@@ -84,6 +112,8 @@ class KeyPrincipal(msgspec.Struct, frozen=True):
     project_id: str
     agent_id: str | None
     project_status: str
+    scopes: frozenset[str] = frozenset()
+    expires_at: datetime | None = None
 
 
 # ---------------------------------------------------------------- commands
@@ -123,9 +153,24 @@ class AgentCreate(msgspec.Struct, forbid_unknown_fields=True):
     name: Name
 
 
-class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
+class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
     agent_id: str | None = None
+    expires_at: datetime | None = None  # RFC 3339 with a zone, in the future
+    allowed_models: Annotated[list[ModelId], Meta(max_length=200)] | None = None
+    scopes: Annotated[list[str], Meta(max_length=len(KEY_SCOPES))] = []
+    rate_limits: Window = msgspec.field(default_factory=Window)  # this key's own requests per minute/hour/day
+
+
+class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """PATCH a key's terms (LiteLLM's key update): only the fields sent change; null clears expires_at /
+    allowed_models. The secret and the agent stay."""
+
+    name: Name | UnsetType = UNSET
+    expires_at: datetime | UnsetType | None = UNSET
+    allowed_models: Annotated[list[ModelId], Meta(max_length=200)] | UnsetType | None = UNSET
+    scopes: Annotated[list[str], Meta(max_length=len(KEY_SCOPES))] | UnsetType = UNSET
+    rate_limits: Window | UnsetType = UNSET
 
 
 class AuthResult(msgspec.Struct):
@@ -376,9 +421,14 @@ class Keys:
         await self.scope.projects.require(project_id, "admin")
         if cmd.agent_id is not None:
             await self.scope.agents.get(project_id, cmd.agent_id)
+        now = utcnow()
+        _check_key_terms(now, cmd.expires_at, cmd.allowed_models, cmd.scopes)
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
         key = CreatedKey(id=new_id("key"), project_id=project_id, agent_id=cmd.agent_id, name=cmd.name,
-                         prefix=raw[:11], created_by=self.scope.actor.label, created_at=utcnow(), key=raw)
+                         prefix=raw[:11], created_by=self.scope.actor.label, created_at=now, key=raw,
+                         expires_at=cmd.expires_at,
+                         allowed_models=None if cmd.allowed_models is None else list(dict.fromkeys(cmd.allowed_models)),
+                         scopes=sorted(set(cmd.scopes)), rate_limits=cmd.rate_limits)
         await self.store.keys.add(key, hash_key(raw))
         public = msgspec.structs.asdict(key)
         public.pop("key")
@@ -389,14 +439,45 @@ class Keys:
         await self.scope.projects.require(project_id, "viewer")
         return await self.store.keys.list(project_id, page)
 
+    async def get(self, project_id: str, key_id: str) -> ApiKey:
+        await self.scope.projects.require(project_id, "viewer")
+        key = await self.store.keys.get(key_id)
+        if key is None or key.project_id != project_id:
+            raise NotFound("key not found", {"key_id": key_id})
+        return key
+
+    async def update(self, project_id: str, key_id: str, cmd: KeyUpdate) -> ApiKey:
+        await self.scope.projects.require(project_id, "admin")
+        changes = {k: v for k, v in msgspec.structs.asdict(cmd).items() if v is not UNSET}
+        if not changes:
+            raise InvalidRequest("nothing to change: send name, expires_at, allowed_models, scopes or rate_limits")
+        _check_key_terms(utcnow(), changes.get("expires_at"), changes.get("allowed_models"), changes.get("scopes", ()))
+        key = await self.store.keys.get(key_id, for_update=True)
+        if key is None or key.project_id != project_id:
+            raise NotFound("key not found", {"key_id": key_id})
+        if key.revoked_at is not None:
+            raise Conflict("the key is revoked: its terms can no longer change", {"key_id": key_id})
+        if "allowed_models" in changes and changes["allowed_models"] is not None:
+            changes["allowed_models"] = list(dict.fromkeys(changes["allowed_models"]))
+        if "scopes" in changes:
+            changes["scopes"] = sorted(set(changes["scopes"]))
+        if "rate_limits" in changes:
+            changes["rate_limits"] = msgspec.to_builtins(changes["rate_limits"])
+        updated = await self.store.keys.update(key_id, **changes)
+        if updated is None:  # the row is locked above: only a deleted project's cascade could get here
+            raise NotFound("key not found", {"key_id": key_id})
+        # The event drops the gateway's cached copies of the project's keys on every process.
+        self.scope.emit(project_id, "key.updated", {"key": msgspec.to_builtins(updated), "changes": sorted(changes)})
+        return updated
+
     async def authenticate(self, raw: str, *, count_use: bool = True) -> KeyPrincipal:
         """Resolve a presented key; counts the use (unless ``count_use`` is false: a read, e.g. a socket connect).
-        A revoked or unknown key fails at once."""
+        A revoked, expired or unknown key fails at once."""
         key_hash = parse_key(raw)
         principal = (await self.store.keys.use(key_hash, utcnow()) if count_use
-                     else await self.store.keys.principal(key_hash))
+                     else await self.store.keys.principal(key_hash, utcnow()))
         if principal is None or principal.project_status != "active":
-            raise Unauthorized("the API key is unknown, revoked, or its project is not active")
+            raise Unauthorized("the API key is unknown, revoked or expired, or its project is not active")
         return principal
 
     async def revoke(self, project_id: str, key_id: str) -> ApiKey:
@@ -406,8 +487,40 @@ class Keys:
             raise NotFound("key not found", {"key_id": key_id})
         if key.revoked_at is None:
             key = await self.store.keys.update(key_id, revoked_at=utcnow())
+            assert key is not None  # locked above
             self.scope.emit(project_id, "key.revoked", {"key_id": key_id, "prefix": key.prefix})
         return key
+
+
+def _check_key_terms(now: datetime, expires_at: datetime | None, allowed_models: list[str] | None,
+                     scopes: Sequence[str]) -> None:
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise InvalidRequest("expires_at must be an RFC 3339 time with a zone (e.g. 2027-01-01T00:00:00Z)",
+                                 {"field": "expires_at"})
+        if expires_at <= now:
+            raise InvalidRequest("expires_at must be in the future", {"field": "expires_at",
+                                                                      "expires_at": expires_at.isoformat()})
+    for model in allowed_models or ():
+        provider, _, name = model.partition("/")
+        if not provider or not name:
+            raise InvalidRequest(f"allowed_models holds catalog ids written provider/model; {model!r} is not one",
+                                 {"field": "allowed_models", "model": model})
+    unknown = sorted(set(scopes) - KEY_SCOPES.keys())
+    if unknown:
+        raise InvalidRequest(f"unknown scope {unknown[0]!r}; scopes are {', '.join(KEY_SCOPES)}",
+                             {"field": "scopes", "unknown": unknown, "scopes": list(KEY_SCOPES)})
+
+
+def require_key_scope(actor: Actor, scope: str | None) -> None:
+    """A key may use a route iff the route names a scope the key holds, or is part of every key's baseline."""
+    if actor.kind != "key" or scope == OWN or (scope is not None and scope in actor.scopes):
+        return
+    if scope is None:
+        raise Forbidden("an API key cannot use this route: it needs a user access token",
+                        {"key_id": actor.id, "scopes": sorted(actor.scopes)})
+    raise Forbidden(f"this API key lacks the {scope!r} scope ({KEY_SCOPES[scope]})",
+                    {"key_id": actor.id, "required_scope": scope, "scopes": sorted(actor.scopes)})
 
 
 def parse_key(raw: str) -> str:

@@ -12,7 +12,7 @@ import fnmatch
 import itertools
 import re
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, overload
 
 import msgspec
 from msgspec import Meta
@@ -124,7 +124,12 @@ def policy_error(errors: list[FieldError]) -> InvalidRequest:
                           {"field": first.field, "errors": [msgspec.to_builtins(e) for e in errors]})
 
 
-def parse(raw: bytes | dict[str, Any], type_: type[ProjectPolicy] | type[SystemPolicy] = ProjectPolicy):
+@overload
+def parse(raw: bytes | dict[str, Any], type_: type[ProjectPolicy] = ...) -> ProjectPolicy: ...
+@overload
+def parse(raw: bytes | dict[str, Any], type_: type[SystemPolicy]) -> SystemPolicy: ...
+def parse(raw: bytes | dict[str, Any], type_: type[ProjectPolicy] | type[SystemPolicy] = ProjectPolicy
+          ) -> ProjectPolicy | SystemPolicy:
     """Decode and validate a policy body; every problem is reported with its field."""
     try:
         policy = (msgspec.json.decode(raw, type=type_) if isinstance(raw, bytes | bytearray)
@@ -242,7 +247,12 @@ def record(policy: ProjectPolicy, project_id: str, version: int, created_at: dat
                         created_at=created_at, created_by=created_by)
 
 
-def load(rules: dict[str, Any], type_: type[ProjectPolicy] | type[SystemPolicy] = ProjectPolicy):
+@overload
+def load(rules: dict[str, Any], type_: type[ProjectPolicy] = ...) -> ProjectPolicy: ...
+@overload
+def load(rules: dict[str, Any], type_: type[SystemPolicy]) -> SystemPolicy: ...
+def load(rules: dict[str, Any], type_: type[ProjectPolicy] | type[SystemPolicy] = ProjectPolicy
+         ) -> ProjectPolicy | SystemPolicy:
     """A stored policy → its Struct. Stored rules were validated when written; unknown keys from a
     newer version are dropped rather than failing every request."""
     known = {k: v for k, v in rules.items() if k in type_.__struct_fields__}
@@ -311,8 +321,10 @@ class Policies:
 
 
 def rate_limits_for(policy: ProjectPolicy, system: SystemPolicy, project_id: str, key_id: str | None,
-                    agent_id: str | None) -> list[RateLimit]:
-    """Every window a request of this key/agent/project counts in."""
+                    agent_id: str | None, key_own: dict[str, int | None] | None = None) -> list[RateLimit]:
+    """Every window a request of this key/agent/project counts in. ``key_own``: the key's own
+    ``rate_limits``; where both it and the policy's per-key window set a limit, the lower one holds
+    (one counter per window either way)."""
     out: list[RateLimit] = []
     scopes = (("key", key_id), ("agent", agent_id), ("project", project_id))
     for scope, ident in scopes:
@@ -321,8 +333,12 @@ def rate_limits_for(policy: ProjectPolicy, system: SystemPolicy, project_id: str
         window: Window = getattr(policy.rate_limits, scope)
         for field, seconds in WINDOWS.items():
             limit = getattr(window, field)
+            source = "project_policy"
+            own = (key_own or {}).get(field) if scope == "key" else None
+            if own is not None and (limit is None or own < limit):
+                limit, source = own, "key"
             if limit is not None:
-                out.append(RateLimit(key=f"{scope}:{ident}", window_seconds=seconds, limit=limit))
+                out.append(RateLimit(key=f"{scope}:{ident}", window_seconds=seconds, limit=limit, source=source))
     if system.max_rate_per_minute is not None:
         out.append(RateLimit(key=f"system:project:{project_id}", window_seconds=60, limit=system.max_rate_per_minute,
                              source="system_policy"))

@@ -21,7 +21,7 @@ class RateLimit(msgspec.Struct, frozen=True, kw_only=True):
     key: str  # the scope, e.g. "key:key_123", "agent:agt_1", "project:prj_1"
     window_seconds: int
     limit: int
-    source: str = "project_policy"  # project_policy | system_policy (for the reason given)
+    source: str = "project_policy"  # project_policy | system_policy | key (the key's own limits; for the reason)
 
     @property
     def bucket(self) -> str:
@@ -29,7 +29,8 @@ class RateLimit(msgspec.Struct, frozen=True, kw_only=True):
 
     def describe(self) -> str:
         unit = {60: "minute", 3600: "hour", 86400: "day"}.get(self.window_seconds, f"{self.window_seconds}s")
-        return f"{self.limit} requests per {unit} for {self.key}"
+        own = " (the key's own limit)" if self.source == "key" else ""
+        return f"{self.limit} requests per {unit} for {self.key}{own}"
 
 
 class RateLimiter(Protocol):

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
-from domain import budgets, catalog, identity, policies, usage, wallet
+from domain import budgets, catalog, identity, insights, policies, usage, wallet
 from domain.audit import Audit
 from domain.base import SYSTEM, Actor
 from domain.errors import Unauthorized
@@ -22,6 +22,7 @@ from domain.ports import Store
 
 if TYPE_CHECKING:
     from domain.chain import Chain
+    from domain.insights import AlertSink
 
 
 class PasswordHasher(Protocol):
@@ -64,6 +65,7 @@ class Deps:
         # Called inside the unit of work that creates a project (e.g. to open its wallet).
         self.project_created_hooks: list[Callable[[Scope, identity.Project], Awaitable[None]]] = []
         self.unknown_user_hash: str | None = None  # login's constant-time stand-in, computed once
+        self.alerts: AlertSink | None = None  # outbound alerts for new warning/critical insights (optional)
 
     @property
     def chain(self) -> Chain | None:
@@ -133,3 +135,7 @@ class Scope:
     @cached_property
     def usage(self) -> usage.Usage:
         return usage.Usage(self)
+
+    @cached_property
+    def insights(self) -> insights.Insights:
+        return insights.Insights(self)

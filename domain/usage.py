@@ -49,6 +49,9 @@ class UsageReport(msgspec.Struct, kw_only=True):
     by_day: list[UsageRow]
     requests_by_status: dict[str, int]
     ledger: dict[str, int]  # sum of ledger entries by kind over the window (debits negative)
+    # Set when the report covers one API key's requests only (a key without the usage:read scope);
+    # the project's ledger is then left out.
+    key_id: str | None = None
 
 
 class Usage:
@@ -69,13 +72,16 @@ class Usage:
         if until - since > MAX_WINDOW:
             raise InvalidRequest("the window can be at most 366 days")
         repo = self.scope.store.spend_requests
-        totals = await repo.usage(project_id, since, until, "total")
+        actor = self.scope.actor
+        key_id = None if actor.may("usage:read") else actor.id
+        totals = await repo.usage(project_id, since, until, "total", key_id=key_id)
         return UsageReport(
             project_id=project_id, since=since, until=until,
             totals=totals[0] if totals else UsageRow(key="total", requests=0, input_tokens=0, output_tokens=0,
                                                      cost_micros=0, estimated_cost_micros=0),
-            by_model=await repo.usage(project_id, since, until, "model"),
-            by_agent=await repo.usage(project_id, since, until, "agent"),
-            by_day=await repo.usage(project_id, since, until, "day"),
-            requests_by_status=await repo.status_counts(project_id, since, until),
-            ledger=await self.scope.store.wallets.ledger_totals(project_id, since, until))
+            by_model=await repo.usage(project_id, since, until, "model", key_id=key_id),
+            by_agent=await repo.usage(project_id, since, until, "agent", key_id=key_id),
+            by_day=await repo.usage(project_id, since, until, "day", key_id=key_id),
+            requests_by_status=await repo.status_counts(project_id, since, until, key_id=key_id),
+            ledger={} if key_id else await self.scope.store.wallets.ledger_totals(project_id, since, until),
+            key_id=key_id)

@@ -57,16 +57,19 @@ class PlatformEntry(msgspec.Struct, kw_only=True):
     """A line of the platform's own ledger: what the platform earned (the fee on a settled request)."""
 
     id: str
-    kind: str  # platform_fee
+    kind: str  # platform_fee (the insights' cost overruns are booked there too: overrun_absorbed, < 0)
     amount_micros: int
     ref: str | None  # the spend request
     project_id: str  # the project that paid it
+    memo: str
+    actor: str
     created_at: datetime
 
 
 class PlatformTotals(msgspec.Struct, kw_only=True):
-    balance_micros: int  # everything the platform earned
+    balance_micros: int  # fees earned minus overruns absorbed
     entries: int
+    by_kind: dict[str, int] = {}
 
 
 class WalletRepo(Protocol):
@@ -77,8 +80,10 @@ class WalletRepo(Protocol):
     async def release(self, project_id: str, amount: int, now: datetime) -> Wallet | None: ...
     async def capture(self, project_id: str, held: int, charge: int, now: datetime) -> Wallet | None: ...
     async def set_deposit_address(self, project_id: str, address: str, now: datetime) -> Wallet | None: ...
+    async def deposit_addresses(self) -> list[tuple[str, str | None]]: ...
     async def append(self, entry: LedgerEntry) -> None: ...
     async def entries(self, project_id: str, page: PageRequest) -> Page[LedgerEntry]: ...
+    async def ledger_totals(self, project_id: str, since: datetime, until: datetime) -> dict[str, int]: ...
     async def book_platform(self, entry: PlatformEntry) -> None: ...
     async def platform_totals(self) -> PlatformTotals: ...
 
@@ -183,8 +188,9 @@ class Wallets:
     async def platform_fee(self, amount_micros: int, *, ref: str, payer: str) -> PlatformEntry:
         """Book the platform's fee on a request to its own ledger (in the transaction that charged the payer)."""
         _positive(amount_micros)
-        entry = PlatformEntry(id=new_id("pfl"), kind="platform_fee", amount_micros=amount_micros, ref=ref,
-                              project_id=payer, created_at=utcnow())
+        entry = PlatformEntry(id=new_id("pld"), kind="platform_fee", amount_micros=amount_micros, ref=ref,
+                              project_id=payer, memo="platform fee", actor=self.scope.actor.label,
+                              created_at=utcnow())
         await self.repo.book_platform(entry)
         return entry
 

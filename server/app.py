@@ -15,12 +15,19 @@ import server.api  # noqa: F401 - registers the REST routes
 from channels.chat import attach as attach_chat
 from channels.hub import attach as attach_hub
 from domain.errors import DomainError
-from server import idempotency
+from server import idempotency, keep_recursion_limit
 from server.chain.workers import chain_context
 from server.container import Container
+from server.cors import enable_cors
 from server.http import CONTAINER, routes
 from server.metrics import METRICS, Metrics
-from server.middleware import access_middleware, auth_middleware, error_middleware, request_id_middleware
+from server.middleware import (
+    access_middleware,
+    auth_middleware,
+    error_middleware,
+    input_middleware,
+    request_id_middleware,
+)
 from server.providers import configured_models
 from server.settings import Settings, SettingsError
 from storage.bus import LocalBus, RedisBus, channel_for, deployment_id
@@ -41,6 +48,7 @@ def build_container(settings: Settings, metrics: Metrics, *, db: Database | None
 
 def create_app(settings: Settings, *, container: Container | None = None,
                migrate: Callable[[Database], Awaitable[None]] | None = None) -> web.Application:
+    keep_recursion_limit()  # the imports above brought in py_ecc (web3), which raised it
     container = container or build_container(settings, Metrics())
     metrics = container.metrics
     app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -51,10 +59,15 @@ def create_app(settings: Settings, *, container: Container | None = None,
         request_id_middleware,
         access_middleware(metrics, settings.access_log),
         error_middleware,
+        input_middleware,
         auth_middleware(container),
     ])
     routes.install(app)
     idempotency.install(app)  # streamed answers are recorded for Idempotency-Key replays
+    own = getattr(container.bus, "listen_own", None)  # the spend series count what this process committed
+    if own is not None:
+        own(metrics.spend.on_event)
+    enable_cors(app, settings.cors_origins)  # the route table's resources, before Socket.IO attaches
 
     async def declare_models(container: Container) -> None:
         declared = configured_models(container.providers.upstreams)
@@ -95,6 +108,23 @@ def create_app(settings: Settings, *, container: Container | None = None,
 
     app.cleanup_ctx.append(sweeper)
     app.cleanup_ctx.append(chain_context(container, start_worker=settings.chain_worker))  # payments (issue 5)
+
+    async def insights(app: web.Application) -> AsyncIterator[None]:  # issue 11: the evaluator's schedule, alerts
+        if container.alerts is not None:
+            await container.alerts.start()
+        if settings.insight_evaluator:
+            container.insights.start()
+        yield
+        await container.insights.close()
+        if container.alerts is not None:
+            await container.alerts.close()
+
+    app.cleanup_ctx.append(insights)
     hub = attach_hub(app, container, metrics)
     attach_chat(app, hub, container.chat)  # /chat: the assistant's message and cancel
+    app.on_startup.append(after_start)  # runs after every cleanup_ctx started, the devnet's too
     return app
+
+
+async def after_start(app: web.Application) -> None:
+    keep_recursion_limit()  # the devnet's first start imports py-evm, which raises it again

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 import msgspec
 from aiohttp import web
@@ -21,12 +22,19 @@ def _settings_or_exit() -> Settings:
     try:
         return load_settings()
     except SettingsError as exc:
-        print(f"smartspace: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _config_error(exc)
+
+
+def _config_error(exc: SettingsError) -> NoReturn:
+    """One line on stderr naming the variable and what it expects; exit status 2."""
+    line = " ".join(str(exc).split())
+    print(f"smartspace: configuration error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def serve(args: argparse.Namespace) -> None:
     settings = _settings_or_exit()
+    import storage.migrate  # noqa: F401 - before logging is set up: alembic logs its plugins at INFO on import
     from server.logs import setup_logging
 
     setup_logging(settings.log_level)
@@ -39,15 +47,16 @@ def serve(args: argparse.Namespace) -> None:
                   "the others' sockets through Redis")
         if not settings.resolved_database_url.startswith("postgresql"):
             _exit("--workers needs PostgreSQL (SMARTSPACE_DATABASE_URL): SQLite has one writer per file")
-    print(f"smartspace: serving on http://{host}:{port} (database {settings.resolved_database_url.split('://')[0]}, "
-          f"bus {'redis' if settings.redis_url else 'in-process'}"
-          f"{f', {workers} workers' if workers > 1 else ''})", file=sys.stderr, flush=True)
+    # Printed by the (first) worker once its port is bound, never before.
+    database = settings.resolved_database_url.split("://")[0]
+    banner = (f"smartspace: serving on http://{host}:{port} (database {database}, "
+              f"bus {'redis' if settings.redis_url else 'in-process'}{f', {workers} workers' if workers > 1 else ''})")
     if workers == 1:
-        _run_worker(settings, host, port, 0, migrate_here=settings.migrate_on_start, reuse_port=False)
+        _run_worker(settings, host, port, 0, migrate_here=settings.migrate_on_start, reuse_port=False, banner=banner)
         return
     if settings.migrate_on_start:  # once, before any worker starts
         _migrate_once(settings)
-    _supervise(settings, host, port, workers)
+    _supervise(settings, host, port, workers, banner)
 
 
 def _exit(message: str, code: int = 2) -> None:
@@ -55,15 +64,22 @@ def _exit(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def _run_worker(settings: Settings, host: str, port: int, index: int, *, migrate_here: bool, reuse_port: bool) -> None:
+def _run_worker(settings: Settings, host: str, port: int, index: int, *, migrate_here: bool, reuse_port: bool,
+                banner: str | None = None) -> None:
     from server.app import create_app
     from server.metrics import METRICS
     from storage.migrate import upgrade
 
-    app = create_app(settings, migrate=upgrade if migrate_here else None)
-    app[METRICS].worker.labels(str(index), str(os.getpid())).set(1)
+    def bound(_: str) -> None:  # aiohttp calls this once every site is bound
+        if banner:
+            print(banner, file=sys.stderr, flush=True)
+
     try:
-        web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None)
+        app = create_app(settings, migrate=upgrade if migrate_here else None)
+        app[METRICS].worker.labels(str(index), str(os.getpid())).set(1)
+        web.run_app(app, host=host, port=port, access_log=None, print=bound, reuse_port=reuse_port or None)
+    except SettingsError as exc:  # found while wiring up (SMARTSPACE_UPSTREAMS) or starting (the chain)
+        _config_error(exc)
     except OSError as exc:  # the database did not answer at start-up, or the port is taken
         hint = (f"is {host}:{port} free? (SMARTSPACE_PORT / --port)" if exc.errno == errno.EADDRINUSE
                 else "check SMARTSPACE_DATABASE_URL and that the database is running")
@@ -88,7 +104,7 @@ def _migrate_once(settings: Settings) -> None:
         _exit(f"cannot reach the database ({exc}); check SMARTSPACE_DATABASE_URL", 1)
 
 
-def _supervise(settings: Settings, host: str, port: int, workers: int) -> None:
+def _supervise(settings: Settings, host: str, port: int, workers: int, banner: str) -> None:
     """Fork ``workers`` processes that each serve the same port (SO_REUSEPORT: the kernel spreads new connections
     over them), each with its own event loop, database pool and bus connection; the payments worker runs in the
     first only. SIGTERM/SIGINT go to every worker; if one dies, the others are stopped and the exit code is
@@ -101,7 +117,8 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> None:
             worker_settings = settings if index == 0 else msgspec.structs.replace(settings, chain_worker=False)
             code = 0
             try:
-                _run_worker(worker_settings, host, port, index, migrate_here=False, reuse_port=True)
+                _run_worker(worker_settings, host, port, index, migrate_here=False, reuse_port=True,
+                            banner=banner if index == 0 else None)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -126,10 +143,10 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> None:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        index = children.pop(pid, None)
+        worker = children.pop(pid, None)
         code = os.waitstatus_to_exitcode(status)
         if not stopping:
-            print(f"smartspace: worker {index} (pid {pid}) exited with {code}; stopping the others", file=sys.stderr)
+            print(f"smartspace: worker {worker} (pid {pid}) exited with {code}; stopping the others", file=sys.stderr)
             failed = failed or code or 1
             stop(signal.SIGTERM, None)
     raise SystemExit(failed)

@@ -13,17 +13,20 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 
+from agentic import insights as brain_insights
 from agentic.assistant import Assistant
 from agentic.pipeline import decide
 from domain.base import SYSTEM, Actor
 from domain.chat import ChatService, call_model
 from domain.errors import Unauthorized
 from domain.events import Event
+from domain.insights import InsightRunner, Thresholds
 from domain.ports import EventBus
 from domain.ratelimit import RateLimiter
 from domain.scope import Deps, Scope
 from domain.spend import Spending
 from domain.wallet import open_wallet
+from server.alerts import WebhookAlerts
 from server.chain.workers import ChainRuntime
 from server.metrics import Metrics
 from server.providers import Providers
@@ -33,6 +36,7 @@ from storage.assistant import chat_view
 from storage.brain import SqlBrain
 from storage.db import Database
 from storage.hot import PgHotPath
+from storage.insights import SqlInsightView
 from storage.ratelimit import build_limiter
 from storage.uow import SqlStore
 
@@ -74,6 +78,22 @@ class Container:
         self.chat = ChatService(uow=self.uow, reader=self.reader, history_messages=settings.assistant_history_messages,
                                 responder=Assistant(lambda: chat_view(db), model=model, call_model=functools.partial(
                                     call_model, self.spending, model) if model else None))
+        self._wire_insights(settings)
+
+    def _wire_insights(self, settings: Settings) -> None:
+        """Insights (issue 11): the read-only view, the runner (after events, on a schedule), alerts."""
+        self.insight_thresholds = insight_thresholds(settings)
+        self.insight_view = SqlInsightView(self.db, self.insight_thresholds)
+        self.alerts = WebhookAlerts(settings.alert_webhook_url, settings.alert_webhook_secret) \
+            if settings.alert_webhook_url else None
+        self.deps.alerts = self.alerts
+        self.insights = InsightRunner(
+            uow=self.uow, read=self.insight_view.activity, evaluate=brain_insights.evaluate,
+            thresholds=self.insight_thresholds, due=self.insight_view.due,
+            debounce_seconds=settings.insight_debounce_seconds, schedule_seconds=settings.insight_schedule_seconds,
+            update_seconds=settings.insight_update_seconds, lock_first=not self.db.is_sqlite)
+        if settings.insight_evaluator:
+            self.bus.listen(self.insights.on_event)
 
     @contextlib.asynccontextmanager
     async def uow(self, actor: Actor = SYSTEM) -> AsyncIterator[Scope]:
@@ -111,7 +131,8 @@ class Container:
                 if scope is None:
                     scope = await stack.enter_async_context(self.uow() if count_use else self.reader())
                 key = await scope.keys.authenticate(token, count_use=count_use)
-            return Actor(kind="key", id=key.key_id, project_id=key.project_id, agent_id=key.agent_id)
+            return Actor(kind="key", id=key.key_id, project_id=key.project_id, agent_id=key.agent_id,
+                         scopes=key.scopes, expires_at=key.expires_at)
         user_id = self.tokens.verify(token)
         async with contextlib.AsyncExitStack() as stack:
             if scope is None:
@@ -120,3 +141,14 @@ class Container:
         if user is None:
             raise Unauthorized("the user of this token no longer exists")
         return self.user_actor(user.id, user.email)
+
+
+def insight_thresholds(settings: Settings) -> Thresholds:
+    return Thresholds(
+        runway_hours=settings.insight_runway_hours, spike_ratio=settings.insight_spike_ratio,
+        spike_min_requests=settings.insight_spike_min_requests, baseline_days=settings.insight_baseline_days,
+        rejection_count=settings.insight_rejection_count,
+        rejection_window_seconds=settings.insight_rejection_window_seconds,
+        idle_key_days=settings.insight_idle_key_days, cheaper_window_days=settings.insight_cheaper_window_days,
+        cheaper_min_saving_micros=settings.insight_cheaper_min_saving_micros,
+        cheaper_min_saving_ratio=settings.insight_cheaper_min_saving_ratio)

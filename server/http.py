@@ -1,5 +1,6 @@
 """HTTP helpers shared by every route module: the route table (which also feeds OpenAPI),
-JSON encode/decode with msgspec, pagination and query parsing."""
+JSON encode/decode with msgspec (strings with a NUL refused, see ``domain.inputs``), pagination and
+query parsing."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from domain.base import Actor, PageRequest
 from domain.errors import InvalidRequest, Unauthorized
+from domain.inputs import may_hold_nul, refuse_nul
 from server.container import Container
 
 T = TypeVar("T")
@@ -37,8 +39,12 @@ class RouteSpec:
     response: Any = None
     status: int = 200
     auth: bool = True
+    key_auth: bool = False  # the route checks a project API key itself (the gateway): documented as secured
     query: dict[str, str] = field(default_factory=dict)  # name -> description
     errors: tuple[int, ...] = ()
+    # What an API key needs for this route (domain.identity.KEY_SCOPES); OWN: every key, limited to its own
+    # doings; None: keys are refused (a user token is needed).
+    key_scope: str | None = None
 
 
 class Routes:
@@ -98,17 +104,26 @@ def encode(value: Any) -> bytes:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request body; an empty (or all-whitespace) one is refused."""
+    """The request body; an empty (or all-whitespace) one is refused. (One nested too deeply never gets
+    here: the input middleware refused it.)"""
     body = await request.read()
     if not body.strip():
         raise InvalidRequest("a JSON request body is required")
     return body
 
 
-async def decode(request: web.Request, type_: type[T]) -> T:
-    """Decode and validate the JSON body. A body that breaks a rule is an InvalidRequest naming the field and
-    the rule in words (:func:`invalid_body`); malformed JSON is left to the error middleware (400)."""
-    body = await read_body(request)
+def refuse_nul_in(body: bytes) -> None:
+    """A string (or key) with a NUL anywhere in a JSON body is a 422 naming it, as the client named it; checked
+    before anything else about the body."""
+    if may_hold_nul(body):
+        refuse_nul(msgspec.json.decode(body))
+
+
+def decode_body(body: bytes, type_: type[T]) -> T:
+    """Decode and validate a body read by ``read_body``; a string with a NUL is a 422 naming its field. A body
+    that breaks a rule is an InvalidRequest naming the field and the rule in words (:func:`invalid_body`);
+    malformed JSON is left to the error middleware (400)."""
+    refuse_nul_in(body)
     decoder = _decoders.get(type_)
     if decoder is None:
         decoder = _decoders[type_] = msgspec.json.Decoder(type_)
@@ -244,6 +259,16 @@ def invalid_body(exc: msgspec.ValidationError, type_: Any = None) -> InvalidRequ
     return InvalidRequest(message, {"field": field_name, "reason": message} if field_name else {"reason": message})
 
 
+async def decode(request: web.Request, type_: type[T]) -> T:
+    """Read, decode and validate the JSON body."""
+    return decode_body(await read_body(request), type_)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as plain JSON values (depth-limited; NUL is the caller's to judge)."""
+    return msgspec.json.decode(await read_body(request))
+
+
 def actor(request: web.Request) -> Actor:
     found = request.get(ACTOR)
     if found is None:
@@ -263,7 +288,7 @@ def page_request(request: web.Request, max_limit: int = 200) -> PageRequest:
 
 
 def query_value(request: web.Request, name: str, type_: type[T], default: T | None = None) -> T | None:
-    raw = request.query.get(name)
+    raw = request.query.get(name)  # a NUL was refused by the input middleware
     if raw is None or raw == "":
         return default
     try:

@@ -1,4 +1,4 @@
-"""Request id, access log + metrics, error rendering, authentication — in that order."""
+"""Request id, access log + metrics, error rendering, hostile input, authentication — in that order."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import uuid
 import msgspec
 from aiohttp import web
 
-from domain.errors import DomainError, RateLimited, Unauthorized
+from domain.errors import DomainError, InvalidRequest, RateLimited, Unauthorized
+from domain.identity import require_key_scope
+from domain.inputs import BodyTooDeep, depth_exceeds, nul_message
 from server.http import ACTOR, REQUEST_ID, encode, invalid_body, route_spec
 
 access_log = logging.getLogger("smartspace.access")
@@ -157,6 +159,34 @@ async def error_middleware(request: web.Request, handler):
                               f"an internal error occurred (request id {request.get(REQUEST_ID)})")
 
 
+def _nul_in_url(request: web.Request) -> None:
+    """A percent-encoded NUL in a path or query parameter is refused, naming it (PostgreSQL cannot take
+    it; aiohttp itself refuses a raw NUL byte anywhere in the request line or headers)."""
+    for name, value in request.match_info.items():
+        if "\x00" in value:
+            raise InvalidRequest(nul_message(name), {"field": name, "in": "path"})
+    for name, value in request.query.items():
+        if "\x00" in name or "\x00" in value:
+            field = name.replace("\x00", "\\x00")
+            raise InvalidRequest(nul_message(f"query parameter {field!r}"), {"field": field, "in": "query"})
+    if "\x00" in request.path:
+        raise InvalidRequest(nul_message("the path"), {"field": "path", "in": "path"})
+
+
+@web.middleware
+async def input_middleware(request: web.Request, handler):
+    """Hostile input at the edge, before authentication and any handler (issue 9): a NUL in the URL, and a
+    body nested too deeply for any parser to be trusted with (domain/inputs.py). A body's NUL strings are
+    judged where it is decoded (server/http.py), which knows its fields."""
+    if "%00" in request.raw_path:  # cheap: an encoded NUL must show up like this in the raw path
+        _nul_in_url(request)
+    if request.body_exists and request.match_info.http_exception is None:  # a 404/405 reads no body
+        body = await request.read()  # cached: the handler's read costs nothing more
+        if depth_exceeds(body):
+            raise BodyTooDeep()
+    return await handler(request)
+
+
 def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
@@ -174,7 +204,8 @@ def auth_middleware(container):
         if spec is None or not spec.auth:
             return await handler(request)
         if token is not None:
-            request[ACTOR] = await container.authenticate(token)
+            request[ACTOR] = who = await container.authenticate(token)
+            require_key_scope(who, spec.key_scope)  # before the body is read, like the 401
         else:
             # Before the handler reads the body: an anonymous caller learns nothing about validation.
             raise Unauthorized("authentication required: send Authorization: Bearer <token or sk- key>")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 import msgspec
+from dotenv import dotenv_values
 
 from domain.chain import normalize_address
 from domain.errors import InvalidRequest
@@ -31,6 +32,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     port: int = 8080
     log_level: str = "INFO"
     access_log: bool = True
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the REST API and the gateway
     data_dir: str = ".smartspace"
     # --- storage and fan-out ---
     database_url: str = ""  # empty: SQLite file in data_dir
@@ -71,6 +73,23 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     settlement_batch_micros: int = 10_000_000
     chain_poll_seconds: float = 1.0  # how often the payments worker looks at the chain
     chain_worker: bool = True  # run the payouts / deposit watcher / settlement loop in this process
+    # --- insights (issue 11): when each kind fires, when the evaluator runs, outbound alerts ---
+    insight_evaluator: bool = True  # evaluate projects in this process (after their events, and on a schedule)
+    insight_debounce_seconds: float = 1.0
+    insight_schedule_seconds: float = 60.0
+    insight_update_seconds: float = 60.0
+    insight_runway_hours: float = 72.0
+    insight_spike_ratio: float = 3.0
+    insight_spike_min_requests: int = 10
+    insight_baseline_days: int = 30
+    insight_rejection_count: int = 10
+    insight_rejection_window_seconds: int = 600
+    insight_idle_key_days: int = 30
+    insight_cheaper_window_days: int = 7
+    insight_cheaper_min_saving_micros: int = 10_000
+    insight_cheaper_min_saving_ratio: float = 0.2
+    alert_webhook_url: str = ""  # receives each new warning / critical insight as signed JSON
+    alert_webhook_secret: str = ""
 
     def __post_init__(self) -> None:
         checks = [
@@ -99,22 +118,29 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ("chain", self.chain in {"devnet", "rpc"}, "'devnet' or 'rpc'"),
             ("chain_rpc_url", self.chain != "rpc" or self.chain_rpc_url.startswith(("http://", "https://")),
              "an http(s) URL when SMARTSPACE_CHAIN=rpc"),
+            ("treasury_private_key", self.chain != "rpc" or _is_private_key(self.treasury_private_key),
+             "the treasury's private key (0x + 64 hex digits) when SMARTSPACE_CHAIN=rpc"),
+            ("usdc_address", self.chain != "rpc" or bool(self.usdc_address),
+             "the USDC token's address when SMARTSPACE_CHAIN=rpc (Arc: 0x3600000000000000000000000000000000000000)"),
             ("confirmations", self.confirmations >= 1, "at least 1"),
             ("jwt_secret", self.jwt_secret == "" or len(self.jwt_secret) >= 32,
              "at least 32 characters (or unset, to generate one)"),
+            ("cors_origins", all(_is_origin(o) for o in self.cors_origins),
+             "comma-separated origins such as https://app.example.com or http://localhost:5173 (no path), or *"),
             ("chain_poll_seconds", self.chain_poll_seconds > 0, "a positive number"),
             ("usdc_decimals", 0 <= self.usdc_decimals <= 36, "a number of decimals between 0 and 36"),
             *((field, _is_address(getattr(self, field)), "an EVM address: 0x + 40 hex digits, EIP-55 if mixed case")
               for field in ("usdc_address", "revenue_address") if getattr(self, field)),
+            *_insight_checks(self),
         ]
         for field, ok, expected in checks:
             if not ok:
-                raise SettingsError(
-                    f"{PREFIX}{field.upper()}={_shown(field, getattr(self, field))} is invalid: expected {expected}"
-                )
+                value = getattr(self, field)
+                state = " is not set" if value == "" else f"={_shown(field, value)} is invalid"
+                raise SettingsError(f"{PREFIX}{field.upper()}{state}: expected {expected}")
 
     def __repr__(self) -> str:  # the treasury key and the JWT secret never reach a log line through repr()
-        hidden = {"treasury_private_key", "jwt_secret"}
+        hidden = {"treasury_private_key", "jwt_secret", "alert_webhook_secret"}
         return "Settings(" + ", ".join(
             f"{f}={'***' if f in hidden and getattr(self, f) else repr(getattr(self, f))}"
             for f in self.__struct_fields__) + ")"
@@ -147,6 +173,33 @@ def _is_address(value: str) -> bool:
     return True
 
 
+def _insight_checks(s: Settings) -> list[tuple[str, bool, str]]:
+    positive = ("insight_debounce_seconds", "insight_schedule_seconds", "insight_runway_hours", "insight_baseline_days",
+                "insight_rejection_count", "insight_rejection_window_seconds", "insight_idle_key_days",
+                "insight_cheaper_window_days")
+    checks = [(f, getattr(s, f) > 0, "a positive number") for f in positive]
+    checks += [
+        ("insight_update_seconds", s.insight_update_seconds >= 0, "zero or a positive number"),
+        ("insight_spike_ratio", s.insight_spike_ratio > 1, "a ratio above 1"),
+        ("insight_spike_min_requests", s.insight_spike_min_requests >= 1, "at least 1"),
+        ("insight_cheaper_min_saving_micros", s.insight_cheaper_min_saving_micros >= 0, "zero or more micro-USDC"),
+        ("insight_cheaper_min_saving_ratio", 0 <= s.insight_cheaper_min_saving_ratio < 1, "a fraction from 0 to 1"),
+        ("alert_webhook_url", s.alert_webhook_url == "" or s.alert_webhook_url.startswith(("http://", "https://")),
+         "an http(s) URL"),
+        ("alert_webhook_secret", s.alert_webhook_url == "" or len(s.alert_webhook_secret) >= 16,
+         "at least 16 characters when SMARTSPACE_ALERT_WEBHOOK_URL is set"),
+    ]
+    return checks
+
+
+def _is_origin(value: str) -> bool:
+    return value == "*" or re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", value) is not None
+
+
+def _is_private_key(value: str) -> bool:
+    return re.fullmatch(r"(0x)?[0-9a-fA-F]{64}", value) is not None
+
+
 def _shown(field: str, value: Any) -> str:
     """A value as it may appear in an error message: secrets and URL passwords are masked."""
     if any(word in field for word in ("secret", "private_key", "password")) and value:
@@ -157,16 +210,11 @@ def _shown(field: str, value: Any) -> str:
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
+    """The file's assignments as python-dotenv parses them (``export`` lines, quotes, inline comments,
+    multi-line quoted values, ``${VAR}`` expansion); a bare ``NAME`` line without ``=`` sets nothing."""
     if not path.is_file():
-        return values
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
+        return {}
+    return {key: value for key, value in dotenv_values(path).items() if value is not None}
 
 
 def _convert(name: str, raw: str, annotation: Any) -> Any:

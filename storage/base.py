@@ -22,16 +22,21 @@ def encode_cursor(value: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("cursor is not one this API returned", {"cursor": cursor}) from None
+    if "\x00" in value:  # never one of ours, and PostgreSQL cannot compare it
+        raise InvalidRequest("cursor is not one this API returned", {"cursor": cursor})
+    return value
 
 
 class Repository(Generic[S]):
     """Maps one table to one domain Struct. Subclasses set ``table`` and ``entity``."""
 
     table: ClassVar[sa.Table]
-    entity: ClassVar[type]
+    entity: ClassVar[type[Any]]  # a msgspec Struct class
+    _field_cache: ClassVar[tuple[str, ...]]  # set per subclass on first use
+    _insert_stmt: ClassVar[sa.Insert]
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn

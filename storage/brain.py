@@ -131,13 +131,15 @@ def _prefetch_statement() -> sa.Select:
     agent_id = sa.func.coalesce(sa.bindparam("agent_id", type_=sa.String), k.c.agent_id)
     return (
         sa.select(projects.c.status.label("p_status"), k.c.id.label("k_id"), k.c.project_id.label("k_project"),
-                  k.c.agent_id.label("k_agent"), k.c.revoked_at.label("k_revoked"), a.c.id.label("a_id"),
+                  k.c.agent_id.label("k_agent"), k.c.revoked_at.label("k_revoked"),
+                  k.c.expires_at.label("k_expires"), k.c.allowed_models.label("k_models"),
+                  k.c.rate_limits.label("k_limits"), a.c.id.label("a_id"),
                   a.c.project_id.label("a_project"), a.c.status.label("a_status"),
                   wl.c.balance_micros.label("w_balance"), wl.c.reserved_micros.label("w_reserved"),
                   bu.c.id.label("b_id"), bu.c.name.label("b_name"), bu.c.agent_id.label("b_agent"),
                   bu.c.period.label("b_period"), bu.c.limit_micros.label("b_limit"),
                   bu.c.spent_micros.label("b_spent"), bu.c.reserved_micros.label("b_reserved"),
-                  bu.c.period_start.label("b_start"))
+                  bu.c.period_start.label("b_start"), bu.c.key_id.label("b_key"))
         .select_from(projects
                      .outerjoin(k, k.c.id == sa.bindparam("key_id", type_=sa.String))
                      .outerjoin(a, a.c.id == agent_id)
@@ -151,6 +153,13 @@ _PREFETCH = _prefetch_statement()
 # The same statement compiled once for a raw asyncpg connection ($n parameters, in _PREFETCH_ORDER).
 _PREFETCH_PG = _PREFETCH.compile(dialect=asyncpg_dialect.dialect())
 _PREFETCH_SQL, _PREFETCH_ORDER = _PREFETCH_PG.string, tuple(_PREFETCH_PG.positiontup or ())
+
+
+def _key_state(id_: str, project_id: str, agent_id: str | None, revoked_at: datetime | None,
+               expires_at: datetime | None, allowed_models: list[str] | None, rate_limits: dict | None) -> KeyState:
+    return KeyState(id=id_, project_id=project_id, agent_id=agent_id, revoked=revoked_at is not None,
+                    expires_at=expires_at.astimezone(UTC) if expires_at is not None else None,
+                    allowed_models=allowed_models, rate_limits=rate_limits or {})
 
 
 class SqlBrainView:
@@ -208,7 +217,7 @@ class SqlBrainView:
     async def prefetch(self, req: SpendInput) -> None:
         """Read the request's project, key, agent (the one named, else the key's), wallet and active
         budgets in ONE statement; the getters below answer from it (and query only for other ids)."""
-        rows: Sequence[Mapping[str, Any]]
+        rows: Sequence[Mapping[Any, Any]]  # asyncpg Records or SQLAlchemy RowMappings
         params = {"project_id": req.project_id, "key_id": req.key_id, "agent_id": req.agent_id}
         if self.db is not None and not self.db.is_sqlite:
             async with self.raw() as raw:  # no transaction: one statement is its own snapshot
@@ -221,8 +230,8 @@ class SqlBrainView:
             r = rows[0]
             snap["project"] = ProjectState(id=req.project_id, status=r["p_status"])
             if r["k_id"] is not None:
-                snap["key"] = KeyState(id=r["k_id"], project_id=r["k_project"], agent_id=r["k_agent"],
-                                       revoked=r["k_revoked"] is not None)
+                snap["key"] = _key_state(r["k_id"], r["k_project"], r["k_agent"], r["k_revoked"], r["k_expires"],
+                                         r["k_models"], r["k_limits"])
             snap["agent_id"] = req.agent_id or r["k_agent"]
             if r["a_id"] is not None:
                 snap["agent"] = AgentState(id=r["a_id"], project_id=r["a_project"], status=r["a_status"])
@@ -231,7 +240,7 @@ class SqlBrainView:
             snap["budgets"] = [  # period_start: aware UTC on both paths (asyncpg: aware, maybe another zone)
                 BudgetState(id=r["b_id"], name=r["b_name"], agent_id=r["b_agent"], period=r["b_period"],
                             limit_micros=r["b_limit"], spent_micros=r["b_spent"], reserved_micros=r["b_reserved"],
-                            period_start=r["b_start"].astimezone(UTC))
+                            period_start=r["b_start"].astimezone(UTC), key_id=r["b_key"])
                 for r in rows if r["b_id"] is not None]
         self._snap = snap
 
@@ -253,11 +262,11 @@ class SqlBrainView:
         hit, value = self._from_snapshot("key", key_id=key_id)
         if hit:
             return value
+        c = api_keys.c
         row = (await (await self.connection()).execute(
-            sa.select(api_keys.c.id, api_keys.c.project_id, api_keys.c.agent_id, api_keys.c.revoked_at)
-            .where(api_keys.c.id == key_id))).first()
-        return KeyState(id=row.id, project_id=row.project_id, agent_id=row.agent_id,
-                        revoked=row.revoked_at is not None) if row else None
+            sa.select(c.id, c.project_id, c.agent_id, c.revoked_at, c.expires_at, c.allowed_models, c.rate_limits)
+            .where(c.id == key_id))).first()
+        return _key_state(*row) if row else None
 
     async def agent(self, agent_id: str) -> AgentState | None:
         hit, value = self._from_snapshot("agent", agent_id=agent_id)
@@ -313,7 +322,7 @@ class SqlBrainView:
         c = budgets.c
         rows = (await (await self.connection()).execute(
             sa.select(c.id, c.name, c.agent_id, c.period, c.limit_micros, c.spent_micros, c.reserved_micros,
-                      c.period_start)
+                      c.period_start, c.key_id)
             .where(c.project_id == project_id, c.active.is_(True)).order_by(c.id))).all()
         return [BudgetState(**r._mapping) for r in rows]
 

@@ -4,6 +4,7 @@ committed row, so concurrent reservations from any number of processes can never
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,17 @@ from storage.base import Repository
 from storage.models import budgets
 
 b = budgets.c
+
+
+def applies_to(agent_id: str | sa.ColumnElement[str] | None,
+               key_id: str | sa.ColumnElement[str] | None) -> sa.ColumnElement[bool]:
+    """THE applicability rule, in one expression: an active budget applies to a request if it is
+    project-wide or the request's agent's, and project-wide or the request's key's. ``agent_id`` /
+    ``key_id``: values, or bound parameters (a None value matches only the unscoped budgets)."""
+    agent = agent_id if isinstance(agent_id, sa.ColumnElement) else sa.bindparam("agent_id", agent_id, sa.String)
+    key = key_id if isinstance(key_id, sa.ColumnElement) else sa.bindparam("key_id", key_id, sa.String)
+    return sa.and_(b.active.is_(True), sa.or_(b.agent_id.is_(None), b.agent_id == agent),
+                   sa.or_(b.key_id.is_(None), b.key_id == key))
 
 
 class Budgets(Repository[Budget]):
@@ -31,10 +43,14 @@ class Budgets(Repository[Budget]):
             where.append(b.agent_id == agent_id)
         return await self.paginate(page, *where)
 
-    async def applicable(self, project_id: str, agent_id: str | None) -> list[Budget]:
-        scope = b.agent_id.is_(None) if agent_id is None else sa.or_(b.agent_id.is_(None), b.agent_id == agent_id)
+    async def applicable(self, project_id: str, agent_id: str | None,
+                         key_id: str | None = None) -> builtins.list[Budget]:
         rows = await self.conn.execute(sa.select(budgets).where(
-            b.project_id == project_id, b.active.is_(True), scope).order_by(b.id))
+            b.project_id == project_id, applies_to(agent_id, key_id)).order_by(b.id))
+        return [self.to_entity(r) for r in rows]
+
+    async def by_ids(self, ids: builtins.list[str]) -> builtins.list[Budget]:
+        rows = await self.conn.execute(sa.select(budgets).where(b.id.in_(ids), b.active.is_(True)).order_by(b.id))
         return [self.to_entity(r) for r in rows]
 
     async def roll(self, id_: str, new_start: datetime, now: datetime) -> Budget | None:

@@ -28,6 +28,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -71,18 +72,24 @@ class _Deaf(Exception):
 class LocalBus:
     def __init__(self, metrics=None) -> None:
         self._listeners: list[Listener] = []
+        self._own_listeners: list[Listener] = []
         self._resync: list[Resync] = []
         self.metrics = metrics
 
     def listen(self, callback: Listener) -> None:
         self._listeners.append(callback)
 
+    def listen_own(self, callback: Listener) -> None:
+        """Hear only the events this process publishes (per-process counters, e.g. /metrics' spend series,
+        so that summing them over the processes counts each event once)."""
+        self._own_listeners.append(callback)
+
     def on_resync(self, callback: Resync) -> None:
         self._resync.append(callback)
 
-    async def _deliver(self, events: Sequence[Event]) -> None:
+    async def _deliver(self, events: Sequence[Event], listeners: Sequence[Listener] | None = None) -> None:
         for event in events:
-            for callback in self._listeners:
+            for callback in self._listeners if listeners is None else listeners:
                 try:
                     await callback(event)
                 except Exception:
@@ -92,6 +99,8 @@ class LocalBus:
         if self.metrics is not None:
             self.metrics.events_published.inc(len(events))
         await self._deliver(events)
+        if self._own_listeners:
+            await self._deliver(events, self._own_listeners)
 
     async def start(self) -> None:
         return None
@@ -110,7 +119,7 @@ class RedisBus(LocalBus):
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_seconds = heartbeat_seconds
         self.max_backoff_seconds = max_backoff_seconds
-        options = {"socket_connect_timeout": 2, "socket_timeout": 2}
+        options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 2}
         # Publishing and /ready: a pooled connection that died while Redis was away (reset, EOF) is retried
         # once on a fresh one, so the first publish or /ready after Redis is back does not fail for it (a
         # publish that did go out twice is a duplicate seq, which every listener drops).

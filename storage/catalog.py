@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 import msgspec
@@ -14,6 +15,7 @@ from domain.events import GENESIS_HASH
 from storage.base import Repository
 from storage.db import Database
 from storage.models import catalog_models, event_heads
+from storage.wallet import insert_ignore
 
 
 class CatalogModels(Repository[CatalogModel]):
@@ -35,7 +37,7 @@ class CatalogModels(Repository[CatalogModel]):
         rows = (await self.conn.execute(stmt.order_by(c.provider, c.id))).all()
         return [self.to_entity(r) for r in rows]
 
-    async def candidates(self, model_id: str) -> list[CatalogModel]:
+    async def candidates(self, model_id: str) -> builtins.list[CatalogModel]:
         """The exact id if it exists, else every entry whose name is ``model_id``, else every entry with
         ``model_id`` (or its part after ``provider/``) among its aliases."""
         c = catalog_models.c
@@ -71,12 +73,8 @@ async def ensure_head(conn: AsyncConnection, project_id: str) -> None:
         sa.select(event_heads.c.project_id).where(event_heads.c.project_id == project_id))).first()
     if exists:
         return
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    await conn.execute(insert(event_heads).values(project_id=project_id, seq=0, hash=GENESIS_HASH)
-                       .on_conflict_do_nothing(index_elements=["project_id"]))
+    await conn.execute(insert_ignore(conn, event_heads, ["project_id"]).values(
+        project_id=project_id, seq=0, hash=GENESIS_HASH))
 
 
 async def seed_catalog(db: Database, models: tuple[CatalogModel, ...] = SEED) -> int:
@@ -89,9 +87,5 @@ async def seed_catalog(db: Database, models: tuple[CatalogModel, ...] = SEED) ->
         rows = [{**msgspec.structs.asdict(m), "updated_at": now} for m in models if m.id not in have]
         if not rows:
             return 0
-        if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        await conn.execute(insert(catalog_models).on_conflict_do_nothing(index_elements=["id"]), rows)
+        await conn.execute(insert_ignore(conn, catalog_models, ["id"]), rows)
         return len(rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from domain.inputs import storable_json
 
 
 def _sqlite_setup(engine: AsyncEngine) -> None:
@@ -64,7 +67,9 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 10, schema: str | None = None, echo: bool = False):
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
-        kwargs: dict[str, Any] = {"echo": echo}
+        # JSON columns on both engines alike: a NUL (only gateway content and provider answers can still hold
+        # one) is stored as U+FFFD, which PostgreSQL's jsonb accepts (domain/inputs.py).
+        kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _sa_json_text}
         if self.is_sqlite:
             if self.url.database and self.url.database != ":memory:":
                 Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +185,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 def _json_text(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
+    return storable_json(msgspec.json.encode(value).decode())
+
+
+def _sa_json_text(value: Any) -> str:
+    return storable_json(json.dumps(value))  # SQLAlchemy's default serializer, made storable
 
 
 async def _raw_init(conn: asyncpg.Connection) -> None:

@@ -23,6 +23,7 @@ from domain.audit import AuditFilter
 from domain.base import Page, PageRequest, new_id, utcnow
 from domain.errors import InvalidRequest, NotFound
 from domain.events import GENESIS_HASH, Event, PendingEvent, chain_hash
+from domain.inputs import without_nul
 from storage.base import decode_cursor, encode_cursor
 from storage.models import event_heads, events
 
@@ -60,9 +61,12 @@ def link(batch: Sequence[PendingEvent], project_id: str, actor: str, seq: int, p
     out = []
     for item in batch:
         seq += 1
-        digest = chain_hash(prev, project_id, seq, item.type, ts, actor, item.data)
+        data = item.data
+        if b"\\u0000" in msgspec.json.encode(data):  # e.g. a provider's error text: stored (and hashed) storable
+            data = without_nul(data)
+        digest = chain_hash(prev, project_id, seq, item.type, ts, actor, data)
         out.append(Event(id=new_id("evt"), project_id=project_id, seq=seq, type=item.type, ts=ts, actor=actor,
-                         data=item.data, prev_hash=prev, hash=digest))
+                         data=data, prev_hash=prev, hash=digest))
         prev = digest
     return out
 

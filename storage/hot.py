@@ -56,7 +56,7 @@ from storage.events import PG_APPEND_MANY, append_arguments, link
 
 log = logging.getLogger("smartspace.hot")
 
-_BUDGET_COLUMNS = ("id", "project_id", "agent_id", "name", "period", "limit_micros", "spent_micros",
+_BUDGET_COLUMNS = ("id", "project_id", "agent_id", "key_id", "name", "period", "limit_micros", "spent_micros",
                    "reserved_micros", "period_start", "alert_thresholds", "alerted", "active", "created_at",
                    "updated_at")
 _B = ", ".join(f"b.{c} AS b_{c}" for c in _BUDGET_COLUMNS)
@@ -75,6 +75,9 @@ _REQUEST_TYPES = {"decision": "jsonb", "params": "jsonb", "metadata": "jsonb", "
 _FIRST_REQUEST_ARG = 9
 _REQUEST_VALUES = ", ".join(f"${i}::{_REQUEST_TYPES.get(c, 'varchar')}"
                             for i, c in enumerate(_REQUEST_COLUMNS, start=_FIRST_REQUEST_ARG))
+# Key-scoped budgets (issue 15): the request row's own key_id argument is the key the budgets must match
+# (storage.budgets.applies_to says the same for the generic path).
+_KEY_ARG = _FIRST_REQUEST_ARG + _REQUEST_COLUMNS.index("key_id")
 
 # $1 project, $2 amount, $3 now, $4 agent, $5/$6/$7 current day/week/month start, $8 events besides the
 # budgets', $9… the request row. Budgets whose period has ended fail the period_start test (they must roll).
@@ -86,6 +89,7 @@ WITH w AS (
 b AS (
     UPDATE budgets SET reserved_micros = reserved_micros + $2::bigint, updated_at = $3::timestamptz
     WHERE project_id = $1::varchar AND active AND (agent_id IS NULL OR agent_id = $4::varchar)
+      AND (key_id IS NULL OR key_id = ${_KEY_ARG}::varchar)
       AND EXISTS (SELECT 1 FROM w)
       AND spent_micros + reserved_micros + $2::bigint <= limit_micros
       AND period_start >= CASE period WHEN 'day' THEN $5::timestamptz WHEN 'week' THEN $6::timestamptz
@@ -93,7 +97,8 @@ b AS (
     RETURNING {_RETURNING_BUDGET}),
 applicable AS (
     SELECT count(*) AS n FROM budgets
-    WHERE project_id = $1::varchar AND active AND (agent_id IS NULL OR agent_id = $4::varchar)),
+    WHERE project_id = $1::varchar AND active AND (agent_id IS NULL OR agent_id = $4::varchar)
+      AND (key_id IS NULL OR key_id = ${_KEY_ARG}::varchar)),
 h AS (
     UPDATE event_heads SET seq = seq + $8::bigint + (SELECT count(*) FROM b)
     WHERE project_id = $1::varchar AND EXISTS (SELECT 1 FROM w)
@@ -185,6 +190,7 @@ _EXPRESS_BUDGET_MATCH = ("budgets.id = x.id AND budgets.spent_micros = x.spent "
 _FIRST_EXPRESS_REQUEST_ARG = 24
 _EXPRESS_REQUEST_VALUES = ", ".join(f"${i}::{_REQUEST_TYPES.get(c, 'varchar')}"
                                     for i, c in enumerate(_REQUEST_COLUMNS, start=_FIRST_EXPRESS_REQUEST_ARG))
+_EXPRESS_KEY_ARG = _FIRST_EXPRESS_REQUEST_ARG + _REQUEST_COLUMNS.index("key_id")
 _WALLET_MATCH = ("project_id = $1::varchar AND balance_micros = ($16::bigint[])[1] "
                  "AND reserved_micros = ($16::bigint[])[2]")
 
@@ -207,7 +213,9 @@ r AS (
     VALUES ({_EXPRESS_REQUEST_VALUES}, to_jsonb($17::varchar[])))
 SELECT 1 / ((SELECT count(*) FROM h) = 1 AND (SELECT count(*) FROM w) = 1
             AND (SELECT count(*) FROM budgets WHERE project_id = $1::varchar AND active
-                 AND (agent_id IS NULL OR agent_id = $23::varchar)) = cardinality($17::varchar[]))::int AS ok
+                 AND (agent_id IS NULL OR agent_id = $23::varchar)
+                 AND (key_id IS NULL OR key_id = ${_EXPRESS_KEY_ARG}::varchar))
+                = cardinality($17::varchar[]))::int AS ok
 """
 
 # $1-$13 as above, $14 cost, $15 now, $16 wallet (balance, reserved), $17-$22 budgets (new_alerted with any
@@ -290,7 +298,8 @@ class _State:
         self.wallet = wallet
         self.head = head
         self.budgets: dict[str, Budget] = {}
-        self.applicable: dict[str | None, tuple[str, ...]] = {}  # agent id → the budgets its requests reserve
+        # (agent id, key id) → the budgets their requests reserve
+        self.applicable: dict[tuple[str | None, str | None] | None, tuple[str, ...]] = {}
 
 
 class _After(NamedTuple):
@@ -298,7 +307,7 @@ class _After(NamedTuple):
 
     wallet: Wallet
     budgets: list[Budget]
-    agent_id: str | None = None
+    requester: tuple[str | None, str | None] | None = None  # a reservation's (agent, key)
     applicable: tuple[str, ...] | None = None  # a reservation: every budget that applied
 
 
@@ -390,10 +399,10 @@ class PgHotPath:
             row.budget_ids = [b.id for b in budgets]
             wallet = _wallet(first)
             return _Done(events(wallet, budgets), actor, first["head_seq"], first["head_hash"],
-                         _After(wallet, budgets, row.agent_id, tuple(row.budget_ids)))
+                         _After(wallet, budgets, (row.agent_id, row.key_id), tuple(row.budget_ids)))
 
         def express(state: _State) -> _Express | None:
-            ids = state.applicable.get(row.agent_id)
+            ids = state.applicable.get((row.agent_id, row.key_id))
             if ids is None or any(i not in state.budgets for i in ids):
                 return None
             budgets = [state.budgets[i] for i in ids]
@@ -411,7 +420,7 @@ class PgHotPath:
             return _Express(_EXPRESS_RESERVE, [
                 *_event_arguments(row.project_id, actor, chained, state.head), amount, now,
                 [old.balance_micros, old.reserved_micros], *_budget_arguments(budgets, [b.alerted for b in budgets]),
-                row.agent_id, *args], chained, _After(wallet, moved, row.agent_id, ids))
+                row.agent_id, *args], chained, _After(wallet, moved, (row.agent_id, row.key_id), ids))
 
         return await self._submit("reserve", row.project_id, row.id, work, express)
 
@@ -541,7 +550,7 @@ class PgHotPath:
         for budget in after.budgets:
             state.budgets[budget.id] = budget
         if after.applicable is not None:
-            state.applicable[after.agent_id] = after.applicable
+            state.applicable[after.requester] = after.applicable
 
     def _start_worker(self) -> None:
         if self._queue and self._active < self.workers:

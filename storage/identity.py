@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -149,15 +150,17 @@ class Keys(Repository[ApiKey]):
 
     async def add(self, key: ApiKey, key_hash: str) -> None:
         values = {f: getattr(key, f) for f in self._fields()}
+        values["rate_limits"] = msgspec.to_builtins(key.rate_limits)
         await self.conn.execute(sa.insert(api_keys).values(**values, key_hash=key_hash))
 
     async def use(self, key_hash: str, now: datetime) -> KeyPrincipal | None:
-        # One statement authenticates and counts the use; a revoked key matches nothing.
+        # One statement authenticates and counts the use; a revoked or expired key matches nothing.
+        k = api_keys.c
         stmt = (
             sa.update(api_keys)
-            .where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
-            .values(last_used_at=now, use_count=api_keys.c.use_count + 1)
-            .returning(api_keys.c.id, api_keys.c.project_id, api_keys.c.agent_id)
+            .where(k.key_hash == key_hash, k.revoked_at.is_(None), sa.or_(k.expires_at.is_(None), k.expires_at > now))
+            .values(last_used_at=now, use_count=k.use_count + 1)
+            .returning(k.id, k.project_id, k.agent_id, k.scopes, k.expires_at)
         )
         row = (await self.conn.execute(stmt)).first()
         if row is None:
@@ -165,17 +168,20 @@ class Keys(Repository[ApiKey]):
         status = (await self.conn.execute(
             sa.select(projects.c.status).where(projects.c.id == row.project_id))).scalar_one()
         return KeyPrincipal(key_id=row.id, project_id=row.project_id, agent_id=row.agent_id,
-                            project_status=status)
+                            project_status=status, scopes=frozenset(row.scopes or ()), expires_at=row.expires_at)
 
-    async def principal(self, key_hash: str) -> KeyPrincipal | None:
-        """What ``use`` returns, read only (nothing counted)."""
+    async def principal(self, key_hash: str, now: datetime) -> KeyPrincipal | None:
+        """What ``use`` returns, read only (nothing counted); a revoked or expired key matches nothing."""
+        k = api_keys.c
         row = (await self.conn.execute(
-            sa.select(api_keys.c.id, api_keys.c.project_id, api_keys.c.agent_id, projects.c.status)
-            .join(projects, projects.c.id == api_keys.c.project_id)
-            .where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)))).first()
+            sa.select(k.id, k.project_id, k.agent_id, k.scopes, k.expires_at, projects.c.status)
+            .join(projects, projects.c.id == k.project_id)
+            .where(k.key_hash == key_hash, k.revoked_at.is_(None),
+                   sa.or_(k.expires_at.is_(None), k.expires_at > now)))).first()
         if row is None:
             return None
-        return KeyPrincipal(key_id=row.id, project_id=row.project_id, agent_id=row.agent_id, project_status=row.status)
+        return KeyPrincipal(key_id=row.id, project_id=row.project_id, agent_id=row.agent_id, project_status=row.status,
+                            scopes=frozenset(row.scopes or ()), expires_at=row.expires_at)
 
     async def revoke_all(self, project_id: str, now: datetime) -> None:
         await self.conn.execute(sa.update(api_keys).where(

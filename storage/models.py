@@ -109,6 +109,12 @@ api_keys = sa.Table(
     sa.Column("last_used_at", UTCDateTime(), nullable=True),
     sa.Column("use_count", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("revoked_at", UTCDateTime(), nullable=True),
+    # Virtual-key limits (issue 15): refused from expires_at on; null allowed_models = every model; scopes
+    # grant reads beyond the gateway and the key's own requests and usage; rate_limits {per_minute?, …}.
+    sa.Column("expires_at", UTCDateTime(), nullable=True),
+    sa.Column("allowed_models", JSON, nullable=True),
+    sa.Column("scopes", JSON, nullable=False, server_default="[]"),
+    sa.Column("rate_limits", JSON, nullable=False, server_default="{}"),
 )
 
 # ---------------------------------------------------------------- event log
@@ -208,26 +214,13 @@ ledger_entries = sa.Table(
     _created(),
 )
 
-# The platform's own ledger: the fee on each settled request (SMARTSPACE_PLATFORM_FEE_BPS), credited in the
-# transaction that debits the project's wallet cost + fee. Insert-only (no balance row to contend on):
-# the platform's balance is the sum.
-platform_ledger = sa.Table(
-    "platform_ledger",
-    metadata,
-    _id("pfl_"),
-    sa.Column("kind", sa.String(32), nullable=False),  # platform_fee
-    sa.Column("amount_micros", sa.BigInteger(), nullable=False),
-    sa.Column("ref", sa.String(120), nullable=True),  # the spend request
-    sa.Column("project_id", sa.String(40), nullable=False, index=True),  # who paid it
-    _created(),
-)
-
 budgets = sa.Table(
     "budgets",
     metadata,
     _id("bud_"),
     sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False, index=True),
     sa.Column("agent_id", sa.String(40), sa.ForeignKey("agents.id"), nullable=True),
+    sa.Column("key_id", sa.String(40), sa.ForeignKey("api_keys.id"), nullable=True),  # a key's own budget
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("period", sa.String(10), nullable=False),  # day | week | month | total
     sa.Column("limit_micros", sa.BigInteger(), nullable=False),
@@ -386,6 +379,62 @@ settlement_batches = sa.Table(
     sa.Column("tx_hash", sa.String(66), nullable=False),
     _created(),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# ---------------------------------------------------------------- insights (issue 11)
+# The agentic brain's findings. A row holds its kind-and-subject "slot" while resolved_at is NULL (open,
+# acknowledged or dismissed): the partial unique index makes "one open insight per kind and subject" a
+# database fact, so two evaluators can never raise the same insight twice. A dismissed insight keeps the
+# slot until its condition clears (then it is resolved), so it is not raised again meanwhile.
+insights = sa.Table(
+    "insights",
+    metadata,
+    _id("ins_"),
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("subject_key", sa.String(300), nullable=False),  # the subject, canonical ("" = the project)
+    sa.Column("subject", JSON, nullable=False),
+    sa.Column("severity", sa.String(10), nullable=False),  # info | warning | critical
+    sa.Column("title", sa.String(200), nullable=False),
+    sa.Column("message", sa.Text(), nullable=False),
+    sa.Column("evidence", JSON, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # open | acknowledged | dismissed | resolved
+    sa.Column("note", sa.String(500), nullable=True),
+    sa.Column("acted_by", sa.String(100), nullable=True),  # who acknowledged / dismissed it
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("resolved_at", UTCDateTime(), nullable=True),
+    sa.Index("uq_insights_open_slot", "project_id", "kind", "subject_key", unique=True,
+             sqlite_where=sa.text("resolved_at IS NULL"), postgresql_where=sa.text("resolved_at IS NULL")),
+    sa.Index("ix_insights_project_id", "project_id", "id"),
+)
+
+# When each project was last evaluated (the schedule's work list, and how a second process that heard
+# the same event knows the first one already covered it).
+insight_runs = sa.Table(
+    "insight_runs",
+    metadata,
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), primary_key=True),
+    sa.Column("evaluated_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_insight_runs_evaluated_at", "evaluated_at"),
+)
+
+# The platform's own books: what the platform absorbed (a request that cost more than was reserved is
+# charged only the reservation; the provider's bill = the project's charge + this entry, negated), and
+# what it earned (the fee on each settled request, SMARTSPACE_PLATFORM_FEE_BPS, booked in the transaction
+# that debits the project's wallet cost + fee). Insert-only: the platform's balance is the sum.
+platform_ledger = sa.Table(
+    "platform_ledger",
+    metadata,
+    _id("pld_"),
+    sa.Column("kind", sa.String(32), nullable=False),  # overrun_absorbed | platform_fee
+    sa.Column("amount_micros", sa.BigInteger(), nullable=False),  # < 0: the platform's cost; > 0: its fee
+    sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("ref", sa.String(120), nullable=True),  # the request id
+    sa.Column("memo", sa.String(500), nullable=False, server_default=""),
+    sa.Column("actor", sa.String(100), nullable=False),
+    _created(),
+    sa.Index("ix_platform_ledger_project_created", "project_id", "created_at"),
 )
 
 # ---------------------------------------------------------------- chat assistant (issue 12)

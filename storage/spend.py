@@ -3,6 +3,7 @@ reservations (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and the usage aggregate
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime
 from typing import Any
 
@@ -28,13 +29,16 @@ class SpendRequests(Repository[SpendRequest]):
             .returning(spend_requests))).first()
         return self.to_entity(row) if row else None
 
-    async def list(self, project_id: str, page: PageRequest, status: str | None = None) -> Page[SpendRequest]:
+    async def list(self, project_id: str, page: PageRequest, status: str | None = None, *,
+                   key_id: str | None = None) -> Page[SpendRequest]:
         where = [s.project_id == project_id]
         if status:
             where.append(s.status == status)
+        if key_id is not None:
+            where.append(s.key_id == key_id)
         return await self.paginate(page, *where)
 
-    async def stale(self, now: datetime, limit: int) -> list[SpendRequest]:
+    async def stale(self, now: datetime, limit: int) -> builtins.list[SpendRequest]:
         """Open requests whose reservation (or approval window) has run out, locked for this sweeper;
         rows another sweeper (another process) holds are skipped, not waited for."""
         stmt = (sa.select(spend_requests)
@@ -57,8 +61,10 @@ class SpendRequests(Repository[SpendRequest]):
                                        .where(c.id == model_id))).first()
         return (int(row[0]), int(row[1])) if row else None
 
-    async def usage(self, project_id: str, since: datetime, until: datetime, by: str) -> list[UsageRow]:
-        """Settled (or partly charged) requests in [since, until), by ``model``, ``agent``, ``key`` or ``day``."""
+    async def usage(self, project_id: str, since: datetime, until: datetime, by: str, *,
+                    key_id: str | None = None) -> builtins.list[UsageRow]:
+        """Settled (or partly charged) requests in [since, until), by ``model``, ``agent``, ``key`` or ``day``;
+        only one key's with ``key_id``."""
         if by == "model":
             key: Any = s.model
         elif by == "agent":
@@ -71,7 +77,7 @@ class SpendRequests(Repository[SpendRequest]):
         else:
             key = sa.literal("total")
         charged = sa.and_(s.project_id == project_id, s.settled_at.is_not(None), s.settled_at >= since,
-                          s.settled_at < until)
+                          s.settled_at < until, sa.true() if key_id is None else s.key_id == key_id)
         stmt = (sa.select(key.label("key"), sa.func.count().label("requests"),
                           sa.func.coalesce(sa.func.sum(s.input_tokens), 0).label("input_tokens"),
                           sa.func.coalesce(sa.func.sum(s.output_tokens), 0).label("output_tokens"),
@@ -84,8 +90,10 @@ class SpendRequests(Repository[SpendRequest]):
                          estimated_cost_micros=int(r.estimated_cost_micros), fee_micros=int(r.fee_micros))
                 for r in await self.conn.execute(stmt)]
 
-    async def status_counts(self, project_id: str, since: datetime, until: datetime) -> dict[str, int]:
+    async def status_counts(self, project_id: str, since: datetime, until: datetime, *,
+                            key_id: str | None = None) -> dict[str, int]:
         rows = await self.conn.execute(
-            sa.select(s.status, sa.func.count()).where(s.project_id == project_id, s.created_at >= since,
-                                                       s.created_at < until).group_by(s.status))
+            sa.select(s.status, sa.func.count()).where(
+                s.project_id == project_id, s.created_at >= since, s.created_at < until,
+                sa.true() if key_id is None else s.key_id == key_id).group_by(s.status))
         return {r[0]: int(r[1]) for r in rows}

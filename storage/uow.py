@@ -6,7 +6,7 @@ from functools import cached_property
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from storage import budgets, catalog, events, identity, policies, spend, wallet
+from storage import budgets, catalog, events, identity, insights, policies, spend, wallet
 from storage.chat import ChatStore
 from storage.payments import PaymentStore
 
@@ -62,6 +62,10 @@ class SqlStore:
     @cached_property
     def spend_requests(self) -> spend.SpendRequests:
         return spend.SpendRequests(self.conn)
+
+    @cached_property
+    def insights(self) -> insights.InsightRows:
+        return insights.InsightRows(self.conn)
 
     @cached_property
     def chat(self) -> ChatStore:

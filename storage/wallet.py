@@ -100,6 +100,11 @@ class Wallets:
         return await self._one(sa.update(wallets).where(w.project_id == project_id)
                                .values(deposit_address=address, updated_at=now))
 
+    async def deposit_addresses(self) -> list[tuple[str, str | None]]:
+        """(project id, stored deposit address) of every wallet (the chain runtime's start-up check)."""
+        rows = await self.conn.execute(sa.select(w.project_id, w.deposit_address))
+        return [(row.project_id, row.deposit_address) for row in rows]
+
     async def append(self, entry: LedgerEntry) -> None:
         await self.ledger.insert(entry)
 
@@ -108,9 +113,11 @@ class Wallets:
 
     async def platform_totals(self) -> PlatformTotals:
         p = platform_ledger.c
-        row = (await self.conn.execute(sa.select(sa.func.coalesce(sa.func.sum(p.amount_micros), 0),
-                                                 sa.func.count()).select_from(platform_ledger))).one()
-        return PlatformTotals(balance_micros=int(row[0]), entries=int(row[1]))
+        rows = (await self.conn.execute(sa.select(p.kind, sa.func.sum(p.amount_micros), sa.func.count())
+                                        .group_by(p.kind))).all()
+        by_kind = {r[0]: int(r[1]) for r in rows}
+        return PlatformTotals(balance_micros=sum(by_kind.values()), entries=sum(int(r[2]) for r in rows),
+                              by_kind=by_kind)
 
     async def entries(self, project_id: str, page: PageRequest) -> Page[LedgerEntry]:
         return await self.ledger.paginate(page, ledger_entries.c.project_id == project_id)

@@ -64,8 +64,10 @@ async def db(backend: str, tmp_path) -> AsyncIterator[Database]:
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
+    # insight_evaluator off: no evaluation runs in the background of tests that are not about insights
+    # (an app outlives its test database's fixture); tests/integration/test_insights.py turns it on.
     return Settings(data_dir=str(tmp_path / "data"), jwt_secret="test-secret-" + "x" * 32, access_log=False,
-                    admin_emails=("admin@smartspace.test",))
+                    admin_emails=("admin@smartspace.test",), insight_evaluator=False)
 
 
 @pytest.fixture

@@ -38,8 +38,9 @@ async def add_member(client, owner: UserHandle, member: UserHandle, role: str, p
 
 
 async def create_key(client, owner: UserHandle, project_id: str | None = None, agent_id: str | None = None,
-                     name: str = "test key") -> dict[str, Any]:
-    body: dict[str, Any] = {"name": name}
+                     name: str = "test key", **terms: Any) -> dict[str, Any]:
+    """``terms``: the key's ``scopes``, ``allowed_models``, ``expires_at``, ``rate_limits``."""
+    body: dict[str, Any] = {"name": name, **terms}
     if agent_id:
         body["agent_id"] = agent_id
     resp = await client.post(f"/api/v1/projects/{project_id or owner.project_id}/keys", json=body,

@@ -10,7 +10,7 @@ import { fileURLToPath } from "node:url";
 
 const ui = fileURLToPath(new URL(".", import.meta.url));
 const out = join(ui, "..", "server", "static");
-const SOURCES = ["index.html", "manifest.mjs", "package.json", "package-lock.json", "vite.config.js", "src"];
+const SOURCES = ["index.html", "docs.html", "manifest.mjs", "package.json", "package-lock.json", "vite.config.js", "src"];
 
 function files(root, entry) {
   const path = join(root, entry);

@@ -1,4 +1,5 @@
-// Builds the dashboard into server/static/ (committed): index.html + content-hashed assets/.
+// Builds the dashboard (index.html, served at /) and the API reference (docs.html, served at /api/docs)
+// into server/static/ (committed) with content-hashed assets/.
 import { defineConfig } from "vite";
 
 export default defineConfig({
@@ -11,5 +12,6 @@ export default defineConfig({
     modulePreload: { polyfill: false },
     target: "es2022",
     reportCompressedSize: false,
+    rollupOptions: { input: { index: "index.html", docs: "docs.html" } },
   },
 });

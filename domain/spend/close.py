@@ -36,7 +36,8 @@ class Closing(SpendCore):
         """Charge the actual cost of ``usage`` and the platform fee on it (together never more than reserved),
         release the rest, receipt. The fee is booked to the platform's ledger in the same transaction."""
         cost, fee = prepared.charge(usage)
-        if prepared.cost(usage) > cost:
+        actual = prepared.cost(usage)
+        if actual > cost:
             log.warning("actual cost above the reservation; charging the reservation",
                         extra={"request_id": prepared.request_id, "cost_micros": prepared.cost(usage),
                                "reserved_micros": prepared.reserved_micros})
@@ -46,9 +47,11 @@ class Closing(SpendCore):
         receipt = Receipt(request_id=prepared.request_id, model=prepared.model, input_tokens=usage.input_tokens,
                           output_tokens=usage.output_tokens, estimated_cost_micros=prepared.estimated_cost_micros,
                           cost_micros=cost, fee_micros=fee, settled_at=now)
+        overrun = actual > cost  # issue 11: settled on the generic path, with record_overrun below
         # The hot path moves cost only: a request with a fee takes the generic path (it books the fee).
-        if fee == 0 and prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
-                prepared, ("executing",), values, prepared.actor, [settled_event(prepared, receipt)], now):
+        if (fee == 0 and not overrun and prepared.reserved_micros > 0 and self.hot is not None
+                and await self.hot.close(prepared, ("executing",), values, prepared.actor,
+                                         [settled_event(prepared, receipt)], now)):
             return receipt
         async with self.uow(actor_from_label(prepared.actor)) as scope:
             row = await self._close(scope, prepared.request_id, ("executing",), values)
@@ -59,6 +62,10 @@ class Closing(SpendCore):
             stored = row.receipt
             assert stored is not None
             scope.pending.append(settled_event(row, stored))
+            if overrun:  # issue 11: the uncharged rest on the platform's ledger + a cost_overrun insight
+                await scope.insights.record_overrun(
+                    project_id=row.project_id, request_id=row.id, model=row.model, agent_id=row.agent_id,
+                    reserved_micros=cost, actual_micros=actual)  # the part of the cost charged (fee aside)
         return stored
 
     async def fail(self, prepared: Prepared, error: DomainError, usage: Usage | None = None) -> None:

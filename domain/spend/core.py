@@ -64,6 +64,11 @@ class SpendCore:
             return await get_request(scope, request_id)
 
 
+def own_only(actor: Actor, scope: str) -> bool:
+    """A key without ``scope`` sees only what it did itself (domain.identity.KEY_SCOPES)."""
+    return not actor.may(scope)
+
+
 async def get_request(scope: Scope, request_id: str) -> SpendRequest:
     row = await scope.store.spend_requests.get(request_id)
     if row is None:
@@ -72,6 +77,8 @@ async def get_request(scope: Scope, request_id: str) -> SpendRequest:
         await scope.projects.require(row.project_id, "viewer")
     except Forbidden:
         raise NotFound("request not found", {"request_id": request_id}) from None
+    if own_only(scope.actor, "requests:read") and row.key_id != scope.actor.id:  # another key's doing
+        raise NotFound("request not found", {"request_id": request_id})
     return row
 
 
@@ -79,4 +86,5 @@ async def list_requests(scope: Scope, project_id: str, page: PageRequest, status
     await scope.projects.require(project_id, "viewer")
     if status is not None and status not in STATUSES:
         raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}", {"status": status})
-    return await scope.store.spend_requests.list(project_id, page, status)
+    key_id = scope.actor.id if own_only(scope.actor, "requests:read") else None
+    return await scope.store.spend_requests.list(project_id, page, status, key_id=key_id)

@@ -179,12 +179,12 @@ class Preparing(SpendCore):
             # Reads and the request's own row first, then the contended row locks, as late as possible and
             # in the same order on every path: wallet, budgets by id, event head (appended at commit) —
             # short lock windows, no deadlocks between processes. A failed hold rolls the insert back too.
-            applicable = await scope.budgets.applicable(row.project_id, row.agent_id)
+            applicable = await scope.budgets.applicable(row.project_id, row.agent_id, row.key_id)
             row.budget_ids = sorted(b.id for b in applicable)
             await scope.store.spend_requests.insert(row)
             await scope.wallets.hold(row.project_id, amount, ref=row.id)
             budgets = await scope.budgets.reserve_all(row.project_id, row.agent_id, amount, ref=row.id, now=now,
-                                                      budgets=applicable)
+                                                      budgets=applicable, key_id=row.key_id)
             reserved_on = [b.id for b in budgets]
             if reserved_on != row.budget_ids:  # a budget was deleted since it was read: it no longer applies
                 row.budget_ids = reserved_on

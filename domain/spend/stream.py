@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from domain.errors import DomainError, ProviderError, ProviderTimeout
@@ -54,7 +54,7 @@ class SpendStream:
         """The client asked for a final usage chunk (``stream_options.include_usage``)."""
         return bool((self.prepared.params.get("stream_options") or {}).get("include_usage"))
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         """The chunks to forward, once. Close it (``contextlib.aclosing``) if you stop early."""
         chunk = self._first
         self._first = None

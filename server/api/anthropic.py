@@ -25,7 +25,7 @@ from domain.base import Actor
 from domain.errors import DomainError, InvalidRequest, ProviderError
 from domain.providers import Usage
 from domain.spend import Laps, SpendCommand
-from server.api.gateway import _receipt_headers, _server_timing, pump, serve_chat, wait_seconds
+from server.api.gateway import _budget_remaining, _receipt_headers, _server_timing, pump, serve_chat, wait_seconds
 from server.http import container as _c
 from server.http import routes
 from server.idempotency import HEADER as IDEMPOTENCY_KEY
@@ -260,7 +260,7 @@ class StreamWriter:
 async def _json_answer(request: web.Request, actor: Actor, cmd: SpendCommand, laps: Laps) -> web.Response:
     outcome = await _c(request).spending.call(actor, cmd, source="gateway", wait_seconds=wait_seconds(request),
                                               idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
-    headers = _receipt_headers(outcome.receipt)
+    headers = _receipt_headers(outcome.receipt, await _budget_remaining(request, actor, outcome.prepared))
     headers["Server-Timing"] = _server_timing(laps)
     body = to_message(outcome.completion.body, outcome.usage, cmd.model, outcome.prepared.request_id)
     return web.Response(body=_encode(body), content_type="application/json", headers=headers)
@@ -286,7 +286,7 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
 
 
 @routes.post("/v1/messages", summary="Anthropic-compatible Messages API (JSON or SSE with stream: true; "
-             "Idempotency-Key honoured)", tag="gateway", auth=False,
+             "Idempotency-Key honoured)", tag="gateway", auth=False, key_auth=True,
              errors=(400, 401, 402, 403, 404, 409, 429, 502, 504))
 async def messages(request: web.Request) -> web.StreamResponse:
     return await serve_chat(request, messages_command, _json_answer, _sse_answer)

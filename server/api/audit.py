@@ -18,7 +18,7 @@ P = "/api/v1/projects/{project_id}"
             response=Page[Event], errors=(401, 404, 422), query={
                 **PAGE_QUERY, "type": "event type; a trailing * matches a prefix (budget.*)",
                 "actor": "e.g. user:usr_… or key:key_…", "since": "RFC 3339 time, inclusive",
-                "until": "RFC 3339 time, exclusive"})
+                "until": "RFC 3339 time, exclusive"}, key_scope="audit:read")
 async def list_audit(request: web.Request) -> web.Response:
     filters = AuditFilter(type=query_value(request, "type", str), actor=query_value(request, "actor", str),
                           since=query_value(request, "since", datetime),
@@ -29,7 +29,7 @@ async def list_audit(request: web.Request) -> web.Response:
 
 
 @routes.get(P + "/audit/verify", summary="Recompute the hash chain; name the first bad seq", tag="audit",
-            response=Verification, errors=(401, 404))
+            response=Verification, errors=(401, 404), key_scope="audit:read")
 async def verify_audit(request: web.Request) -> web.Response:
     async with container(request).reader(actor(request)) as uow:
         return json_response(await uow.audit.verify(request.match_info["project_id"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from domain.catalog import CatalogModel, ModelCreate, ModelFilter, ModelList, ModelUpdate
+from domain.identity import OWN
 from server.http import actor, decode, json_response, query_value, routes
 from server.http import container as _c
 
@@ -18,7 +19,7 @@ MODEL_QUERY = {
 
 
 @routes.get("/api/v1/models", summary="The model catalog with prices (micro-USDC per million tokens)",
-            tag="catalog", response=ModelList, query=MODEL_QUERY, errors=(401, 422))
+            tag="catalog", response=ModelList, query=MODEL_QUERY, errors=(401, 422), key_scope=OWN)
 async def list_models(request: web.Request) -> web.Response:
     f = ModelFilter(provider=query_value(request, "provider", str), search=query_value(request, "search", str),
                     kind=query_value(request, "kind", str),
@@ -28,7 +29,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/models/{provider}/{model:.+}", summary="One catalog model", tag="catalog",
-            response=CatalogModel, errors=(401, 404))
+            response=CatalogModel, errors=(401, 404), key_scope=OWN)
 async def get_model(request: web.Request) -> web.Response:
     model_id = f"{request.match_info['provider']}/{request.match_info['model']}"
     async with _c(request).reader(actor(request)) as uow:

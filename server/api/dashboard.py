@@ -11,6 +11,7 @@ from __future__ import annotations
 import mimetypes
 import re
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -19,6 +20,7 @@ from server.http import routes
 STATIC = Path(__file__).resolve().parent.parent / "static"
 _HOST_OK = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 _ASSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+R = TypeVar("R", bound=web.StreamResponse)
 _TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png",
           ".json": "application/json", ".map": "application/json", ".woff2": "font/woff2"}
 
@@ -30,7 +32,7 @@ def content_security_policy(host: str | None) -> str:
             f"connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def _secured(response: web.StreamResponse, request: web.Request) -> web.StreamResponse:
+def _secured(response: R, request: web.Request) -> R:
     response.headers["Content-Security-Policy"] = content_security_policy(request.host)
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"
@@ -40,17 +42,22 @@ def _secured(response: web.StreamResponse, request: web.Request) -> web.StreamRe
 
 def _missing(request: web.Request) -> web.Response:
     return _secured(web.Response(status=503, content_type="text/plain",
-                                 text="The dashboard bundle is missing: run `make ui` (needs Node) to build it."),
+                                 text="The page bundle (server/static) is missing: run `make ui` (Node) to build it."),
                     request)
 
 
-@routes.get("/", summary="The live dashboard (HTML; sign in, then REST + Socket.IO)", tag="dashboard", auth=False)
-async def dashboard(request: web.Request) -> web.StreamResponse:
-    page = STATIC / "index.html"
+def static_page(request: web.Request, name: str) -> web.StreamResponse:
+    """A page of the bundle (the dashboard, the API reference) with the strict policy above."""
+    page = STATIC / name
     if not page.is_file():
         return _missing(request)
     return _secured(web.Response(body=page.read_bytes(), content_type="text/html", charset="utf-8",
                                  headers={"Cache-Control": "no-cache"}), request)
+
+
+@routes.get("/", summary="The live dashboard (HTML; sign in, then REST + Socket.IO)", tag="dashboard", auth=False)
+async def dashboard(request: web.Request) -> web.StreamResponse:
+    return static_page(request, "index.html")
 
 
 @routes.get("/assets/{name}", summary="The dashboard's built assets (content-hashed names)", tag="dashboard",

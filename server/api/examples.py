@@ -29,6 +29,9 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     # a 65-byte personal_sign signature of the challenge message (GET .../deposit-senders/challenge)
     "SenderRegister": {"address": ADDRESS, "signature": "0x" + "1b" * 65},
     "DevFund": {"address": ADDRESS, "amount_micros": 5_000_000},
+    "ChatCompletionRequest": {"model": "local/echo-1", "messages": [{"role": "user", "content": "Say hello"}],
+                              "max_tokens": 16},
+    "EmbeddingRequest": {"model": "local/embed-1", "input": "a sentence to embed"},
     "ChatAsk": {"message": "How much did we spend today, by model?"},
     "DevTransfer": {"to_address": ADDRESS, "amount_micros": 1_000_000},
 }

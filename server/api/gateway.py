@@ -8,7 +8,8 @@ fallback models and one timeout policy; see ``domain/spend/execute.py``.
 
 Auth is a project API key (``Authorization: Bearer sk-…`` or ``X-API-Key``). Keys are resolved through a
 small per-process cache (``KeyCache``); a revoked key, a deleted project or any change to a project
-drops that project's entries at once through the event bus, and entries expire after ``KEY_TTL`` anyway.
+drops that project's entries at once through the event bus, and entries expire after ``KEY_TTL`` anyway —
+or at the key's own ``expires_at``, whichever comes first.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from domain.base import Actor
+from domain.base import Actor, utcnow
 from domain.catalog import Catalog, ModelFilter
 from domain.errors import ApprovalRequired, Conflict, DomainError, InvalidRequest, NotFound, ProviderError, Unauthorized
 from domain.events import Event
 from domain.identity import KEY_PREFIX, parse_key
+from domain.inputs import may_hold_nul, nul_message, nul_path, refuse_nul
 from domain.providers import usage_to_openai
 from domain.spend import Laps, Receipt, SpendCommand, SpendStream
+from server.api.openai_schema import ChatCompletion, ChatCompletionRequest, EmbeddingList, EmbeddingRequest
 from server.container import Container
 from server.http import REQUEST_ID, read_body, routes
 from server.http import container as _c
@@ -43,13 +46,14 @@ from server.middleware import bearer, openai_error
 
 log = logging.getLogger("smartspace.gateway")
 
+BUDGET_REMAINING = "x-smartspace-budget-remaining-micros"  # the tightest applying budget, after settling
 KEY_TTL = 30.0  # seconds an authenticated key is trusted without asking the database again
 MAX_WAIT_SECONDS = 600.0
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
-_INVALIDATING = frozenset({"key.revoked", "project.deleted", "project.updated", "member.removed"})
+_INVALIDATING = frozenset({"key.revoked", "key.updated", "project.deleted", "project.updated", "member.removed"})
 _CHAT_OWN = frozenset({"model", "messages", "stream", "max_tokens", "metadata"})
 _EMBED_OWN = frozenset({"model", "input", "metadata", "encoding_format"})
 _ERRORS = (400, 401, 402, 403, 404, 422, 429, 502, 504)
@@ -76,7 +80,10 @@ class KeyCache:
         actor = await self.container.authenticate(token)
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
-        self._entries[digest] = (actor, now + self.ttl)
+        trusted = self.ttl
+        if actor.expires_at is not None:  # never past the key's expiry
+            trusted = min(trusted, (actor.expires_at - utcnow()).total_seconds())
+        self._entries[digest] = (actor, now + trusted)
         return actor
 
     def drop_project(self, project_id: str) -> None:
@@ -112,10 +119,25 @@ async def key_actor(request: web.Request) -> Actor:
 
 # ---------------------------------------------------------------- request parsing
 async def _body(request: web.Request) -> dict[str, Any]:
-    body = _decode(await read_body(request))
+    raw = await read_body(request)
+    body = _decode(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    if may_hold_nul(raw):
+        _refuse_nul(body)
     return body
+
+
+def _refuse_nul(body: dict[str, Any]) -> None:
+    """A NUL is refused everywhere but in what goes to the model as is: message content and embedding input
+    (passed on unchanged; the stored copy is made safe by storage)."""
+    refuse_nul(body, key="param", skip=frozenset({"messages", "input"}))
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        path = nul_path(message, skip=frozenset({"content"}))
+        if path is not None:
+            param = f"messages[{i}]" + ("" if path == "$" else f".{path}")
+            raise InvalidRequest(nul_message(param), {"param": param})
 
 
 def _model(body: dict[str, Any]) -> str:
@@ -188,10 +210,22 @@ def wait_seconds(request: web.Request) -> float:
     return value
 
 
-def _receipt_headers(receipt: Receipt) -> dict[str, str]:
-    """The receipt on an answer: the provider's cost and the platform fee (the wallet paid both)."""
-    return {"x-smartspace-request-id": receipt.request_id, "x-smartspace-cost-micros": str(receipt.cost_micros),
-            "x-smartspace-fee-micros": str(receipt.fee_micros)}
+def _receipt_headers(receipt: Receipt, remaining: int | None) -> dict[str, str]:
+    """The receipt on an answer: the provider's cost and the platform fee (the wallet paid both), and what the
+    tightest budget that applied has left."""
+    headers = {"x-smartspace-request-id": receipt.request_id, "x-smartspace-cost-micros": str(receipt.cost_micros),
+               "x-smartspace-fee-micros": str(receipt.fee_micros)}
+    if remaining is not None:
+        headers[BUDGET_REMAINING] = str(remaining)
+    return headers
+
+
+async def _budget_remaining(request: web.Request, actor: Actor, prepared) -> int | None:
+    """After settling: what the tightest budget that applied to the request has left (None: no budget)."""
+    if not prepared.budget_ids:
+        return None
+    async with _c(request).reader(actor) as scope:
+        return await scope.budgets.remaining(prepared.budget_ids)
 
 
 def _server_timing(laps: Laps) -> str:
@@ -211,7 +245,7 @@ async def _json_answer(request: web.Request, actor: Actor, cmd: SpendCommand, la
     outcome = await _c(request).spending.call(actor, cmd, source="gateway", wait_seconds=wait_seconds(request),
                                               idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
     completion = outcome.completion
-    headers = _receipt_headers(outcome.receipt)
+    headers = _receipt_headers(outcome.receipt, await _budget_remaining(request, actor, outcome.prepared))
     headers["Server-Timing"] = _server_timing(laps)
     body, raw = completion.body, completion.raw
     if as_base64:
@@ -235,6 +269,8 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
         await _sse_error(resp, stream.error or ProviderError("the stream ended without a settlement"))
         return resp
     cost, fee = stream.receipt.cost_micros, stream.receipt.fee_micros
+    remaining = await _budget_remaining(request, actor, prepared)
+    left = {} if remaining is None else {"budget_remaining_micros": remaining}
     tail = b""
     if stream.want_usage:
         template = stream.template or {}
@@ -243,9 +279,10 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
             "created": template.get("created", int(time.time())),
             "model": template.get("model", prepared.upstream_model), "choices": []}
         final["usage"] = {**usage_to_openai(stream.usage), "cost_micros": cost, "fee_micros": fee,
-                          "request_id": prepared.request_id}
+                          "request_id": prepared.request_id, **left}
         tail = b"data: " + _encode(final) + b"\n\n"
-    tail += (f": smartspace cost_micros={cost} request_id={prepared.request_id} fee_micros={fee} "
+    comment = "".join(f"{k}={v} " for k, v in left.items())
+    tail += (f": smartspace cost_micros={cost} request_id={prepared.request_id} fee_micros={fee} {comment}"
              f"timing={_server_timing(laps).replace(' ', '')}\n\n".encode() + b"data: [DONE]\n\n")
     with contextlib.suppress(ConnectionError):
         await resp.write(tail)
@@ -323,13 +360,14 @@ async def serve_chat(request: web.Request, command: Callable[[dict[str, Any], Ac
 # ---------------------------------------------------------------- routes
 # Errors are raised, not rendered here: the error middleware answers every /v1/ error in OpenAI's shape.
 @routes.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (JSON or SSE with stream: true; "
-             "Idempotency-Key honoured)", tag="gateway", auth=False, errors=(*_ERRORS, 409))
+             "Idempotency-Key honoured)", tag="gateway", auth=False, key_auth=True, body=ChatCompletionRequest,
+             response=ChatCompletion, errors=(*_ERRORS, 409))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await serve_chat(request, chat_command, _json_answer, _sse_answer)
 
 
 @routes.post("/v1/embeddings", summary="OpenAI-compatible embeddings (Idempotency-Key honoured)", tag="gateway",
-             auth=False, errors=(*_ERRORS, 409))
+             auth=False, key_auth=True, body=EmbeddingRequest, response=EmbeddingList, errors=(*_ERRORS, 409))
 async def embeddings(request: web.Request) -> web.StreamResponse:
     laps = Laps()
     actor = await key_actor(request)
@@ -357,7 +395,7 @@ async def _available(request: web.Request, actor: Actor) -> list:
 
 
 @routes.get("/v1/models", summary="OpenAI-compatible model list (the catalog's models this server can reach)",
-            tag="gateway", auth=False, errors=(401,))
+            tag="gateway", auth=False, key_auth=True, errors=(401,))
 async def models(request: web.Request) -> web.Response:
     items = await _available(request, await key_actor(request))
     return web.Response(body=_encode({"object": "list", "data": [_model_json(m) for m in items]}),
@@ -365,7 +403,7 @@ async def models(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/models/{model:.+}", summary="One model (OpenAI-compatible)", tag="gateway", auth=False,
-            errors=(401, 404))
+            key_auth=True, errors=(401, 404))
 async def model(request: web.Request) -> web.Response:
     actor = await key_actor(request)
     wanted = request.match_info["model"]

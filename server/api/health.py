@@ -46,5 +46,7 @@ async def ready(request: web.Request) -> web.Response:
 
 @routes.get("/metrics", summary="Prometheus metrics", tag="health", auth=False)
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
+    metrics = request.app[METRICS]
+    await metrics.spend.refresh(container(request).db)  # reservations outstanding, read now
+    body = metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -12,6 +12,7 @@ from domain.identity import (
     AuthResult,
     CreatedKey,
     KeyCreate,
+    KeyUpdate,
     Login,
     Member,
     MemberAdd,
@@ -65,14 +66,14 @@ async def create_project(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/projects", summary="The caller's projects", tag="projects", response=Page[Project],
-            query=PAGE_QUERY, errors=(401,))
+            query=PAGE_QUERY, errors=(401,), key_scope="project:read")
 async def list_projects(request: web.Request) -> web.Response:
     page = page_request(request)
     async with _c(request).reader(actor(request)) as uow:
         return json_response(await uow.projects.list_mine(page))
 
 
-@routes.get(P, summary="A project", tag="projects", response=Project, errors=(401, 404))
+@routes.get(P, summary="A project", tag="projects", response=Project, errors=(401, 404), key_scope="project:read")
 async def get_project(request: web.Request) -> web.Response:
     async with _c(request).reader(actor(request)) as uow:
         return json_response(await uow.projects.get(request.match_info["project_id"]))
@@ -105,7 +106,7 @@ async def add_member(request: web.Request) -> web.Response:
 
 
 @routes.get(P + "/members", summary="The project's members", tag="members", response=Page[Member],
-            query=PAGE_QUERY, errors=(401, 404))
+            query=PAGE_QUERY, errors=(401, 404), key_scope="project:read")
 async def list_members(request: web.Request) -> web.Response:
     page = page_request(request)
     async with _c(request).reader(actor(request)) as uow:
@@ -140,7 +141,7 @@ async def create_agent(request: web.Request) -> web.Response:
 
 
 @routes.get(P + "/agents", summary="The project's agents", tag="agents", response=Page[Agent],
-            query=PAGE_QUERY, errors=(401, 404))
+            query=PAGE_QUERY, errors=(401, 404), key_scope="project:read")
 async def list_agents(request: web.Request) -> web.Response:
     page = page_request(request)
     async with _c(request).reader(actor(request)) as uow:
@@ -157,11 +158,20 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 @routes.get(P + "/keys", summary="The project's API keys (metadata only)", tag="keys",
-            response=Page[ApiKey], query=PAGE_QUERY, errors=(401, 404))
+            response=Page[ApiKey], query=PAGE_QUERY, errors=(401, 404), key_scope="project:read")
 async def list_keys(request: web.Request) -> web.Response:
     page = page_request(request)
     async with _c(request).reader(actor(request)) as uow:
         return json_response(await uow.keys.list(request.match_info["project_id"], page))
+
+
+@routes.patch(P + "/keys/{key_id}", summary="Change a key's terms (admin): name, expires_at, allowed_models, "
+              "scopes, rate_limits", tag="keys", body=KeyUpdate, response=ApiKey, errors=(401, 403, 404, 409, 422))
+async def update_key(request: web.Request) -> web.Response:
+    cmd = await decode(request, KeyUpdate)
+    async with _c(request).uow(actor(request)) as uow:
+        key = await uow.keys.update(request.match_info["project_id"], request.match_info["key_id"], cmd)
+    return json_response(key)
 
 
 @routes.delete(P + "/keys/{key_id}", summary="Revoke an API key (admin); it fails at once",

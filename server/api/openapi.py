@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from domain.identity import OWN
+from server.api.dashboard import static_page
 from server.api.examples import example_for
 from server.http import RouteSpec, routes
 
@@ -26,7 +27,8 @@ _ERROR_SCHEMA = {
 
 
 _QUERY_SCHEMAS = {"limit": {"type": "integer", "minimum": 1}, "since": {"type": "string", "format": "date-time"},
-                  "until": {"type": "string", "format": "date-time"}}
+                  "until": {"type": "string", "format": "date-time"},
+                  "format": {"type": "string", "enum": ["json", "csv"], "default": "json"}}
 _PATH_PARAM = re.compile(r"{(\w+)(?::[^{}]*(?:{[^{}]*}[^{}]*)*)?}")
 
 
@@ -69,14 +71,21 @@ def build_openapi(specs: list[RouteSpec], version: str = "0.1.0") -> dict[str, A
         ok: dict[str, Any] = {"description": "OK"}
         if spec.response is not None:
             ok["content"] = {"application/json": {"schema": by_type[spec.response]}}
+            if "format" in spec.query:  # ?format=csv (server/csvexport.py)
+                ok["content"]["text/csv"] = {"schema": {"type": "string"}}
         op["responses"][str(spec.status)] = ok
-        errors = set(spec.errors) | ({401} if spec.auth else set()) | ({422} if spec.body else set())
+        secured = spec.auth or spec.key_auth
+        decoded_here = spec.body is not None and not spec.key_auth  # the gateway answers 400, OpenAI-style
+        # A key without the route's scope is refused with 403 (domain.identity.require_key_scope).
+        refused = {403} if spec.auth and spec.key_scope != OWN else set()
+        errors = set(spec.errors) | ({401} if secured else set()) | ({422} if decoded_here else set()) | refused
         for status in sorted(errors):
             op["responses"][str(status)] = {
                 "description": _STATUS_TEXT.get(status, "Error"),
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        if spec.auth:
+        if secured:
             op["security"] = [{"bearer": []}, {"apiKey": []}]
+            op["x-smartspace-key-scope"] = spec.key_scope  # "own": every key; null: user tokens only
         paths.setdefault(path, {})[spec.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -105,10 +114,7 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=_cache["doc"], content_type="application/json")
 
 
-_DOCS = Path(__file__).with_name("docs.html")
-
-
-@routes.get("/api/docs", summary="A page that renders the OpenAPI document", tag="docs", auth=False)
-async def docs(request: web.Request) -> web.Response:
-    return web.Response(body=_DOCS.read_bytes(), content_type="text/html")
-
+@routes.get("/api/docs", summary="The API reference: Swagger UI over this document, to read and try calls",
+            tag="docs", auth=False)
+async def docs(request: web.Request) -> web.StreamResponse:
+    return static_page(request, "docs.html")

@@ -51,7 +51,7 @@ async def _with_confirmations(request: web.Request, items: list[Any]) -> None:
 
 # ---------------------------------------------------------------- deposits
 @routes.get(P + "/deposit-address", summary="Where to send USDC to fund this project", tag="payments",
-            response=DepositInfo, errors=ERR)
+            response=DepositInfo, errors=ERR, key_scope="payments:read")
 async def deposit_address(request: web.Request) -> web.Response:
     await _chain(request)
     async with _c(request).uow(actor(request)) as uow:  # stores the derived address in the wallet once
@@ -94,7 +94,7 @@ async def claim_deposit(request: web.Request) -> web.Response:
 
 
 @routes.get(P + "/deposits", summary="The project's deposits, newest first", tag="payments",
-            response=Page[Deposit], query=PAGE_QUERY, errors=(401, 404))
+            response=Page[Deposit], query=PAGE_QUERY, errors=(401, 404), key_scope="payments:read")
 async def list_deposits(request: web.Request) -> web.Response:
     page = page_request(request)
     async with _c(request).reader(actor(request)) as uow:
@@ -104,7 +104,7 @@ async def list_deposits(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/deposits/{deposit_id}", summary="A deposit", tag="payments", response=Deposit,
-            errors=(401, 404))
+            errors=(401, 404), key_scope="payments:read")
 async def get_deposit(request: web.Request) -> web.Response:
     async with _c(request).reader(actor(request)) as uow:
         deposit = await uow.payments.get_deposit(request.match_info["deposit_id"])
@@ -140,7 +140,7 @@ async def withdraw(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get(P + "/payments", summary="The project's payouts, newest first", tag="payments",
-            response=Page[Payment], query=PAGE_QUERY, errors=(401, 404))
+            response=Page[Payment], query=PAGE_QUERY, errors=(401, 404), key_scope="payments:read")
 async def list_payments(request: web.Request) -> web.Response:
     page = page_request(request)
     async with _c(request).reader(actor(request)) as uow:
@@ -150,7 +150,7 @@ async def list_payments(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/payments/{payment_id}", summary="A payment: status, tx_hash, block_number, confirmations",
-            tag="payments", response=Payment, errors=(401, 404))
+            tag="payments", response=Payment, errors=(401, 404), key_scope="payments:read")
 async def get_payment(request: web.Request) -> web.Response:
     async with _c(request).reader(actor(request)) as uow:
         payment = await uow.payments.get_payment(request.match_info["payment_id"])

@@ -5,21 +5,21 @@ from __future__ import annotations
 import logging
 
 from web3 import AsyncWeb3
-from web3.providers.rpc import AsyncHTTPProvider
 
 from server.chain.devnet import Devnet
-from server.chain.web3chain import Web3Chain
+from server.chain.web3chain import GuardedHTTPProvider, Web3Chain
 from server.settings import Settings, SettingsError
 
 log = logging.getLogger("smartspace.chain")
 
 
-async def open_chain(settings: Settings) -> tuple[Web3Chain, Devnet | None]:
+async def open_chain(settings: Settings, *, devnet_treasury_key: str = "") -> tuple[Web3Chain, Devnet | None]:
     """Connect as configured. The treasury key comes only from the environment and is never logged."""
     if settings.chain == "devnet":
         # A fresh treasury key every run: the chain starts empty each time while the database persists, and
         # a reused key would meet its own old nonces there. SMARTSPACE_TREASURY_PRIVATE_KEY is for rpc only.
-        devnet = await Devnet.start(revenue_address=settings.revenue_address)
+        # (The chain runtime makes that run's key at start-up, so deposit addresses exist before the devnet.)
+        devnet = await Devnet.start(treasury_key=devnet_treasury_key, revenue_address=settings.revenue_address)
         log.info("devnet chain ready", extra={"chain_id": devnet.chain.chain_id,
                                               "token": devnet.chain.token_address,
                                               "treasury": devnet.chain.treasury_address})
@@ -29,7 +29,7 @@ async def open_chain(settings: Settings) -> tuple[Web3Chain, Devnet | None]:
     if not settings.usdc_address:
         raise SettingsError("SMARTSPACE_USDC_ADDRESS is required when SMARTSPACE_CHAIN=rpc "
                             "(Arc: 0x3600000000000000000000000000000000000000)")
-    w3 = AsyncWeb3(AsyncHTTPProvider(settings.chain_rpc_url))
+    w3 = AsyncWeb3(GuardedHTTPProvider(settings.chain_rpc_url))
     try:
         chain_id = await w3.eth.chain_id
         if settings.chain_id and settings.chain_id != chain_id:

@@ -22,6 +22,7 @@ from eth_tester.exceptions import TransactionFailed
 from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
+from web3.types import Wei
 
 from domain.chain import micros_to_units, normalize_address
 from domain.errors import InvalidRequest
@@ -50,13 +51,13 @@ class Devnet:
 
     @property
     def tester(self) -> Any:
-        return self.w3.provider.ethereum_tester  # type: ignore[attr-defined]
+        return self.w3.provider.ethereum_tester
 
     @classmethod
     async def start(cls, *, treasury_key: str = "", revenue_address: str = "", gas_limit: int = 120_000,
                     treasury_micros: int = TREASURY_START_MICROS) -> Devnet:
         w3 = AsyncWeb3(AsyncEthereumTesterProvider())
-        accounts = list(await w3.eth.accounts)
+        accounts: list[str] = list(await w3.eth.accounts)
         deployer = accounts[0]
         token_address = await deploy_token(w3, deployer)
         key = treasury_key or "0x" + secrets.token_hex(32)  # per run unless the environment fixes one
@@ -76,7 +77,7 @@ class Devnet:
 
     async def send_native(self, to: str, wei: int) -> str:
         tx_hash = await self.w3.eth.send_transaction(
-            {"from": self.deployer, "to": AsyncWeb3.to_checksum_address(to), "value": wei})
+            {"from": self.deployer, "to": AsyncWeb3.to_checksum_address(to), "value": Wei(wei)})
         await self.wait(tx_hash)
         return to_hex(tx_hash)
 
@@ -165,4 +166,7 @@ async def deploy_token(w3: AsyncWeb3, deployer: str) -> str:
     factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
     tx_hash = await factory.constructor().transact({"from": deployer})
     receipt = await w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
-    return normalize_address(receipt["contractAddress"])
+    address = receipt["contractAddress"]
+    if address is None:
+        raise RuntimeError("the token deployment created no contract")
+    return normalize_address(address)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import aiohttp
@@ -20,12 +20,16 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_keys.exceptions import BadSignature
-from eth_utils import keccak
+from eth_typing import HexStr
+from eth_utils.crypto import keccak
 from web3 import AsyncWeb3
 from web3.exceptions import ProviderConnectionError, TransactionNotFound, Web3RPCError
+from web3.providers.rpc import AsyncHTTPProvider
+from web3.types import RPCResponse
 
 from domain.chain import BroadcastOutcome, Fees, SignedTransfer, TxLookup, normalize_address
 from domain.errors import Unavailable
+from domain.inputs import MAX_DEPTH, depth_exceeds
 from server.chain.receipts import parse_receipt, to_hex
 
 log = logging.getLogger("smartspace.chain")
@@ -41,7 +45,7 @@ R = TypeVar("R")
 NODE_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, ProviderConnectionError, Web3RPCError)
 
 
-def node_call(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def node_call(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """An unreachable or failing node is a 503 for the caller (and a retry for the worker), never a 500."""
 
     @functools.wraps(fn)
@@ -53,6 +57,17 @@ def node_call(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise Unavailable("the chain node is unreachable; try again shortly", {"call": fn.__name__}) from None
 
     return call
+
+
+class GuardedHTTPProvider(AsyncHTTPProvider):
+    """web3's ``AsyncHTTPProvider`` whose answers are depth-checked before they are parsed: a node (or
+    whatever answers at its URL) sending JSON nested past ``MAX_DEPTH`` is a failing node, not a crash."""
+
+    @staticmethod
+    def decode_rpc_response(raw_response: bytes) -> RPCResponse:
+        if depth_exceeds(raw_response):
+            raise ProviderConnectionError(f"the node's answer nests JSON deeper than {MAX_DEPTH} levels")
+        return AsyncHTTPProvider.decode_rpc_response(raw_response)
 
 
 def encode_transfer(recipient: str, units: int) -> bytes:
@@ -98,6 +113,11 @@ class _Treasury:
         return Account.from_key(keccak(bytes(self.account.key) + b"smartspace:" + label.encode()))
 
 
+def deposit_address_of(treasury: _Treasury, project_id: str) -> str:
+    """A project's deposit address: derived from the treasury key alone (no node needed)."""
+    return normalize_address(treasury.derive(f"deposit:{project_id}").address)
+
+
 class Web3Chain:
     def __init__(self, w3: AsyncWeb3, *, chain_id: int, token_address: str, decimals: int, treasury_key: str | bytes,
                  revenue_address: str | None, gas_limit: int = 120_000, min_priority_fee: int = 0) -> None:
@@ -122,7 +142,7 @@ class Web3Chain:
     @node_call
     async def lookup(self, tx_hash: str) -> TxLookup:
         try:
-            raw = await self.w3.eth.get_transaction_receipt(tx_hash)
+            raw = await self.w3.eth.get_transaction_receipt(HexStr(tx_hash))
         except TransactionNotFound:
             raw = None
         if raw is not None:
@@ -130,7 +150,7 @@ class Web3Chain:
             head = await self.head()
             return TxLookup(known=True, receipt=receipt, confirmations=max(0, head - receipt.block_number + 1))
         try:
-            await self.w3.eth.get_transaction(tx_hash)
+            await self.w3.eth.get_transaction(HexStr(tx_hash))
         except TransactionNotFound:
             return TxLookup(known=False)
         return TxLookup(known=True)
@@ -192,7 +212,7 @@ class Web3Chain:
         return recover_personal_signer(message, signature)
 
     def deposit_address(self, project_id: str) -> str:
-        return normalize_address(self._treasury.derive(f"deposit:{project_id}").address)
+        return deposit_address_of(self._treasury, project_id)
 
     def derived_address(self, label: str) -> str:
         return normalize_address(self._treasury.derive(label).address)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -25,10 +26,11 @@ from domain.errors import Conflict, DomainError, InsufficientFunds, Unavailable
 from domain.payments import Payment
 from server.chain import open_chain
 from server.chain.devnet import Devnet
-from server.chain.web3chain import Web3Chain
+from server.chain.web3chain import Web3Chain, _Treasury, deposit_address_of
 from server.settings import SettingsError
 
 if TYPE_CHECKING:
+    from domain.scope import Scope
     from server.container import Container
 
 log = logging.getLogger("smartspace.payments")
@@ -176,11 +178,17 @@ class ChainRuntime:
     use (any payments route), so processes and tests that never touch payments pay nothing for it.
 
     Built by the container (``container.chain_runtime``), which hands it to the domain as its
-    ``domain.scope.ChainLink``: ``chain`` and ``worker`` are None until the chain is open."""
+    ``domain.scope.ChainLink``: ``chain`` and ``worker`` are None until the chain is open.
+
+    Deposit addresses need no node: they derive from the treasury key, which is known from start-up (rpc:
+    the environment's; devnet: this run's, made here and handed to the devnet when it starts). So every
+    wallet shows its address from the first read: a new project's wallet gets it as it is created, and
+    start-up brings stored ones up to date (none yet, or a previous devnet run's)."""
 
     def __init__(self, container: Container, *, start_worker: bool = True) -> None:
         self.container = container
         self.start_worker = start_worker
+        self._new_run()
         self.chain: Web3Chain | None = None
         self.devnet: Devnet | None = None
         self.worker: PaymentWorker | None = None
@@ -193,7 +201,8 @@ class ChainRuntime:
         async with self._lock:
             if self.chain is None:
                 try:
-                    chain, devnet = await open_chain(self.container.settings)
+                    chain, devnet = await open_chain(self.container.settings,
+                                                     devnet_treasury_key=self._treasury_key)
                 except SettingsError:
                     raise
                 except Exception as exc:  # the node is down or answers nonsense: a 503 now, a retry later
@@ -209,6 +218,36 @@ class ChainRuntime:
                 if self.start_worker:
                     worker.start()
         return self.chain
+
+    def _new_run(self) -> None:
+        settings = self.container.settings
+        self._treasury_key = settings.treasury_private_key if settings.chain == "rpc" else \
+            "0x" + secrets.token_hex(32)
+        self._treasury = _Treasury(self._treasury_key) if self._treasury_key else None
+
+    def deposit_address(self, project_id: str) -> str | None:
+        return deposit_address_of(self._treasury, project_id) if self._treasury is not None else None
+
+    async def on_project_created(self, scope: Scope, project: Any) -> None:
+        """The project-created hook (after ``open_wallet``): the new wallet gets its deposit address in the same
+        unit of work — part of its initial state, like its zero balance, so no event of its own."""
+        if (address := self.deposit_address(project.id)) is not None:
+            await scope.store.wallets.set_deposit_address(project.id, address, utcnow())
+
+    async def refresh_deposit_addresses(self) -> int:
+        """Start-up: wallets without this treasury's address for them (created before it was known, or shown a
+        previous devnet run's) get it now, with the usual wallet.updated event. Returns how many changed."""
+        if self._treasury is None:
+            return 0
+        async with self.container.reader() as scope:
+            stored = await scope.store.wallets.deposit_addresses()
+        stale = [(pid, address) for pid, current in stored
+                 if (address := deposit_address_of(self._treasury, pid)) != current]
+        if stale:
+            async with self.container.uow() as scope:
+                for project_id, address in stale:
+                    await scope.wallets.set_deposit_address(project_id, address)
+        return len(stale)
 
     def keep_opening(self, every_seconds: float = 5.0) -> None:
         """Start-up found the node down: keep trying in the background so the worker resumes unfinished
@@ -236,6 +275,9 @@ class ChainRuntime:
         if self.chain is not None:
             chain, self.chain = self.chain, None
             await chain.close()
+        if self.devnet is not None:  # that in-memory chain is gone: opening again is a new run, with a new key
+            self.devnet = None
+            self._new_run()
 
 
 CHAIN = web.AppKey("chain", ChainRuntime)
@@ -248,12 +290,15 @@ def chain_context(container: Container, *, start_worker: bool = True):
         runtime = container.chain_runtime
         runtime.start_worker = start_worker
         app[CHAIN] = runtime
+        await runtime.refresh_deposit_addresses()
+        container.deps.project_created_hooks.append(runtime.on_project_created)
         if container.settings.chain == "rpc":  # a bad configuration stops start-up; a node that is down does not
             try:
                 await runtime.get()
             except Unavailable:
                 runtime.keep_opening(max(container.settings.chain_poll_seconds, 0.05) * 5)
         yield
+        container.deps.project_created_hooks.remove(runtime.on_project_created)
         await runtime.close()
 
     return ctx

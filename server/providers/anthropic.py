@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from domain.errors import InvalidRequest
+from domain.inputs import decode_json
 from domain.providers import Completion, ProviderCall, UpstreamError, Usage, usage_to_openai
 from server.providers.wire import post_json, redact, sse_events
 
@@ -37,7 +38,7 @@ STOP_REASONS = {
     "refusal": "content_filter",
 }
 
-_decode = msgspec.json.decode
+_decode = decode_json  # depth-limited: what providers (and tool arguments) send is not trusted
 _encode = msgspec.json.encode
 
 

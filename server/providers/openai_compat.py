@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from domain.inputs import decode_json
 from domain.providers import Completion, ProviderCall, UpstreamError, usage_from_openai
 from server.providers.wire import DONE, RawChunk, post_json, redact, sse_events
 
 if TYPE_CHECKING:
     from server.providers import Providers, Upstream
 
-_decode = msgspec.json.decode
+_decode = decode_json  # depth-limited: what providers (and tool arguments) send is not trusted
 
 
 class OpenAICompatProvider:

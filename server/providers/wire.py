@@ -16,6 +16,7 @@ import aiohttp
 import msgspec
 
 from domain.errors import ProviderTimeout
+from domain.inputs import decode_json
 from domain.providers import UpstreamError, UpstreamRejected
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 _KEYISH = re.compile(r"(sk-[A-Za-z0-9_\-*.]{6,}|(?:Bearer|bearer)\s+\S+|x-api-key[:=]\s*\S+)")
 DONE = "[DONE]"
-_decode = msgspec.json.decode
+_decode = decode_json  # depth-limited: what providers (and tool arguments) send is not trusted
 _encode = msgspec.json.encode
 
 

@@ -38,6 +38,7 @@ class Behavior:
     stall_after: int | None = None  # streams: after this many content chunks, stall for `delay`
     omit_usage: bool = False
     echo_key: bool = False  # put the received key in the error message (tests redaction)
+    extra_output_tokens: int = 0  # OpenAI chat: report this many more output tokens than it sent (an overrun)
     # JSON answers: call these tools ({"name", "arguments"}) instead of answering; or answer this text
     tool_calls: list[dict[str, Any]] | None = None
     content: str | None = None
@@ -208,7 +209,8 @@ class FakeUpstream:
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         prompt = self._prompt_text(messages)
         words, cut = self.reply(prompt, max_tokens)
-        usage = {"prompt_tokens": self.count(prompt) + 3 * len(messages), "completion_tokens": len(words)}
+        usage = {"prompt_tokens": self.count(prompt) + 3 * len(messages),
+                 "completion_tokens": len(words) + b.extra_output_tokens}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         model = body.get("model", "")
         cid, created = f"chatcmpl-fake{time.time_ns()}", int(time.time())

@@ -130,7 +130,7 @@ async def test_bad_audit_parameters_are_422(client, container, params):
 async def test_viewers_and_api_keys_may_read_the_log(client, container):
     owner, viewer = await asyncio.gather(quick_user(container), quick_user(container))
     await add_member(client, owner, viewer, "viewer")
-    key = await create_key(client, owner)
+    key = await create_key(client, owner, scopes=["audit:read"])
     p = P.format(owner.project_id)
     for headers in (viewer.headers, {"X-API-Key": key["key"]}, bearer(key["key"])):
         listed = await client.get(p + "/audit", headers=headers)
@@ -144,7 +144,7 @@ async def test_viewers_and_api_keys_may_read_the_log(client, container):
 @pytest.mark.parametrize("route", ["/audit", "/audit/verify"])
 async def test_audit_auth_failures_and_not_found(client, container, route):
     owner, stranger = await asyncio.gather(quick_user(container), quick_user(container))
-    other_key = await create_key(client, stranger)
+    other_key = await create_key(client, stranger, scopes=["audit:read"])
     url = P.format(owner.project_id) + route
     await error(await client.get(url), 401, "unauthorized")
     await error(await client.get(url, headers=bearer("nope")), 401, "unauthorized")

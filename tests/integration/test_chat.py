@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from agentic.tools import usd
-from storage.models import JSON, UTCDateTime
+from storage.models import insights
 from tests.factories import UserHandle, add_member, bearer, create_agent, create_key, register
 from tests.integration.spend_helpers import create_budget, fund, platform_admin, set_policy, wallet
 
@@ -212,26 +212,20 @@ async def test_recent_payments_and_deposits(client):
 async def test_insights_are_reported_honestly_when_there_are_none(client, books):
     answer = await ask(client, books.owner, "any open insights?")
     assert answer["data"]["intent"] == "insights"
-    assert answer["data"]["figures"] == {"project_id": books.owner.project_id, "available": False, "insights": []}
+    assert answer["data"]["figures"] == {"project_id": books.owner.project_id, "available": True, "insights": []}
 
 
-async def test_open_insights_are_read_from_the_insights_table_once_it_exists(client, db, books):
-    """The seam for the insights evaluator: a table shaped like API.md's insight, open ones only, newest first."""
-    table = sa.Table("insights", sa.MetaData(), sa.Column("id", sa.String(40), primary_key=True),
-                     sa.Column("project_id", sa.String(40)), sa.Column("kind", sa.String(40)),
-                     sa.Column("severity", sa.String(20)), sa.Column("title", sa.String(200)),
-                     sa.Column("message", sa.Text()), sa.Column("evidence", JSON), sa.Column("subject", JSON),
-                     sa.Column("status", sa.String(20)), sa.Column("created_at", UTCDateTime()))
+async def test_open_insights_are_read_from_the_insights_table(client, db, books):
+    """Open ones only, newest first (the insights evaluator's table, storage/models.py)."""
     now = datetime.now(UTC)
+    base = {"project_id": books.owner.project_id, "subject": {}, "created_at": now, "updated_at": now}
     async with db.engine.begin() as conn:
-        await conn.run_sync(table.create)
-        await conn.execute(sa.insert(table), [
-            {"id": "ins_1", "project_id": books.owner.project_id, "kind": "wallet_runway", "severity": "warning",
-             "title": "Wallet runs low", "message": "The wallet lasts under 72 h.", "evidence": {
-                 "available_micros": 42}, "subject": {}, "status": "open", "created_at": now},
-            {"id": "ins_2", "project_id": books.owner.project_id, "kind": "idle_key", "severity": "info",
-             "title": "Idle key", "message": "A key was unused.", "evidence": {}, "subject": {}, "status": "dismissed",
-             "created_at": now}])
+        await conn.execute(sa.insert(insights), [
+            {**base, "id": "ins_1", "kind": "wallet_runway", "subject_key": "", "severity": "warning",
+             "title": "Wallet runs low", "message": "The wallet lasts under 72 h.",
+             "evidence": {"available_micros": 42}, "status": "open"},
+            {**base, "id": "ins_2", "kind": "idle_key", "subject_key": "key_id=key_1", "severity": "info",
+             "title": "Idle key", "message": "A key was unused.", "evidence": {}, "status": "dismissed"}])
     answer = await ask(client, books.owner, "any open insights?")
     figures = answer["data"]["figures"]
     assert figures["available"] is True
@@ -308,7 +302,13 @@ async def test_a_bad_question_is_422_and_stores_nothing(client, body):
     assert listed["items"] == []
 
 
-@pytest.mark.parametrize("conversation_id", ["cnv_%00x", "x" * 41, "cnv_nope"])
+async def test_a_conversation_id_with_a_nul_is_refused_at_the_edge(client):
+    user = await register(client)
+    resp = await client.get("/api/v1/chatbot/conversations/cnv_%00x", headers=user.headers)
+    assert resp.status == 422 and (await resp.json())["error"]["details"]["field"] == "conversation_id"
+
+
+@pytest.mark.parametrize("conversation_id", ["x" * 41, "cnv_nope"])
 async def test_a_conversation_id_that_names_nothing_is_404(client, conversation_id):
     user = await register(client)
     resp = await client.get(f"/api/v1/chatbot/conversations/{conversation_id}", headers=user.headers)
@@ -318,6 +318,6 @@ async def test_a_conversation_id_that_names_nothing_is_404(client, conversation_
 async def test_an_api_key_or_no_token_cannot_chat(client, books):
     key = bearer(books.keys["writer"]["key"])
     resp = await client.post("/api/v1/chatbot/chat", json={"message": "hi"}, headers=key)
-    assert resp.status == 401
+    assert resp.status == 403  # a valid key, refused: the assistant is for user tokens (README "API keys")
     resp = await client.post("/api/v1/chatbot/chat", json={"message": "hi"})
     assert resp.status == 401

@@ -233,12 +233,17 @@ async def test_openapi_schemas_come_from_the_msgspec_types(openapi):
     assert audit["project_id"] == {"type": "string"}
 
 
-async def test_the_docs_page_renders_the_document(client):
+async def test_the_docs_page_is_the_bundled_reference_under_a_strict_policy(client):
     resp = await client.get("/api/docs")
     assert resp.status == 200
     assert resp.content_type == "text/html"
+    csp = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
     html = await resp.text()
-    assert "/api/v1/openapi.json" in html
+    scripts = re.findall(r'<script[^>]*src="(/assets/[^"]+\.js)"', html)
+    assert scripts and "<script>" not in html  # no inline script: the page's code is a bundled asset
+    bundle = "".join([await (await client.get(src)).text() for src in scripts])
+    assert "/api/v1/openapi.json" in bundle
 
 
 def test_openapi_handles_regex_path_params_and_reused_handler_names():
@@ -273,7 +278,7 @@ async def test_the_access_log_is_one_json_object_per_request_without_credentials
     logged = msgspec.structs.replace(settings, access_log=True)
     client = await aiohttp_client(create_app(logged, container=container))
     owner = await quick_user(container)
-    key = await create_key(client, owner)
+    key = await create_key(client, owner, scopes=["project:read"])
     caplog.set_level(logging.INFO, logger="smartspace.access")
     caplog.clear()
     resp = await client.get(f"/api/v1/projects/{owner.project_id}/agents",
@@ -299,3 +304,16 @@ async def test_every_request_example_is_a_valid_body_of_its_route(openapi):
     examples = [m["example"] for p in openapi["paths"].values() for op in p.values()
                 for m in op.get("requestBody", {}).get("content", {}).values() if "example" in m]
     assert len(examples) >= len(with_example)
+
+
+async def test_the_gateway_routes_document_their_key_auth_and_openai_bodies(openapi):
+    chat = openapi["paths"]["/v1/chat/completions"]["post"]
+    embeddings = openapi["paths"]["/v1/embeddings"]["post"]
+    for op in (chat, embeddings, openapi["paths"]["/v1/models"]["get"]):
+        assert op["security"] == [{"bearer": []}, {"apiKey": []}] and "401" in op["responses"]
+    body = chat["requestBody"]["content"]["application/json"]
+    schemas = openapi["components"]["schemas"]
+    assert {"model", "messages"} <= set(schemas["ChatCompletionRequest"]["required"])
+    assert body["example"]["model"] == "local/echo-1"
+    assert "cost_micros" in schemas["Usage"]["properties"]
+    assert "EmbeddingRequest" in embeddings["requestBody"]["content"]["application/json"]["schema"]["$ref"]

@@ -173,7 +173,7 @@ async def test_tokens_signed_elsewhere_or_expired_are_401(client, container, set
 async def test_me_with_an_api_key_is_refused(client, container):
     alice = await quick_user(container)
     key = await create_key(client, alice)
-    await error(await client.get("/api/v1/me", headers={"X-API-Key": key["key"]}), 401, "unauthorized")
+    await error(await client.get("/api/v1/me", headers={"X-API-Key": key["key"]}), 403, "forbidden")
 
 
 # ---------------------------------------------------------------- malformed bodies
@@ -510,7 +510,7 @@ async def test_a_key_is_shown_once_and_listed_as_metadata_only(client, container
 
 async def test_an_api_key_authenticates_rest_calls_and_counts_its_uses(client, container):
     alice = await quick_user(container)
-    key = await create_key(client, alice)
+    key = await create_key(client, alice, scopes=["project:read"])
     p = P.format(alice.project_id)
     for headers in ({"X-API-Key": key["key"]}, bearer(key["key"])):
         resp = await client.get(p, headers=headers)
@@ -525,13 +525,14 @@ async def test_an_api_key_authenticates_rest_calls_and_counts_its_uses(client, c
 
 async def test_an_api_key_is_a_member_of_its_own_project_only(client, container):
     alice, bob = await asyncio.gather(quick_user(container), quick_user(container))
-    key = {"X-API-Key": (await create_key(client, alice))["key"]}
+    key = {"X-API-Key": (await create_key(client, alice, scopes=["project:read"]))["key"]}
     p = P.format(alice.project_id)
     assert (await client.get(p + "/agents", headers=key)).status == 200
     await error(await client.post(p + "/agents", json={"name": "x"}, headers=key), 403, "forbidden")
     await error(await client.post(p + "/keys", json={"name": "x"}, headers=key), 403, "forbidden")
     await error(await client.get(P.format(bob.project_id), headers=key), 404, "not_found")
-    await error(await client.post("/api/v1/projects", json={"name": "x"}, headers=key), 401, "unauthorized")
+    # A valid key on a route for user tokens only is refused, not unauthenticated.
+    await error(await client.post("/api/v1/projects", json={"name": "x"}, headers=key), 403, "forbidden")
 
 
 async def test_key_role_failures_and_validation(client, team, container):
@@ -552,7 +553,7 @@ async def test_key_role_failures_and_validation(client, team, container):
 
 
 async def test_a_revoked_key_fails_at_once(client, team):
-    key = await create_key(client, team.owner, team.project_id)
+    key = await create_key(client, team.owner, team.project_id, scopes=["project:read"])
     headers = {"X-API-Key": key["key"]}
     assert (await client.get(team.path, headers=headers)).status == 200
     url = team.path + f"/keys/{key['id']}"
@@ -575,7 +576,7 @@ async def test_a_revoked_key_fails_at_once(client, team):
 
 async def test_a_key_of_another_project_cannot_be_revoked_through_this_one(client, container):
     alice, bob = await asyncio.gather(quick_user(container), quick_user(container))
-    bobs = await create_key(client, bob)
+    bobs = await create_key(client, bob, scopes=["project:read"])
     resp = await client.delete(P.format(alice.project_id) + f"/keys/{bobs['id']}", headers=alice.headers)
     await error(resp, 404, "not_found")
     assert (await client.get(P.format(bob.project_id), headers={"X-API-Key": bobs["key"]})).status == 200
@@ -583,7 +584,7 @@ async def test_a_key_of_another_project_cannot_be_revoked_through_this_one(clien
 
 async def test_a_suspended_projects_keys_stop_working(client, container):
     alice = await quick_user(container)
-    key = {"X-API-Key": (await create_key(client, alice))["key"]}
+    key = {"X-API-Key": (await create_key(client, alice, scopes=["project:read"]))["key"]}
     resp = await client.patch(P.format(alice.project_id), json={"status": "suspended"}, headers=alice.headers)
     assert (resp.status, (await resp.json())["status"]) == (200, "suspended")
     await error(await client.get(P.format(alice.project_id), headers=key), 401, "unauthorized")

@@ -189,7 +189,7 @@ async def test_unsubscribe_stops_delivery(client, live):
 async def test_members_and_keys_see_their_project_viewers_too(client, live):
     alice, bob = await register(client), await register(client)
     await add_member(client, alice, bob, "viewer")
-    key = await create_key(client, alice)
+    key = await create_key(client, alice, scopes=["audit:read"])
     as_bob, as_key = await live(bob.token), await live(key["key"])
     assert (await as_bob.subscribe(alice.project_id))["ok"] is True
     assert (await as_key.subscribe(alice.project_id))["ok"] is True
@@ -222,7 +222,8 @@ async def test_a_removed_member_stops_receiving_at_once(client, live):
 
 async def test_a_revoked_key_loses_its_socket_and_cannot_subscribe(client, live):
     alice = await register(client)
-    subscribed_key, idle_key = await create_key(client, alice), await create_key(client, alice)
+    subscribed_key, idle_key = (await create_key(client, alice, scopes=["audit:read"]),
+                                await create_key(client, alice, scopes=["audit:read"]))
     subscribed, idle = await live(subscribed_key["key"]), await live(idle_key["key"])
     assert (await subscribed.subscribe(alice.project_id))["ok"] is True
     for key in (subscribed_key, idle_key):

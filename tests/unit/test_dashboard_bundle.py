@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 UI = ROOT / "ui"
 STATIC = ROOT / "server" / "static"
-SOURCES = ["index.html", "manifest.mjs", "package.json", "package-lock.json", "vite.config.js", "src"]
+SOURCES = ["index.html", "docs.html", "manifest.mjs", "package.json", "package-lock.json", "vite.config.js", "src"]
 
 
 def _sha(path: Path) -> str:
