@@ -52,7 +52,7 @@ async def test_a_request_pays_cost_and_fee_and_the_platform_books_the_fee(client
     w = await wallet(client, owner)
     assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000 - COST - FEE, 0)
     assert (await get_budget(client, owner, budget["id"]))["spent_micros"] == COST + FEE
-    assert await _platform(client, admin) == {"balance_micros": FEE, "entries": 1}
+    assert await _platform(client, admin) == {"balance_micros": FEE, "entries": 1, "by_kind": {"platform_fee": FEE}}
     await assert_books_balance(db, owner.project_id)
     async with db.engine.connect() as conn:
         debit = (await conn.execute(sa.select(ledger_entries.c.amount_micros).where(
@@ -103,7 +103,8 @@ async def test_the_gateway_shows_the_fee_in_headers_and_in_the_stream(aiohttp_cl
         usage = [c.usage async for c in stream if c.usage is not None][-1]
         assert (usage.model_extra["cost_micros"], usage.model_extra["fee_micros"]) == (COST, FEE)
         assert (await gw.wallet()).balance_micros == before - 2 * (COST + FEE)
-        assert await _platform(gw.client, admin) == {"balance_micros": 2 * FEE, "entries": 2}
+        assert await _platform(gw.client, admin) == {"balance_micros": 2 * FEE, "entries": 2,
+                                                     "by_kind": {"platform_fee": 2 * FEE}}
         await assert_books_balance(db, gw.project_id)
     finally:
         await gw.close()
