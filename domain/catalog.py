@@ -263,10 +263,10 @@ class Catalog:
         self.scope.emit(PLATFORM_PROJECT, "catalog.created", {"model": model.id, "entry": _audited(model)})
         return model
 
-    async def declare(self, cmds: Sequence[ModelCreate], source: str) -> list[str]:
+    async def declare(self, cmds: Sequence[ModelCreate], source: str) -> builtins.list[str]:
         """Models declared in the server's configuration (``source`` names it): added when missing, brought
         in line when they differ, left alone when equal — each change audited. Returns the ids changed."""
-        changed: list[str] = []
+        changed: builtins.list[str] = []
         for cmd in cmds:
             model = cmd.entity()
             before = await self.repo.get(model.id)
@@ -317,7 +317,9 @@ class Catalog:
         if before is None:
             raise ModelNotFound(f"the model {model_id!r} is not in the catalog", {"model": model_id})
         if "aliases" in changes:
-            await self._check_names(msgspec.structs.replace(before, aliases=list(changes["aliases"])))  # type: ignore[arg-type]
+            aliases = changes["aliases"]
+            assert isinstance(aliases, builtins.list)
+            await self._check_names(msgspec.structs.replace(before, aliases=builtins.list(aliases)))
         after = await self.repo.update(model_id, **changes, updated_at=utcnow())
         assert after is not None  # found above, in this transaction
         await self.repo.ensure_platform_log()
