@@ -27,6 +27,7 @@ from domain.catalog import CatalogModel, cost_micros, resolve
 from domain.decisions import Activity, BrainView, BudgetState, Decision, Outcome, Reason, RiskFactor, SpendInput
 from domain.errors import DomainError
 from domain.ratelimit import RateLimit
+from domain.spend.entities import with_fee
 
 OPERATIONS = ("chat", "embedding")
 FLASH_MAX_COST_MICROS = 1_000_000  # $1
@@ -121,7 +122,8 @@ class _Pass:
         else:
             wanted = req.max_output_tokens if req.max_output_tokens is not None else self.view.default_output_tokens
             self.output_tokens = max(0, min(wanted, model.max_output_tokens))
-        self.estimate = cost_micros(model, req.input_tokens, self.output_tokens)
+        # the worst case the project may pay: the provider's price and the platform fee on it
+        self.estimate = with_fee(cost_micros(model, req.input_tokens, self.output_tokens), req.fee_bps)
 
     # 2 ------------------------------------------------------------------------------------------
     async def identity(self) -> None:
@@ -263,7 +265,7 @@ class _Pass:
             outcome=outcome, reasons=reasons, risk_score=score, risk_factors=factors or [],
             estimated_cost_micros=self.estimate, model=model.id if model else None, error_code=error_code,
             retry_after_seconds=retry_after, tier=tier, provider=model.provider if model else None,
-            upstream_model=model.name if model else None, max_output_tokens=self.output_tokens,
+            upstream_model=model.wire_name if model else None, max_output_tokens=self.output_tokens,
             rate_limits=self.rate_limits, budget_ids=self.budget_ids, policy_version=self.policy_version,
             input_micros_per_mtok=model.input_micros_per_mtok if model else None,
             output_micros_per_mtok=model.output_micros_per_mtok if model else None)

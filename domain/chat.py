@@ -71,13 +71,14 @@ class ConversationDetail(Conversation, kw_only=True):
 
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"  # what ids look like; anything else cannot name a row
-Id = Annotated[str, Meta(pattern=ID_PATTERN)]
+Id = Annotated[str, Meta(pattern=ID_PATTERN, description="an id this API returned")]
 
 
 class ChatAsk(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """POST /api/v1/chatbot/chat (and the socket's ``message``, whose field is ``text``)."""
 
-    message: Annotated[str, Meta(min_length=1, max_length=4000, pattern=r"^[^\x00]*$")]  # PostgreSQL text: no NUL
+    message: Annotated[str, Meta(min_length=1, max_length=4000, pattern=r"^[^\x00]*$",
+                                        description="text without NUL characters")]  # PostgreSQL text: no NUL
     conversation_id: Id | None = None
     project_id: Id | None = None
 

@@ -31,6 +31,7 @@ class SpendInput(msgspec.Struct, kw_only=True):
     input_tokens: int
     max_output_tokens: int | None
     metadata: dict[str, Any] = {}
+    fee_bps: int = 0  # the platform fee: the worst case (estimated_cost_micros) includes it
 
 
 class Reason(msgspec.Struct, kw_only=True):

@@ -20,7 +20,8 @@ from domain.policies import Window
 if TYPE_CHECKING:
     from domain.scope import Deps, Scope
 
-Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=320)]
+Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=320,
+                            description="an email address such as ada@example.com")]
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
 Password = Annotated[str, Meta(min_length=8, max_length=256)]
 KEY_PREFIX = "sk-"
@@ -524,7 +525,9 @@ def require_key_scope(actor: Actor, scope: str | None) -> None:
 
 def parse_key(raw: str) -> str:
     """Validate the shape of a presented key and return its hash."""
-    if not raw.startswith(KEY_PREFIX) or len(raw) < 20:
+    if not raw.startswith(KEY_PREFIX):
         raise Unauthorized("API keys start with sk-")
+    if len(raw) < 20:  # shaped like a key, but no key this server issued: say so, not how keys look
+        raise Unauthorized("the API key is unknown, revoked, or its project is not active")
     return hash_key(raw)
 

@@ -147,8 +147,8 @@ class UnbatchedCost(msgspec.Struct, frozen=True):
     settled_at: datetime
 
 
-TxHash = Annotated[str, Meta(pattern=r"^(0x)?[0-9a-fA-F]{64}$")]
-Address = Annotated[str, Meta(pattern=r"^(0x)?[0-9a-fA-F]{40}$")]
+TxHash = Annotated[str, Meta(pattern=r"^(0x)?[0-9a-fA-F]{64}$", description="a transaction hash (64 hex digits)")]
+Address = Annotated[str, Meta(pattern=r"^(0x)?[0-9a-fA-F]{40}$", description="an address: 40 hex digits, 0x first")]
 
 
 class DepositClaim(msgspec.Struct, forbid_unknown_fields=True):
@@ -161,7 +161,8 @@ class WithdrawalCreate(msgspec.Struct, forbid_unknown_fields=True):
     memo: Annotated[str, Meta(max_length=500)] = ""
 
 
-Signature = Annotated[str, Meta(pattern=r"^(0x)?[0-9a-fA-F]{130}$")]
+Signature = Annotated[str, Meta(pattern=r"^(0x)?[0-9a-fA-F]{130}$",
+                                  description="a signature: 130 hex digits, 0x first")]
 
 
 class SenderRegister(msgspec.Struct, forbid_unknown_fields=True):

@@ -28,12 +28,13 @@ class UsageRow(msgspec.Struct, kw_only=True):
     input_tokens: int
     output_tokens: int
     cost_micros: int
-    estimated_cost_micros: int
+    estimated_cost_micros: int  # the worst cases reserved (platform fee included)
+    fee_micros: int = 0  # the platform fee paid on top of cost_micros
     variance_micros: int = 0
     variance_pct: float | None = None
 
     def __post_init__(self) -> None:
-        self.variance_micros = self.estimated_cost_micros - self.cost_micros
+        self.variance_micros = self.estimated_cost_micros - self.cost_micros - self.fee_micros
         self.variance_pct = (round(self.variance_micros * 100 / self.estimated_cost_micros, 2)
                              if self.estimated_cost_micros else None)
 

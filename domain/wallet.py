@@ -53,6 +53,25 @@ class AdminCredit(msgspec.Struct, forbid_unknown_fields=True):
     reason: Annotated[str, Meta(min_length=1, max_length=500)]
 
 
+class PlatformEntry(msgspec.Struct, kw_only=True):
+    """A line of the platform's own ledger: what the platform earned (the fee on a settled request)."""
+
+    id: str
+    kind: str  # platform_fee (the insights' cost overruns are booked there too: overrun_absorbed, < 0)
+    amount_micros: int
+    ref: str | None  # the spend request
+    project_id: str  # the project that paid it
+    memo: str
+    actor: str
+    created_at: datetime
+
+
+class PlatformTotals(msgspec.Struct, kw_only=True):
+    balance_micros: int  # fees earned minus overruns absorbed
+    entries: int
+    by_kind: dict[str, int] = {}
+
+
 class WalletRepo(Protocol):
     async def ensure(self, project_id: str, now: datetime) -> None: ...
     async def get(self, project_id: str) -> Wallet | None: ...
@@ -65,6 +84,8 @@ class WalletRepo(Protocol):
     async def append(self, entry: LedgerEntry) -> None: ...
     async def entries(self, project_id: str, page: PageRequest) -> Page[LedgerEntry]: ...
     async def ledger_totals(self, project_id: str, since: datetime, until: datetime) -> dict[str, int]: ...
+    async def book_platform(self, entry: PlatformEntry) -> None: ...
+    async def platform_totals(self) -> PlatformTotals: ...
 
 
 def _positive(amount: int, name: str = "amount_micros") -> None:
@@ -163,6 +184,21 @@ class Wallets:
             entry = await self._entry(wallet, kind, -amount_micros, ref, memo)
         self._updated(wallet, kind, -amount_micros, ref, entry=entry, released_micros=release_micros)
         return entry
+
+    async def platform_fee(self, amount_micros: int, *, ref: str, payer: str) -> PlatformEntry:
+        """Book the platform's fee on a request to its own ledger (in the transaction that charged the payer)."""
+        _positive(amount_micros)
+        entry = PlatformEntry(id=new_id("pld"), kind="platform_fee", amount_micros=amount_micros, ref=ref,
+                              project_id=payer, memo="platform fee", actor=self.scope.actor.label,
+                              created_at=utcnow())
+        await self.repo.book_platform(entry)
+        return entry
+
+    async def platform_totals(self) -> PlatformTotals:
+        """GET /admin/platform/ledger: platform admins only."""
+        if not self.scope.actor.platform_admin:
+            raise Forbidden("only platform admins can read the platform's ledger", {"required": "platform_admin"})
+        return await self.repo.platform_totals()
 
     async def set_deposit_address(self, project_id: str, address: str) -> Wallet:
         await self.get(project_id)

@@ -14,6 +14,7 @@ from aiohttp import web
 import server.api  # noqa: F401 - registers the REST routes
 from channels.chat import attach as attach_chat
 from channels.hub import attach as attach_hub
+from domain.errors import DomainError
 from server import idempotency, keep_recursion_limit
 from server.chain.workers import chain_context
 from server.container import Container
@@ -27,7 +28,8 @@ from server.middleware import (
     input_middleware,
     request_id_middleware,
 )
-from server.settings import Settings
+from server.providers import configured_models
+from server.settings import Settings, SettingsError
 from storage.bus import LocalBus, RedisBus, channel_for, deployment_id
 from storage.catalog import seed_catalog
 from storage.db import Database
@@ -67,11 +69,29 @@ def create_app(settings: Settings, *, container: Container | None = None,
         own(metrics.spend.on_event)
     enable_cors(app, settings.cors_origins)  # the route table's resources, before Socket.IO attaches
 
+    async def declare_models(container: Container) -> None:
+        declared = configured_models(container.providers.upstreams)
+        if not declared:
+            return
+        for attempt in range(3):  # another process starting at once may insert the same rows first
+            try:
+                async with container.uow() as scope:
+                    changed = await scope.catalog.declare(declared, source="SMARTSPACE_UPSTREAMS")
+                break
+            except DomainError as exc:  # e.g. an alias that already names another model
+                raise SettingsError(f"SMARTSPACE_UPSTREAMS is invalid: {exc.message}") from None
+            except Exception:
+                if attempt == 2:
+                    raise
+        if changed:
+            log.info("catalog models declared in configuration", extra={"models": changed})
+
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if migrate is not None:
             await migrate(container.db)
         await container.bus.start()
         await seed_catalog(container.db)  # missing catalog ids only; admin edits win
+        await declare_models(container)  # the models SMARTSPACE_UPSTREAMS declares: added or brought in line
         log.info("smartspace started", extra={"database": container.db.dialect,
                                               "bus": type(container.bus).__name__})
         yield

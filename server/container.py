@@ -74,7 +74,7 @@ class Container:
         self.spending = Spending(
             uow=self.uow, reader=self.reader, brain=self.brain, providers=self.providers, limiter=self.limiter,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
-            approval_ttl_seconds=settings.approval_ttl_seconds, hot=hot)
+            approval_ttl_seconds=settings.approval_ttl_seconds, hot=hot, fee_bps=settings.platform_fee_bps)
         if hot is not None:
             self.metrics.watch_hot_path(hot.outcomes)
         # The chat assistant: read tools over the brain's read-only sessions; its model calls (LLM mode)

@@ -4,6 +4,7 @@ query parsing."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -119,13 +120,143 @@ def refuse_nul_in(body: bytes) -> None:
 
 
 def decode_body(body: bytes, type_: type[T]) -> T:
-    """Decode and validate a body read by ``read_body``; a string with a NUL is a 422 naming its field.
-    msgspec errors are rendered by the error middleware."""
+    """Decode and validate a body read by ``read_body``; a string with a NUL is a 422 naming its field. A body
+    that breaks a rule is an InvalidRequest naming the field and the rule in words (:func:`invalid_body`);
+    malformed JSON is left to the error middleware (400)."""
     refuse_nul_in(body)
     decoder = _decoders.get(type_)
     if decoder is None:
         decoder = _decoders[type_] = msgspec.json.Decoder(type_)
-    return decoder.decode(body)
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        try:
+            msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            raise exc from None  # truncated JSON met a field first: the middleware answers "not valid JSON"
+        raise invalid_body(exc, type_) from None
+
+
+# ---------------------------------------------------------------- validation errors in words
+_NOUNS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "array": "a list",
+          "object": "an object", "null": "null", "bytes": "base64 text", "datetime": "an RFC 3339 date-time",
+          "uuid": "a UUID", "decimal": "a decimal number", "date": "a date (YYYY-MM-DD)"}
+_UNITS = {"str": ("character", "characters"), "array": ("item", "items"), "object": ("entry", "entries"),
+          "bytes": ("byte", "bytes")}
+_BOUNDS = {">=": "at least", "<=": "at most", ">": "greater than", "<": "less than"}
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_EXPECTED = re.compile(r"^Expected `(?P<kind>\w+)`(?:, got `(?P<got>\w+)`)?"
+                       r"(?: (?P<op>>=|<=|>|<) (?P<bound>\S+))?"
+                       r"(?: of length (?P<lop>>=|<=|>|<) (?P<length>\d+))?"
+                       r"(?: matching regex '(?P<regex>.*)')?$")
+_FIELD_NAMED = re.compile(r"^Object (?P<what>missing required|contains unknown) field `(?P<name>[^`]+)`$")
+_ENUM = re.compile(r"^Invalid enum value (?P<value>.+)$")
+
+
+def _noun(kind: str) -> str:
+    return _NOUNS.get(kind, f"a {kind}")
+
+
+def _leaf(type_: Any, path: str) -> Any:
+    """The msgspec type info of the field at ``path`` (``.a.b[0].c``) inside ``type_``, or None."""
+    try:
+        return _walk(msgspec.inspect.type_info(type_), path)
+    except Exception:  # words without the type's help, rather than no answer
+        return None
+
+
+def _walk(info: Any, path: str) -> Any:
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        info = _unwrap(info)
+        if name:
+            fields = getattr(info, "fields", None)
+            found = next((f for f in fields or () if f.encode_name == name or f.name == name), None)
+            if found is None:
+                return None
+            info = found.type
+        elif index:
+            info = getattr(info, "item_type", None)
+            if info is None:
+                return None
+    return info
+
+
+def _unwrap(info: Any) -> Any:
+    while True:
+        if isinstance(info, msgspec.inspect.Metadata):
+            inner = info.type
+            if isinstance(inner, msgspec.inspect.Metadata | msgspec.inspect.UnionType):
+                info = inner
+                continue
+            return info if _description(info) else inner
+        if isinstance(info, msgspec.inspect.UnionType):
+            useful = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+            if len(useful) == 1:
+                info = useful[0]
+                continue
+        return info
+
+
+def _description(info: Any) -> str | None:
+    return ((getattr(info, "extra_json_schema", None) or {}).get("description")
+            if isinstance(info, msgspec.inspect.Metadata) else None)
+
+
+def _allowed(info: Any) -> list[str] | None:
+    info = _unwrap(info)
+    if isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return [str(v) for v in info.values]
+    if isinstance(info, msgspec.inspect.EnumType):
+        return [str(m.value) for m in info.cls]
+    return None
+
+
+def describe_validation(exc: msgspec.ValidationError, type_: Any = None) -> tuple[str, str | None]:
+    """A msgspec ValidationError → (a message naming the field and the rule in words, the field's path).
+
+    ``type_`` (the type decoded) lets a pattern be told by its ``Meta(description=…)`` and an enum by its values;
+    without it the words are generic. Never a regex."""
+    text = str(exc)
+    at = _AT.search(text)
+    path = at.group("path").lstrip(".") if at else ""
+    rule = text[:at.start()] if at else text
+    field_name = path or None
+    subject = f"`{path}`" if path else "the body"
+    named = _FIELD_NAMED.match(rule)
+    if named:
+        name = f"{path}.{named.group('name')}" if path else named.group("name")
+        if named.group("what") == "missing required":
+            return f"`{name}` is required", name
+        return f"`{name}` is not a field of this request", name
+    enum = _ENUM.match(rule)
+    if enum:
+        allowed = _allowed(_leaf(type_, "." + path)) if type_ is not None and path else None
+        if allowed:
+            return f"{subject} must be one of {', '.join(allowed)} (got {enum.group('value')})", field_name
+        return f"{subject} has a value that is not allowed ({enum.group('value')})", field_name
+    m = _EXPECTED.match(rule)
+    if not m:
+        return f"{subject} is invalid: {rule}", field_name
+    kind = m.group("kind")
+    if m.group("got"):
+        return f"{subject} must be {_noun(kind)}, not {_noun(m.group('got'))}", field_name
+    if m.group("op"):
+        return f"{subject} must be {_noun(kind)} {_BOUNDS[m.group('op')]} {m.group('bound')}", field_name
+    if m.group("lop"):
+        count = int(m.group("length"))
+        unit = _UNITS.get(kind, ("item", "items"))[0 if count == 1 else 1]
+        return f"{subject} must be {_noun(kind)} of {_BOUNDS[m.group('lop')]} {count} {unit}", field_name
+    if m.group("regex") is not None:
+        described = _description(_unwrap(_leaf(type_, "." + path))) if type_ is not None and path else None
+        return f"{subject} must be {described or 'in the documented format'}", field_name
+    return f"{subject} must be {_noun(kind)}", field_name
+
+
+def invalid_body(exc: msgspec.ValidationError, type_: Any = None) -> InvalidRequest:
+    message, field_name = describe_validation(exc, type_)
+    return InvalidRequest(message, {"field": field_name, "reason": message} if field_name else {"reason": message})
 
 
 async def decode(request: web.Request, type_: type[T]) -> T:
@@ -163,7 +294,8 @@ def query_value(request: web.Request, name: str, type_: type[T], default: T | No
     try:
         return msgspec.convert(raw, type_, strict=False)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"query parameter {name!r} is invalid: {exc}", {name: raw}) from None
+        words = describe_validation(exc, type_)[0].replace("the body", f"query parameter {name!r}")
+        raise InvalidRequest(words, {name: raw, "param": name}) from None
 
 
 PAGE_QUERY = {"limit": "page size, 1–200 (default 50)", "cursor": "next_cursor of the previous page"}

@@ -13,7 +13,7 @@ from aiohttp import web
 from domain.errors import DomainError, InvalidRequest, RateLimited, Unauthorized
 from domain.identity import require_key_scope
 from domain.inputs import BodyTooDeep, depth_exceeds, nul_message
-from server.http import ACTOR, REQUEST_ID, encode, route_spec
+from server.http import ACTOR, REQUEST_ID, encode, invalid_body, route_spec
 
 access_log = logging.getLogger("smartspace.access")
 log = logging.getLogger("smartspace.http")
@@ -26,18 +26,47 @@ def _route_label(request: web.Request) -> str:
 
 
 # ---------------------------------------------------------------- the HTTP error renderers
-# One per shape: REST's {"error": {code, message, details}} and, under /v1/, OpenAI's shape (the gateway,
-# so the official SDKs parse it; also used for the error event inside an SSE stream).
-def openai_error(code: str, message: str, details: dict | None = None, type_: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_ or code, "code": code, "param": None,
-                      **({"details": details} if details else {})}}
+# One per transport, three shapes by path: REST's {"error": {code, message, details}}; under /v1/, OpenAI's
+# shape (the gateway, so the official SDKs parse it; also the error event inside an SSE stream); and on
+# /v1/messages, Anthropic's. SmartSpace's own code is kept in each (`code`).
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 429: "rate_limit_error"}
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                   403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                   429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
+ANTHROPIC_PATHS = ("/v1/messages",)  # and below it (e.g. an unknown /v1/messages/… is a 404 in its shape)
+
+
+def _type(table: dict[int, str], status: int) -> str:
+    return table.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+
+
+def _param(details: dict | None) -> str | None:
+    """The one request field at fault, when there is one."""
+    if not details:
+        return None
+    value = details.get("param") or details.get("field")
+    return str(value) if value else None
+
+
+def openai_error(code: str, message: str, details: dict | None = None, status: int = 400) -> dict:
+    return {"error": {"message": message, "type": _type(OPENAI_TYPES, status), "param": _param(details),
+                      "code": code, **({"details": details} if details else {})}}
+
+
+def anthropic_error(code: str, message: str, details: dict | None = None, status: int = 400) -> dict:
+    return {"type": "error", "error": {"type": _type(ANTHROPIC_TYPES, status), "message": message, "code": code,
+                                       **({"details": details} if details else {})}}
 
 
 def error_response(request: web.Request, status: int, code: str, message: str,
                    details: dict | None = None, headers: dict[str, str] | None = None) -> web.Response:
     """Every HTTP error answer (domain errors, bad JSON, unknown routes, 500s) is built here."""
     if request.path.startswith("/v1/"):
-        body = encode(openai_error(code, message, details))
+        if status == 422:  # OpenAI and Anthropic answer an invalid request 400
+            status = 400
+        shape = anthropic_error if request.path.startswith(ANTHROPIC_PATHS) else openai_error
+        body = encode(shape(code, message, details, status))
         rid = details.get("request_id") if details else None
         if rid:  # the gateway's spend request, as on its successful answers
             headers = {**(headers or {}), "x-smartspace-request-id": str(rid)}
@@ -114,7 +143,8 @@ async def error_middleware(request: web.Request, handler):
         # syntax error is reached. Malformed JSON is a 400 whatever the decoder met first.
         if not await _is_json(request):
             return error_response(request, 400, "invalid_request", "the body is not valid JSON")
-        return error_response(request, 422, "invalid_request", str(exc), {"reason": str(exc)})
+        invalid = invalid_body(exc)
+        return error_response(request, 422, invalid.code, invalid.message, invalid.details)
     except msgspec.DecodeError as exc:
         return error_response(request, 400, "invalid_request", f"the body is not valid JSON: {exc}")
     except web.HTTPException as exc:

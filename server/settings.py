@@ -50,6 +50,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     approval_ttl_seconds: int = 3600
     sweep_interval_seconds: float = 5.0
     default_output_tokens: int = 1024
+    platform_fee_bps: int = 0  # the platform's markup on each request's cost, basis points (500 = 5%); 0: at cost
     idempotency_retention_hours: float = 24.0  # how long an Idempotency-Key and its answer are kept
     idempotency_lease_seconds: float = 30.0  # a dead request's key is free again this long after it died
     # --- provider gateway ---
@@ -104,6 +105,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
              "1-64 letters, digits or _ . : -"),
             ("access_token_ttl_seconds", self.access_token_ttl_seconds > 0, "a positive number"),
             ("reservation_ttl_seconds", self.reservation_ttl_seconds > 0, "a positive number"),
+            ("platform_fee_bps", 0 <= self.platform_fee_bps <= 10_000,
+             "basis points of each request's cost from 0 to 10000 (500 = 5%)"),
             ("approval_ttl_seconds", self.approval_ttl_seconds > 0, "a positive number"),
             ("assistant_model", self.assistant_model == "" or "/" in self.assistant_model.strip("/"),
              "a catalog model id such as 'openai/gpt-4o-mini' (or unset for the built-in assistant)"),

@@ -115,7 +115,7 @@ class BrainCache:
     async def on_event(self, event: Event) -> None:
         if event.type == "policy.updated":
             self.drop("policy")
-        elif event.type == "catalog.updated":
+        elif event.type.startswith("catalog."):  # created, updated, retired
             self.drop("catalog")
 
     async def on_resync(self) -> None:  # events may have been missed: trust nothing cached

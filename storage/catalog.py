@@ -38,7 +38,8 @@ class CatalogModels(Repository[CatalogModel]):
         return [self.to_entity(r) for r in rows]
 
     async def candidates(self, model_id: str) -> builtins.list[CatalogModel]:
-        """The exact id if it exists, else every entry whose upstream name is ``model_id``."""
+        """The exact id if it exists, else every entry whose name is ``model_id``, else every entry with
+        ``model_id`` (or its part after ``provider/``) among its aliases."""
         c = catalog_models.c
         rows = (await self.conn.execute(sa.select(catalog_models).where(c.id == model_id))).all()
         if not rows:
@@ -49,6 +50,14 @@ class CatalogModels(Repository[CatalogModel]):
             # A "provider/name" id whose provider differs is not a match for a bare name.
             provider, _ = split_id(model_id)
             rows = [r for r in rows if r.name == model_id or (provider is None)]
+        if not rows:
+            # Aliases are a JSON list: narrow with a text match on the quoted name, then match exactly.
+            _, name = split_id(model_id)
+            needle = msgspec.json.encode(name).decode()
+            escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            found = (await self.conn.execute(sa.select(catalog_models).where(
+                sa.cast(c.aliases, sa.Text).like(f"%{escaped}%", escape="\\")).order_by(c.id))).all()
+            rows = [r for r in found if model_id in (r.aliases or []) or name in (r.aliases or [])]
         return [self.to_entity(r) for r in rows]
 
     async def update(self, id_: str, **values: Any) -> CatalogModel | None:

@@ -182,6 +182,8 @@ catalog_models = sa.Table(
     sa.Column("max_output_tokens", sa.Integer(), nullable=False),
     sa.Column("active", sa.Boolean(), nullable=False, server_default=sa.true()),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("aliases", JSON, nullable=False, server_default="[]"),  # other ids clients may send
+    sa.Column("upstream_model", sa.String(200), nullable=True),  # the provider's own name, when not `name`
 )
 
 # One wallet per project. balance = sum(ledger_entries.amount_micros); reserved = open holds.
@@ -265,6 +267,7 @@ spend_requests = sa.Table(
     sa.Column("estimated_cost_micros", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("reserved_micros", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("cost_micros", sa.BigInteger(), nullable=True),
+    sa.Column("fee_micros", sa.BigInteger(), nullable=True),  # the platform fee charged on top of cost_micros
     sa.Column("input_tokens", sa.Integer(), nullable=True),
     sa.Column("output_tokens", sa.Integer(), nullable=True),
     sa.Column("risk_score", sa.Float(), nullable=True),
@@ -417,13 +420,15 @@ insight_runs = sa.Table(
 )
 
 # The platform's own books: what the platform absorbed (a request that cost more than was reserved is
-# charged only the reservation; the provider's bill = the project's charge + this entry, negated).
+# charged only the reservation; the provider's bill = the project's charge + this entry, negated), and
+# what it earned (the fee on each settled request, SMARTSPACE_PLATFORM_FEE_BPS, booked in the transaction
+# that debits the project's wallet cost + fee). Insert-only: the platform's balance is the sum.
 platform_ledger = sa.Table(
     "platform_ledger",
     metadata,
     _id("pld_"),
-    sa.Column("kind", sa.String(32), nullable=False),  # overrun_absorbed
-    sa.Column("amount_micros", sa.BigInteger(), nullable=False),  # < 0: the platform's cost
+    sa.Column("kind", sa.String(32), nullable=False),  # overrun_absorbed | platform_fee
+    sa.Column("amount_micros", sa.BigInteger(), nullable=False),  # < 0: the platform's cost; > 0: its fee
     sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id"), nullable=False),
     sa.Column("ref", sa.String(120), nullable=True),  # the request id
     sa.Column("memo", sa.String(500), nullable=False, server_default=""),

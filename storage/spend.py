@@ -88,11 +88,12 @@ class SpendRequests(Repository[SpendRequest]):
                           sa.func.coalesce(sa.func.sum(s.input_tokens), 0).label("input_tokens"),
                           sa.func.coalesce(sa.func.sum(s.output_tokens), 0).label("output_tokens"),
                           sa.func.coalesce(sa.func.sum(s.cost_micros), 0).label("cost_micros"),
-                          sa.func.coalesce(sa.func.sum(s.estimated_cost_micros), 0).label("estimated_cost_micros"))
+                          sa.func.coalesce(sa.func.sum(s.estimated_cost_micros), 0).label("estimated_cost_micros"),
+                          sa.func.coalesce(sa.func.sum(s.fee_micros), 0).label("fee_micros"))
                 .where(charged).group_by(key).order_by(key))
         return [UsageRow(key=r.key, requests=int(r.requests), input_tokens=int(r.input_tokens),
                          output_tokens=int(r.output_tokens), cost_micros=int(r.cost_micros),
-                         estimated_cost_micros=int(r.estimated_cost_micros))
+                         estimated_cost_micros=int(r.estimated_cost_micros), fee_micros=int(r.fee_micros))
                 for r in await self.conn.execute(stmt)]
 
     async def status_counts(self, project_id: str, since: datetime, until: datetime, *,

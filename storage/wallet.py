@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.base import Page, PageRequest
-from domain.wallet import LedgerEntry, Wallet
+from domain.wallet import LedgerEntry, PlatformEntry, PlatformTotals, Wallet
 from storage.base import Repository
-from storage.models import ledger_entries, wallets
+from storage.models import ledger_entries, platform_ledger, wallets
 
 w = wallets.c
 
@@ -128,6 +129,17 @@ class Wallets:
 
     async def append(self, entry: LedgerEntry) -> None:
         await self.ledger.insert(entry)
+
+    async def book_platform(self, entry: PlatformEntry) -> None:
+        await self.conn.execute(sa.insert(platform_ledger), [msgspec.structs.asdict(entry)])
+
+    async def platform_totals(self) -> PlatformTotals:
+        p = platform_ledger.c
+        rows = (await self.conn.execute(sa.select(p.kind, sa.func.sum(p.amount_micros), sa.func.count())
+                                        .group_by(p.kind))).all()
+        by_kind = {r[0]: int(r[1]) for r in rows}
+        return PlatformTotals(balance_micros=sum(by_kind.values()), entries=sum(int(r[2]) for r in rows),
+                              by_kind=by_kind)
 
     async def entries(self, project_id: str, page: PageRequest) -> Page[LedgerEntry]:
         return await self.ledger.paginate(page, ledger_entries.c.project_id == project_id)

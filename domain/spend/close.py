@@ -33,22 +33,25 @@ class Closing(SpendCore):
     """The last step of an executing request: ``settle`` or ``fail``; releasing a reservation."""
 
     async def settle(self, prepared: Prepared, usage: Usage, response: dict[str, Any] | None = None) -> Receipt:
-        """Charge the actual cost of ``usage`` (never more than reserved), release the rest, receipt."""
-        cost = actual = prepared.cost(usage)
-        if cost > prepared.reserved_micros:
+        """Charge the actual cost of ``usage`` and the platform fee on it (together never more than reserved),
+        release the rest, receipt. The fee is booked to the platform's ledger in the same transaction."""
+        cost, fee = prepared.charge(usage)
+        actual = prepared.cost(usage)
+        if actual > cost:
             log.warning("actual cost above the reservation; charging the reservation",
-                        extra={"request_id": prepared.request_id, "cost_micros": cost,
+                        extra={"request_id": prepared.request_id, "cost_micros": prepared.cost(usage),
                                "reserved_micros": prepared.reserved_micros})
-            cost = prepared.reserved_micros
         now = self.clock()
-        values = CloseValues(status="settled", cost_micros=cost, input_tokens=usage.input_tokens,
+        values = CloseValues(status="settled", cost_micros=cost, fee_micros=fee, input_tokens=usage.input_tokens,
                              output_tokens=usage.output_tokens, response=response, settled_at=now)
         receipt = Receipt(request_id=prepared.request_id, model=prepared.model, input_tokens=usage.input_tokens,
                           output_tokens=usage.output_tokens, estimated_cost_micros=prepared.estimated_cost_micros,
-                          cost_micros=cost, settled_at=now)
+                          cost_micros=cost, fee_micros=fee, settled_at=now)
         overrun = actual > cost  # issue 11: settled on the generic path, with record_overrun below
-        if not overrun and prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
-                prepared, ("executing",), values, prepared.actor, [settled_event(prepared, receipt)], now):
+        # The hot path moves cost only: a request with a fee takes the generic path (it books the fee).
+        if (fee == 0 and not overrun and prepared.reserved_micros > 0 and self.hot is not None
+                and await self.hot.close(prepared, ("executing",), values, prepared.actor,
+                                         [settled_event(prepared, receipt)], now)):
             return receipt
         async with self.uow(actor_from_label(prepared.actor)) as scope:
             row = await self._close(scope, prepared.request_id, ("executing",), values)
@@ -62,19 +65,19 @@ class Closing(SpendCore):
             if overrun:  # issue 11: the uncharged rest on the platform's ledger + a cost_overrun insight
                 await scope.insights.record_overrun(
                     project_id=row.project_id, request_id=row.id, model=row.model, agent_id=row.agent_id,
-                    reserved_micros=prepared.reserved_micros, actual_micros=actual)
+                    reserved_micros=cost, actual_micros=actual)  # the part of the cost charged (fee aside)
         return stored
 
     async def fail(self, prepared: Prepared, error: DomainError, usage: Usage | None = None) -> None:
         """The call failed after reserving: charge what was consumed (if the upstream reported usage),
         release the rest."""
-        cost = min(prepared.cost(usage), prepared.reserved_micros) if usage is not None else 0
+        cost, fee = prepared.charge(usage) if usage is not None else (0, 0)
         now = self.clock()
-        values = CloseValues(status="failed", cost_micros=cost, error=error.to_dict(),
+        values = CloseValues(status="failed", cost_micros=cost, fee_micros=fee, error=error.to_dict(),
                              input_tokens=usage.input_tokens if usage else None,
                              output_tokens=usage.output_tokens if usage else None, settled_at=now if cost else None)
-        failed = failed_event(prepared.project_id, prepared.request_id, values.error or {}, cost)
-        if prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
+        failed = failed_event(prepared.project_id, prepared.request_id, values.error or {}, cost, fee)
+        if fee == 0 and prepared.reserved_micros > 0 and self.hot is not None and await self.hot.close(
                 prepared, ("executing", "approved"), values, prepared.actor, [failed], now):
             return
         async with self.uow(actor_from_label(prepared.actor)) as scope:
@@ -88,17 +91,22 @@ class Closing(SpendCore):
         row = await scope.store.spend_requests.transition(request_id, from_statuses, reservation_expires_at=None,
                                                           **msgspec.structs.asdict(values))
         if row is not None:
-            await self._move_money(scope, row, values.cost_micros)
+            await self._move_money(scope, row, values.cost_micros, values.fee_micros)
         return row
 
-    async def _move_money(self, scope: Scope, row: SpendRequest, cost: int) -> None:
-        """Charge ``cost`` of the request's reservation and release the rest (wallet + its budgets)."""
+    async def _move_money(self, scope: Scope, row: SpendRequest, cost: int, fee: int = 0) -> None:
+        """Charge ``cost`` and ``fee`` of the request's reservation and release the rest (wallet + its budgets);
+        the fee is credited to the platform's ledger (so wallet debit = cost + fee = what the platform booked
+        as resold cost plus its fee)."""
         reserved = row.reserved_micros
         if reserved <= 0:
             return
-        await scope.wallets.capture(row.project_id, cost, kind="spend", ref=row.id, memo=row.model,
-                                    release_micros=reserved - cost)
-        await scope.budgets.settle_all(row.budget_ids, reserved, cost, ref=row.id)
+        charged = cost + fee
+        await scope.wallets.capture(row.project_id, charged, kind="spend", ref=row.id, memo=row.model,
+                                    release_micros=reserved - charged)
+        await scope.budgets.settle_all(row.budget_ids, reserved, charged, ref=row.id)
+        if fee > 0:
+            await scope.wallets.platform_fee(fee, ref=row.id, payer=row.project_id)
 
     async def _release(self, scope: Scope, row: SpendRequest) -> None:
         if row.reserved_micros > 0:

@@ -33,8 +33,9 @@ class SpendCore:
     def __init__(self, *, uow: UowFactory, reader: UowFactory, brain: Brain, providers: ProviderRegistry,
                  limiter: RateLimiter | None = None, reservation_ttl_seconds: int = 600,
                  approval_ttl_seconds: int = 3600, clock: Callable[[], datetime] = utcnow,
-                 hot: HotPath | None = None) -> None:
+                 hot: HotPath | None = None, fee_bps: int = 0) -> None:
         self.uow = uow
+        self.fee_bps = fee_bps  # the platform fee, basis points of each request's cost (0: resold at cost)
         self.hot = hot
         self.reader = reader
         self.brain = brain
@@ -56,7 +57,7 @@ class SpendCore:
             output_micros_per_mtok=p.get("output_micros_per_mtok", 0), budget_ids=list(row.budget_ids),
             actor=row.actor, source=row.source, agent_id=row.agent_id, key_id=row.key_id,
             messages=p.get("messages"), input=p.get("input"), params=p.get("params") or {},
-            stream=bool(p.get("stream")), decision=decision)
+            stream=bool(p.get("stream")), decision=decision, fee_bps=int(p.get("fee_bps", 0)))
 
     async def get(self, actor: Actor, request_id: str) -> SpendRequest:
         async with self.reader(actor) as scope:

@@ -33,6 +33,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("smartspace.spend")
 
 
+BPS = 10_000  # basis points in one whole
+
+
+def fee_micros(cost_micros: int, fee_bps: int) -> int:
+    """The platform's fee on a cost: ``fee_bps`` basis points of it, rounded UP to the next micro-USDC (like
+    costs). The one place the fee is computed (the brain's worst case, settle, fail)."""
+    if cost_micros <= 0 or fee_bps <= 0:
+        return 0
+    return -(-cost_micros * fee_bps // BPS)
+
+
+def with_fee(cost_micros: int, fee_bps: int) -> int:
+    """What a cost costs the project: the cost and its fee."""
+    return cost_micros + fee_micros(cost_micros, fee_bps)
+
+
 OPEN_STATUSES = ("pending_approval", "approved", "executing")
 FINAL_STATUSES = ("settled", "rejected", "failed", "expired")
 STATUSES = (*OPEN_STATUSES, *FINAL_STATUSES)
@@ -104,6 +120,7 @@ class Prepared(msgspec.Struct, kw_only=True):
     params: dict[str, Any] = {}
     stream: bool = False
     decision: Decision | None = None
+    fee_bps: int = 0  # the platform fee rate at decision time
 
     def call(self) -> ProviderCall:
         return ProviderCall(provider=self.provider, model=self.upstream_model,
@@ -117,16 +134,27 @@ class Prepared(msgspec.Struct, kw_only=True):
                      + max(0, usage.output_tokens) * self.output_micros_per_mtok)
         return -(-numerator // MTOK)
 
+    def charge(self, usage: Usage) -> tuple[int, int]:
+        """(cost, fee) for ``usage``; together never more than reserved (an actual cost above the worst case
+        is charged the reservation, split between cost and fee at the fee rate)."""
+        cost = self.cost(usage)
+        fee = fee_micros(cost, self.fee_bps)
+        if cost + fee <= self.reserved_micros:
+            return cost, fee
+        cost = self.reserved_micros * BPS // (BPS + max(0, self.fee_bps))
+        return cost, self.reserved_micros - cost
+
 
 class Receipt(msgspec.Struct, kw_only=True):
     request_id: str
     model: str
     input_tokens: int
     output_tokens: int
-    estimated_cost_micros: int
-    cost_micros: int
+    estimated_cost_micros: int  # the worst case reserved: cost and fee
+    cost_micros: int  # the provider's price of the usage
     settled_at: datetime
     tx_hash: str | None = None
+    fee_micros: int = 0  # the platform fee (SMARTSPACE_PLATFORM_FEE_BPS); the wallet paid cost + fee
 
 
 class SpendRequest(msgspec.Struct, kw_only=True):
@@ -163,6 +191,7 @@ class SpendRequest(msgspec.Struct, kw_only=True):
     created_at: datetime
     settled_at: datetime | None
     receipt: Receipt | None = None
+    fee_micros: int | None = None
 
     def __post_init__(self) -> None:
         if self.status == "settled" and self.settled_at is not None and self.receipt is None:
@@ -170,7 +199,7 @@ class SpendRequest(msgspec.Struct, kw_only=True):
                                    output_tokens=self.output_tokens or 0,
                                    estimated_cost_micros=self.estimated_cost_micros,
                                    cost_micros=self.cost_micros or 0, settled_at=self.settled_at,
-                                   tx_hash=self.tx_hash)
+                                   tx_hash=self.tx_hash, fee_micros=self.fee_micros or 0)
 
 
 class SpendResult(msgspec.Struct, kw_only=True):
@@ -205,6 +234,7 @@ class CloseValues(msgspec.Struct, kw_only=True):
     response: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     settled_at: datetime | None = None
+    fee_micros: int = 0  # charged on top of cost_micros (wallet and budgets pay both)
 
 
 class ApprovalRejected(PolicyViolation):
@@ -269,11 +299,14 @@ def approval_requested_events(row: SpendRequest, decision: Decision) -> list[Pen
 
 
 def settled_event(row: SpendRequest | Prepared, receipt: Receipt) -> PendingEvent:
-    cost = receipt.cost_micros
+    cost = receipt.cost_micros + receipt.fee_micros
     return PendingEvent(row.project_id, "request.settled", {
         "request_id": receipt.request_id, "receipt": msgspec.to_builtins(receipt), "agent_id": row.agent_id,
         "variance_micros": row.estimated_cost_micros - cost, "released_micros": row.reserved_micros - cost})
 
 
-def failed_event(project_id: str, request_id: str, error: dict[str, Any], cost: int) -> PendingEvent:
-    return PendingEvent(project_id, "request.failed", {"request_id": request_id, "error": error, "cost_micros": cost})
+def failed_event(project_id: str, request_id: str, error: dict[str, Any], cost: int, fee: int = 0) -> PendingEvent:
+    data: dict[str, Any] = {"request_id": request_id, "error": error, "cost_micros": cost}
+    if fee:
+        data["fee_micros"] = fee
+    return PendingEvent(project_id, "request.failed", data)

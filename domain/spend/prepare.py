@@ -51,7 +51,7 @@ class Preparing(SpendCore):
         spend_input = SpendInput(project_id=project_id, key_id=actor.id if actor.kind == "key" else None,
                                  agent_id=agent_id, actor=actor.label, model=cmd.model, operation=cmd.operation,
                                  input_tokens=input_tokens, max_output_tokens=cmd.max_tokens,
-                                 metadata=cmd.metadata)
+                                 metadata=cmd.metadata, fee_bps=self.fee_bps)
         decision = await self.brain.decide(spend_input, now)
         provider, upstream = self._names(cmd.model, decision)
         row = SpendRequest(
@@ -59,7 +59,7 @@ class Preparing(SpendCore):
             source=source, operation=cmd.operation, model=decision.model or cmd.model, provider=provider,
             status="rejected", decision=decision_json(decision),
             params={"messages": messages, "input": cmd.input, "params": cmd.params, "stream": cmd.stream,
-                    "upstream_model": upstream, "input_tokens": input_tokens,
+                    "upstream_model": upstream, "input_tokens": input_tokens, "fee_bps": self.fee_bps,
                     "max_output_tokens": decision.max_output_tokens or cmd.max_tokens or 0},
             metadata=cmd.metadata, estimated_cost_micros=decision.estimated_cost_micros, reserved_micros=0,
             cost_micros=None, input_tokens=input_tokens, output_tokens=None, risk_score=decision.risk_score,

@@ -1,10 +1,11 @@
-"""The model catalog (API.md "Money controls": GET /api/v1/models) and platform admins' price edits."""
+"""The model catalog (API.md "Money controls": GET /api/v1/models) and platform admins' additions, edits and
+retirements (audited in the platform log)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from domain.catalog import CatalogModel, ModelFilter, ModelList, ModelUpdate
+from domain.catalog import CatalogModel, ModelCreate, ModelFilter, ModelList, ModelUpdate
 from domain.identity import OWN
 from server.http import actor, decode, json_response, query_value, routes
 from server.http import container as _c
@@ -43,4 +44,23 @@ async def update_model(request: web.Request) -> web.Response:
     model_id = f"{request.match_info['provider']}/{request.match_info['model']}"
     async with _c(request).uow(actor(request)) as uow:
         model = await uow.catalog.update(model_id, cmd)
+    return json_response(model)
+
+
+@routes.post("/api/v1/admin/models", summary="Add a model to the catalog (platform admins; audited)", tag="catalog",
+             body=ModelCreate, response=CatalogModel, status=201, errors=(401, 403, 409, 422))
+async def create_model(request: web.Request) -> web.Response:
+    cmd = await decode(request, ModelCreate)
+    async with _c(request).uow(actor(request)) as uow:
+        model = await uow.catalog.create(cmd)
+    return json_response(model, status=201)
+
+
+@routes.delete("/api/v1/admin/models/{provider}/{model:.+}",
+               summary="Retire a model: no longer callable, kept for the requests that used it (platform admins; "
+                       "audited)", tag="catalog", response=CatalogModel, errors=(401, 403, 404))
+async def retire_model(request: web.Request) -> web.Response:
+    model_id = f"{request.match_info['provider']}/{request.match_info['model']}"
+    async with _c(request).uow(actor(request)) as uow:
+        model = await uow.catalog.retire(model_id)
     return json_response(model)

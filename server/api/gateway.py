@@ -21,6 +21,7 @@ import logging
 import struct
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +35,7 @@ from domain.events import Event
 from domain.identity import KEY_PREFIX, parse_key
 from domain.inputs import may_hold_nul, nul_message, nul_path, refuse_nul
 from domain.providers import usage_to_openai
-from domain.spend import Laps, SpendCommand
+from domain.spend import Laps, Receipt, SpendCommand, SpendStream
 from server.api.openai_schema import ChatCompletion, ChatCompletionRequest, EmbeddingList, EmbeddingRequest
 from server.container import Container
 from server.http import REQUEST_ID, read_body, routes
@@ -209,8 +210,11 @@ def wait_seconds(request: web.Request) -> float:
     return value
 
 
-def _receipt_headers(request_id: str, cost: int, remaining: int | None) -> dict[str, str]:
-    headers = {"x-smartspace-request-id": request_id, "x-smartspace-cost-micros": str(cost)}
+def _receipt_headers(receipt: Receipt, remaining: int | None) -> dict[str, str]:
+    """The receipt on an answer: the provider's cost and the platform fee (the wallet paid both), and what the
+    tightest budget that applied has left."""
+    headers = {"x-smartspace-request-id": receipt.request_id, "x-smartspace-cost-micros": str(receipt.cost_micros),
+               "x-smartspace-fee-micros": str(receipt.fee_micros)}
     if remaining is not None:
         headers[BUDGET_REMAINING] = str(remaining)
     return headers
@@ -241,8 +245,7 @@ async def _json_answer(request: web.Request, actor: Actor, cmd: SpendCommand, la
     outcome = await _c(request).spending.call(actor, cmd, source="gateway", wait_seconds=wait_seconds(request),
                                               idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
     completion = outcome.completion
-    headers = _receipt_headers(outcome.prepared.request_id, outcome.receipt.cost_micros,
-                               await _budget_remaining(request, actor, outcome.prepared))
+    headers = _receipt_headers(outcome.receipt, await _budget_remaining(request, actor, outcome.prepared))
     headers["Server-Timing"] = _server_timing(laps)
     body, raw = completion.body, completion.raw
     if as_base64:
@@ -259,23 +262,13 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
     stream = await _c(request).spending.open_stream(actor, cmd, source="gateway", wait_seconds=wait_seconds(request),
                                                     idempotency_key=request.headers.get(IDEMPOTENCY_KEY), laps=laps)
     prepared = stream.prepared
-    resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-smartspace-request-id": prepared.request_id,
-                                       "X-Request-ID": request.get(REQUEST_ID, "")})
-    try:
-        await resp.prepare(request)
-        async with contextlib.aclosing(stream.chunks()) as chunks:
-            async for chunk in chunks:
-                raw = getattr(chunk, "raw", None)
-                await resp.write(b"data: " + (raw if raw is not None else _encode(chunk)) + b"\n\n")
-    except (ConnectionError, asyncio.CancelledError) as exc:  # the client hung up: pay what was streamed
-        await stream.abort()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
+    resp, complete = await pump(request, stream, _sse_frame)
+    if not complete:
         return resp
     if stream.error is not None or stream.receipt is None or stream.usage is None:
         await _sse_error(resp, stream.error or ProviderError("the stream ended without a settlement"))
         return resp
-    cost = stream.receipt.cost_micros
+    cost, fee = stream.receipt.cost_micros, stream.receipt.fee_micros
     remaining = await _budget_remaining(request, actor, prepared)
     left = {} if remaining is None else {"budget_remaining_micros": remaining}
     tail = b""
@@ -285,11 +278,11 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
             "id": template.get("id", prepared.request_id), "object": "chat.completion.chunk",
             "created": template.get("created", int(time.time())),
             "model": template.get("model", prepared.upstream_model), "choices": []}
-        final["usage"] = {**usage_to_openai(stream.usage), "cost_micros": cost, "request_id": prepared.request_id,
-                          **left}
+        final["usage"] = {**usage_to_openai(stream.usage), "cost_micros": cost, "fee_micros": fee,
+                          "request_id": prepared.request_id, **left}
         tail = b"data: " + _encode(final) + b"\n\n"
     comment = "".join(f"{k}={v} " for k, v in left.items())
-    tail += (f": smartspace cost_micros={cost} request_id={prepared.request_id} {comment}"
+    tail += (f": smartspace cost_micros={cost} request_id={prepared.request_id} fee_micros={fee} {comment}"
              f"timing={_server_timing(laps).replace(' ', '')}\n\n".encode() + b"data: [DONE]\n\n")
     with contextlib.suppress(ConnectionError):
         await resp.write(tail)
@@ -297,9 +290,39 @@ async def _sse_answer(request: web.Request, actor: Actor, cmd: SpendCommand, lap
     return resp
 
 
+def _sse_frame(chunk: dict) -> bytes:
+    raw = getattr(chunk, "raw", None)
+    return b"data: " + (raw if raw is not None else _encode(chunk)) + b"\n\n"
+
+
+async def pump(request: web.Request, stream: SpendStream, frames: Callable[[dict], bytes],
+               first: bytes = b"") -> tuple[web.StreamResponse, bool]:
+    """Open the SSE answer and forward the stream's chunks as ``frames`` makes them (``first`` before them).
+    Returns the response and whether the stream was read to its end; a client that hung up is charged what
+    was streamed (the stream aborted). The caller writes the tail (receipt or error)."""
+    resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-smartspace-request-id": stream.prepared.request_id,
+                                       "X-Request-ID": request.get(REQUEST_ID, "")})
+    try:
+        await resp.prepare(request)
+        if first:
+            await resp.write(first)
+        async with contextlib.aclosing(stream.chunks()) as chunks:
+            async for chunk in chunks:
+                frame = frames(chunk)
+                if frame:
+                    await resp.write(frame)
+    except (ConnectionError, asyncio.CancelledError) as exc:  # the client hung up: pay what was streamed
+        await stream.abort()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return resp, False
+    return resp, True
+
+
 async def _sse_error(resp: web.StreamResponse, exc: DomainError) -> None:
     with contextlib.suppress(ConnectionError):
-        await resp.write(b"data: " + _encode(openai_error(exc.code, exc.message, exc.details)) + b"\n\n")
+        await resp.write(b"data: " + _encode(openai_error(exc.code, exc.message, exc.details, exc.status))
+                        + b"\n\n")
         await resp.write_eof()
 
 
@@ -317,21 +340,30 @@ def _recover(request: web.Request, actor: Actor):
     return recover
 
 
+Answer = Callable[[web.Request, Actor, SpendCommand, Laps], Awaitable[web.StreamResponse]]
+
+
+async def serve_chat(request: web.Request, command: Callable[[dict[str, Any], Actor], SpendCommand],
+                     json_answer: Answer, sse_answer: Answer) -> web.StreamResponse:
+    """A chat route of either ecosystem: the key, the body as ``command`` reads it, Idempotency-Key, then
+    the JSON or the SSE answer."""
+    laps = Laps()
+    actor = await key_actor(request)
+    body = await _body(request)
+    cmd = command(body, actor)
+    laps.lap("auth")
+    answer = sse_answer if cmd.stream else json_answer
+    return await idempotent(request, actor, actor.project_id, body, lambda: answer(request, actor, cmd, laps),
+                            recover=_recover(request, actor))
+
+
 # ---------------------------------------------------------------- routes
 # Errors are raised, not rendered here: the error middleware answers every /v1/ error in OpenAI's shape.
 @routes.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (JSON or SSE with stream: true; "
              "Idempotency-Key honoured)", tag="gateway", auth=False, key_auth=True, body=ChatCompletionRequest,
              response=ChatCompletion, errors=(*_ERRORS, 409))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    laps = Laps()
-    actor = await key_actor(request)
-    body = await _body(request)
-    cmd = chat_command(body, actor)
-    laps.lap("auth")
-    return await idempotent(
-        request, actor, actor.project_id, body,
-        lambda: _sse_answer(request, actor, cmd, laps) if cmd.stream else _json_answer(request, actor, cmd, laps),
-        recover=_recover(request, actor))
+    return await serve_chat(request, chat_command, _json_answer, _sse_answer)
 
 
 @routes.post("/v1/embeddings", summary="OpenAI-compatible embeddings (Idempotency-Key honoured)", tag="gateway",

@@ -11,7 +11,7 @@ from domain.budgets import Budget, BudgetCreate, BudgetUpdate
 from domain.identity import OWN
 from domain.spend import RequestCreate, Resolve, SpendRequest, list_requests
 from domain.usage import UsageReport
-from domain.wallet import AdminCredit, LedgerEntry, Wallet
+from domain.wallet import AdminCredit, LedgerEntry, PlatformTotals, Wallet
 from server.csvexport import FORMAT_QUERY, csv_response, requests_csv, usage_csv, wants_csv
 from server.http import PAGE_QUERY, actor, decode, json_response, page_request, query_value, routes
 from server.http import container as _c
@@ -37,6 +37,13 @@ async def get_ledger(request: web.Request) -> web.Response:
     page = page_request(request)
     async with _c(request).reader(actor(request)) as uow:
         return json_response(await uow.wallets.ledger(request.match_info["project_id"], page))
+
+
+@routes.get("/api/v1/admin/platform/ledger", summary="The platform's own ledger: the fees it earned "
+            "(platform admins)", tag="wallet", response=PlatformTotals, errors=(401, 403))
+async def platform_ledger(request: web.Request) -> web.Response:
+    async with _c(request).reader(actor(request)) as uow:
+        return json_response(await uow.wallets.platform_totals())
 
 
 @routes.post("/api/v1/admin/projects/{project_id}/credits",

@@ -13,17 +13,33 @@
 environment variable named by ``api_key_env`` (or given inline as ``api_key``); it is sent upstream
 and nowhere else. All upstreams share one pooled aiohttp ``ClientSession``, created on first use
 and closed by the application's cleanup context (:meth:`Providers.close`).
+
+**Models beside their upstream.** An entry may declare the models it serves (``models``: ``[{"id",
+"input_micros_per_mtok", "output_micros_per_mtok", "upstream_model"?, "aliases"?, "kind"?,
+"context_window"?, "max_output_tokens"?}]``; ``id`` is ``provider/model`` or just the model, the
+provider then implied). They are written to the catalog at start (added, or brought in line with the
+configuration) and audited in the platform log (:func:`configured_models`).
+
+**Several upstreams for one provider.** Entries may repeat a provider (same ``kind``): requests are
+spread across them in turn; a call answered 429 or 5xx (or not answered: connection failure, time-out)
+is retried at once on the next one, and the failing one cools down — for its ``Retry-After`` when it
+sent one, else for its ``cooldown_seconds`` (default 30) — before it is asked again (:class:`Pool`).
+When every member is cooling down they are asked anyway, the soonest ready first.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import aiohttp
 import msgspec
 
-from domain.providers import Provider, UnknownProvider
+from domain.catalog import ModelCreate
+from domain.errors import ProviderTimeout
+from domain.providers import Completion, Provider, ProviderCall, UnknownProvider, UpstreamError
 from server.providers.local import LocalProvider
 from server.settings import Settings, SettingsError
 
@@ -36,6 +52,8 @@ class Upstream(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_key: str = ""
     headers: dict[str, str] = {}
     timeout_seconds: float | None = None
+    cooldown_seconds: float = 30.0  # when several upstreams serve the provider: a failing one rests this long
+    models: list[dict[str, Any]] = []  # models this upstream serves (see the module docs), validated at parse
 
     def __repr__(self) -> str:  # never print the key
         return f"Upstream(provider={self.provider!r}, kind={self.kind!r}, base_url={self.base_url!r})"
@@ -55,17 +73,40 @@ def parse_upstreams(raw: str) -> list[Upstream]:
         upstreams = msgspec.json.decode(raw.encode(), type=list[Upstream])
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise SettingsError(f"SMARTSPACE_UPSTREAMS is invalid: expected a JSON list of upstreams ({exc})") from None
-    seen: set[str] = set()
+    kinds: dict[str, str] = {}
     for upstream in upstreams:
         if not upstream.provider or "/" in upstream.provider:
             raise SettingsError("SMARTSPACE_UPSTREAMS is invalid: each upstream needs a provider name without '/'")
-        if upstream.provider in seen:
-            raise SettingsError(f"SMARTSPACE_UPSTREAMS is invalid: provider {upstream.provider!r} is listed twice")
+        if kinds.setdefault(upstream.provider, upstream.kind) != upstream.kind:
+            raise SettingsError(f"SMARTSPACE_UPSTREAMS is invalid: the upstreams of provider {upstream.provider!r} "
+                                "must all have the same kind")
         if upstream.kind != "local" and not upstream.base_url.startswith(("http://", "https://")):
             raise SettingsError(
                 f"SMARTSPACE_UPSTREAMS is invalid: upstream {upstream.provider!r} needs an http(s) base_url")
-        seen.add(upstream.provider)
+        if upstream.cooldown_seconds < 0:
+            raise SettingsError(f"SMARTSPACE_UPSTREAMS is invalid: upstream {upstream.provider!r} has a negative "
+                                "cooldown_seconds")
+        configured_models([upstream])  # the models list is checked here, at start-up
     return upstreams
+
+
+def configured_models(upstreams: list[Upstream]) -> list[ModelCreate]:
+    """The catalog entries the upstreams declare (``models``), ids completed with their provider; a model
+    declared twice is taken once (the first declaration)."""
+    out: dict[str, ModelCreate] = {}
+    for upstream in upstreams:
+        for i, raw in enumerate(upstream.models):
+            entry = dict(raw)
+            given = entry.get("id")
+            if isinstance(given, str) and given and not given.startswith(f"{upstream.provider}/"):
+                entry["id"] = f"{upstream.provider}/{given}"
+            try:
+                model = msgspec.convert(entry, ModelCreate)
+            except msgspec.ValidationError as exc:
+                raise SettingsError(f"SMARTSPACE_UPSTREAMS is invalid: models[{i}] of upstream "
+                                    f"{upstream.provider!r}: {exc}") from None
+            out.setdefault(model.id, model)
+    return list(out.values())
 
 
 class Providers:
@@ -76,8 +117,12 @@ class Providers:
         self.upstreams = parse_upstreams(settings.upstreams) if upstreams is None else upstreams
         self._session: aiohttp.ClientSession | None = None
         self._adapters: dict[str, Any] = {"local": LocalProvider()}
+        groups: dict[str, list[Upstream]] = {}
         for upstream in self.upstreams:
-            self._adapters[upstream.provider] = self._build(upstream)
+            groups.setdefault(upstream.provider, []).append(upstream)
+        for provider, members in groups.items():
+            built = [(u, self._build(u)) for u in members]
+            self._adapters[provider] = built[0][1] if len(built) == 1 else Pool(provider, built)
 
     def _build(self, upstream: Upstream) -> Any:
         if upstream.kind == "local":
@@ -133,3 +178,82 @@ class Providers:
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
+
+
+# ---------------------------------------------------------------- several upstreams for one provider
+def _worth_another(exc: Exception) -> bool:
+    """A failure the next upstream may not have: 429, 5xx, no answer at all."""
+    return isinstance(exc, ProviderTimeout) or (isinstance(exc, UpstreamError) and exc.retryable)
+
+
+class Pool:
+    """One provider served by several upstreams: round robin, retry on the next, cool a failing one down."""
+
+    def __init__(self, provider: str, members: list[tuple[Upstream, Any]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = provider
+        self.members = members
+        self.clock = clock
+        self.resting_until = [0.0] * len(members)
+        self._next = 0
+
+    def __repr__(self) -> str:
+        return f"Pool({self.name!r}, {len(self.members)} upstreams)"
+
+    def order(self) -> list[int]:
+        """Members to try, in turn: the ready ones from the next in the rotation, then the resting ones,
+        soonest ready first."""
+        n = len(self.members)
+        start = self._next
+        self._next = (start + 1) % n
+        now = self.clock()
+        rotation = [(start + i) % n for i in range(n)]
+        ready = [i for i in rotation if self.resting_until[i] <= now]
+        resting = sorted((i for i in rotation if self.resting_until[i] > now), key=lambda i: self.resting_until[i])
+        return ready + resting
+
+    def _rest(self, i: int, exc: Exception) -> None:
+        retry_after = getattr(exc, "retry_after", None)
+        seconds = float(retry_after) if retry_after else self.members[i][0].cooldown_seconds
+        self.resting_until[i] = self.clock() + seconds
+
+    async def _each(self, run: Callable[[Any], Any]) -> Any:
+        last: Exception | None = None
+        for i in self.order():
+            try:
+                result = await run(self.members[i][1])
+            except Exception as exc:
+                if not _worth_another(exc):
+                    raise
+                self._rest(i, exc)
+                last = exc
+                continue
+            self.resting_until[i] = 0.0
+            return result
+        assert last is not None
+        raise last
+
+    async def complete(self, call: ProviderCall) -> Completion:
+        return await self._each(lambda adapter: adapter.complete(call))
+
+    async def embed(self, call: ProviderCall) -> Completion:
+        return await self._each(lambda adapter: adapter.embed(call))
+
+    async def stream(self, call: ProviderCall) -> AsyncIterator[Any]:
+        """Moves on to the next upstream only before the first chunk: once output flowed, a failure stands."""
+        async def open_(adapter: Any) -> tuple[Any, Any]:
+            iterator = adapter.stream(call).__aiter__()
+            try:
+                return iterator, await anext(iterator, None)
+            except BaseException:
+                await iterator.aclose()
+                raise
+
+        iterator, first = await self._each(open_)
+        try:
+            if first is not None:
+                yield first
+            async for chunk in iterator:
+                yield chunk
+        finally:
+            await iterator.aclose()

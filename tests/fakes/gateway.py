@@ -61,13 +61,15 @@ class GatewayEnv:
 
 
 async def start_gateway(aiohttp_client, settings, db, metrics, *, funds: int = FUNDS,
-                        provider_timeout: float | None = None) -> GatewayEnv:
-    fake = await FakeUpstream().start()
+                        provider_timeout: float | None = None, upstreams: list[Upstream] | None = None,
+                        fake: FakeUpstream | None = None) -> GatewayEnv:
+    """``upstreams`` (built by the test, e.g. on fakes of its own) replace the two default ones on ``fake``."""
+    fake = fake or await FakeUpstream().start()
     if provider_timeout is not None:
         import msgspec
 
         settings = msgspec.structs.replace(settings, provider_timeout_seconds=provider_timeout)
-    providers = Providers(settings, upstreams=[
+    providers = Providers(settings, upstreams=upstreams if upstreams is not None else [
         Upstream(provider="openai", kind="openai", base_url=fake.base_url, api_key=OPENAI_KEY),
         Upstream(provider="anthropic", kind="anthropic", base_url=fake.anthropic_url, api_key=ANTHROPIC_KEY),
     ])

@@ -138,7 +138,10 @@ def test_upstream_configuration_is_validated_and_keys_do_not_print(monkeypatch):
     ups = parse_upstreams('[{"provider":"openai","kind":"openai","base_url":"http://x/v1","api_key_env":"MY_KEY"}]')
     assert ups[0].resolved_key() == "sk-from-env-123456" and "sk-from" not in repr(ups[0])
     for bad in ['{"provider": 1}', '[{"provider":"a/b","base_url":"http://x"}]', '[{"provider":"a"}]',
-                '[{"provider":"a","base_url":"http://x"},{"provider":"a","base_url":"http://y"}]',
+                '[{"provider":"a","base_url":"http://x"},{"provider":"a","kind":"anthropic","base_url":"http://y"}]',
+                '[{"provider":"a","base_url":"http://x","models":[{"id":"m","input_micros_per_mtok":-1,'
+                '"output_micros_per_mtok":1}]}]',
+                '[{"provider":"a","base_url":"http://x","models":[{"id":"m"}]}]',
                 '[{"provider":"a","base_url":"http://x","kind":"weird"}]']:
         with pytest.raises(SettingsError):
             parse_upstreams(bad)

@@ -72,7 +72,7 @@ async def test_anthropic_end_to_end_json_and_stream(gw):
         messages=[{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi anthropic"}])
     sent = gw.fake.received[-1]
     assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == ANTHROPIC_KEY
-    assert sent.body["system"] == "be terse" and sent.body["model"] == "claude-3-5-haiku"
+    assert sent.body["system"] == "be terse" and sent.body["model"] == "claude-3-5-haiku-20241022"  # the dated id
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage.completion_tokens == 5
     stream = await gw.oai.chat.completions.create(
@@ -127,13 +127,14 @@ async def test_auth_is_required_and_user_tokens_are_refused(gw):
         await gw.sdk(api_key=gw.owner.token).models.list()
 
 
-async def test_bad_requests_are_400_or_422_with_openai_shape(gw):
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+async def test_bad_requests_are_400_with_openai_shape(gw):
+    with pytest.raises(openai.BadRequestError) as err:  # OpenAI answers an invalid request 400, never 422
         await gw.oai.chat.completions.create(model="openai/gpt-4o-mini", messages=[])
-    assert err.value.code == "invalid_request"
+    assert err.value.code == "invalid_request" and err.value.type == "invalid_request_error"
+    assert err.value.param == "messages"
     with pytest.raises(openai.NotFoundError) as err:
         await gw.oai.chat.completions.create(model="acme/unknown", messages=[{"role": "user", "content": "x"}])
-    assert err.value.code == "not_found"
+    assert err.value.code == "not_found" and err.value.type == "not_found_error"
     resp = await gw.client.post("/v1/chat/completions", data=b"{not json",
                                 headers={"Authorization": f"Bearer {gw.key['key']}"})
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_request"

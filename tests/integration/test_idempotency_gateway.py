@@ -87,7 +87,7 @@ async def test_a_changed_body_with_the_same_key_is_409_in_openai_error_shape(gw)
         await gw.oai.chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES, max_tokens=21,
                                              **keyed("chat-2"))
     error = caught.value.body
-    assert caught.value.status_code == 409 and error["code"] == "conflict" and error["type"] == "conflict"
+    assert caught.value.status_code == 409 and error["code"] == "conflict" and error["type"] == "invalid_request_error"
     assert "different request" in error["message"]
     assert len(gw.fake.received) == 1
     assert (await usage(gw))["totals"]["requests"] == 1

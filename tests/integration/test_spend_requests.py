@@ -40,7 +40,7 @@ async def test_an_approved_request_executes_and_settles(client, db):
     receipt = body["receipt"]
     assert receipt == {"request_id": body["id"], "model": "local/echo-1", "input_tokens": 8, "output_tokens": 1,
                        "estimated_cost_micros": COST, "cost_micros": COST, "settled_at": receipt["settled_at"],
-                       "tx_hash": None}
+                       "tx_hash": None, "fee_micros": 0}
     w = await wallet(client, alice)
     assert (w["balance_micros"], w["reserved_micros"]) == (1_000_000 - COST, 0)
     ledger = await (await client.get(f"/api/v1/projects/{alice.project_id}/wallet/ledger",
