@@ -65,7 +65,7 @@ def understand(text: str, names: dict[str, dict[str, str]], previous: Intent | N
     for by in ("model", "agent", "key"):
         if re.search(rf"\b(by|per|each|which|what|top) {by}s?\b|\b{by}s? (used|breakdown)\b", q):
             slots["by"] = by
-    slots.update(_named(q, names))
+    slots |= _named(q, names)
     tool = next((name for name, words in _INTENTS if any(w in q for w in words)), None)
     if tool == "budgets" and "budget" not in q and not slots.get("name") and any(
             w in q for w in ("spend", "spent", "cost")) and "left" not in q and "remaining" not in q:
