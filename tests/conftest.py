@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -45,9 +46,20 @@ async def drop_database(db: Database, schema: str | None) -> None:
     await db.dispose()
     if schema:
         admin = Database(PG_URL)
-        async with admin.engine.begin() as conn:
-            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        await admin.dispose()
+        try:
+            for attempt in range(5):
+                try:
+                    async with admin.engine.begin() as conn:
+                        await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+                    break
+                except sa.exc.DBAPIError as exc:
+                    # A background task of an app still closing (a sweep, a chat answer) can hold a row lock
+                    # the DROP needs: PostgreSQL then picks one side of the deadlock. Try again.
+                    if "deadlock" not in str(exc) or attempt == 4:
+                        raise
+                    await asyncio.sleep(0.2 * (attempt + 1))
+        finally:
+            await admin.dispose()
 
 
 @pytest.fixture(params=BACKENDS)
